@@ -1,0 +1,206 @@
+"""Datasets held in memory as uint8 tensors, with batched augmentation on the training device.
+
+Every dataset exposes ``train_x``/``train_y``/``test_x``/``test_y`` (images uint8 N x C x H x W, labels int64),
+``mean``/``std`` per channel and ``num_classes``; the model reads its input shape from here.
+
+Batch order is a pure function of (seed, epoch): a seeded permutation per epoch, cut into global batches (the last
+partial batch dropped, so every optimizer step sees exactly ``global_batch`` images). Augmentation parameters are
+a pure function of (seed, step) drawn for the whole global batch, then sliced: so what a run sees depends only on
+``seed`` and ``batch``, never on ``micro_batch`` or the number of ranks, and a resumed run sees the same images.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+                       "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+DOWNLOAD_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "large-batch-recipes"
+
+
+@dataclass
+class TensorData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = ""
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device) -> "TensorData":
+        """Move everything to ``device`` once (uint8: 47 MB for Fashion-MNIST), so batches are index ops there."""
+        move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
+        return TensorData(**move, num_classes=self.num_classes, mean=self.mean, std=self.std, source=self.source)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of the training set used in ``epoch`` (CPU, int64)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Index tensors of every full global batch of ``epoch``, in order."""
+    order = epoch_order(n, seed, epoch)
+    return list(order[: (n // global_batch) * global_batch].split(global_batch))
+
+
+@dataclass
+class Augment:
+    """Random crop with zero padding and horizontal flip, drawn for a whole global batch at once."""
+    padding: int = 2
+    hflip: bool = True
+
+    def draw(self, size: int, seed: int, step: int) -> torch.Tensor:
+        """(size, 3) int64 rows of (dy, dx, flip) for global step ``step``: a pure function of (seed, step)."""
+        g = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+        shifts = torch.randint(0, 2 * self.padding + 1, (size, 2), generator=g)
+        flips = torch.randint(0, 2, (size, 1), generator=g) if self.hflip else torch.zeros(size, 1, dtype=torch.long)
+        return torch.cat([shifts, flips], dim=1)
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Crop every image at its own offset and flip where asked: one gather, no Python loop over images."""
+        n, c, h, w = x.shape
+        p = self.padding
+        params = params.to(x.device)
+        if p:
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            rows = params[:, 0:1] + torch.arange(h, device=x.device)          # (n, h)
+            cols = params[:, 1:2] + torch.arange(w, device=x.device)          # (n, w)
+            cols = torch.where(params[:, 2:3].bool(), cols.flip(1), cols)     # a flip reverses the column order
+            idx_n = torch.arange(n, device=x.device)[:, None, None]
+            x = padded[idx_n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        elif self.hflip:
+            x = torch.where(params[:, 2].bool()[:, None, None, None], x.flip(3), x)
+        return x.contiguous()
+
+
+def normalize(x: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """uint8 images -> normalised float, on whatever device x is on."""
+    mean = torch.tensor(mean, device=x.device, dtype=dtype).view(1, -1, 1, 1) * 255
+    std = torch.tensor(std, device=x.device, dtype=dtype).view(1, -1, 1, 1) * 255
+    return (x.to(dtype) - mean) / std
+
+
+# --- Fashion-MNIST -------------------------------------------------------------------------------------------------
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (optionally .gz): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ConfigError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(torch.tensor(dims).prod())
+    if len(data) != expected:
+        raise ConfigError(f"{path} is truncated or malformed: {len(data)} bytes, header says {expected}")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+
+
+def _find_idx(folder: Path) -> dict[str, Path] | None:
+    found = {}
+    for key, stem in FASHION_MNIST_FILES.items():
+        for cand in (folder / f"{stem}.gz", folder / stem, folder / "FashionMNIST" / "raw" / f"{stem}.gz",
+                     folder / "FashionMNIST" / "raw" / stem):
+            if cand.is_file():
+                found[key] = cand
+                break
+        else:
+            return None
+    return found
+
+
+def _fashion_from(files: dict[str, Path], source: str) -> TensorData:
+    t = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        x, y = t[f"{split}_x"], t[f"{split}_y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError(f"Fashion-MNIST {split} files in {source} disagree: images {tuple(x.shape)}, "
+                              f"labels {tuple(y.shape)}")
+        if int(y.max()) >= 10:
+            raise ConfigError(f"Fashion-MNIST {split} labels in {source} go up to {int(y.max())}; expected 0..9")
+    return TensorData(t["train_x"].unsqueeze(1), t["train_y"].long(), t["test_x"].unsqueeze(1), t["test_y"].long(),
+                      num_classes=10, mean=(0.2860,), std=(0.3530,), source=source)
+
+
+def load_fashion_mnist(root: str | None) -> TensorData:
+    """Found in this order: ``data.root``; the Debian package; torchvision's download (cached)."""
+    if root is not None:
+        files = _find_idx(Path(root))
+        if files is None:
+            raise ConfigError(f"data.root={root} holds no Fashion-MNIST IDX files "
+                              f"(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)")
+        return _fashion_from(files, root)
+    files = _find_idx(Path(FASHION_MNIST_DEBIAN))
+    if files is not None:
+        return _fashion_from(files, FASHION_MNIST_DEBIAN)
+    files = _find_idx(DOWNLOAD_CACHE)
+    if files is None:
+        try:
+            import torchvision
+            torchvision.datasets.FashionMNIST(str(DOWNLOAD_CACHE), train=True, download=True)
+            torchvision.datasets.FashionMNIST(str(DOWNLOAD_CACHE), train=False, download=True)
+            files = _find_idx(DOWNLOAD_CACHE)
+        except Exception as e:  # offline, blocked, partial download
+            raise ConfigError(f"Fashion-MNIST not found: data.root is not set, {FASHION_MNIST_DEBIAN} is missing "
+                              f"(apt-get install dataset-fashion-mnist), and torchvision's download failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return _fashion_from(files, str(DOWNLOAD_CACHE))
+
+
+# --- synthetic ------------------------------------------------------------------------------------------------------
+
+def make_synthetic(train_size: int, test_size: int, image_size: int, channels: int, num_classes: int,
+                   seed: int = 0) -> TensorData:
+    """Deterministic random images whose class sets the mean brightness of a patch, so a model can learn it."""
+    g = torch.Generator().manual_seed(12345 + seed)
+
+    def split(n):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = torch.randint(0, 200, (n, channels, image_size, image_size), generator=g, dtype=torch.int64)
+        h = max(image_size // 4, 1)
+        x[:, :, :h, :h] = (y * (255 // max(num_classes - 1, 1)))[:, None, None, None].clamp(max=255)
+        return x.to(torch.uint8), y
+
+    train_x, train_y = split(train_size)
+    test_x, test_y = split(test_size)
+    return TensorData(train_x, train_y, test_x, test_y, num_classes=num_classes, mean=(0.5,) * channels,
+                      std=(0.3,) * channels, source="synthetic")
+
+
+def load_data(cfg_data) -> TensorData:
+    name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)
+    if name == "fashion_mnist":
+        return load_fashion_mnist(cfg_data.root)
+    if name == "synthetic":
+        return make_synthetic(cfg_data.train_size, cfg_data.test_size, cfg_data.image_size, cfg_data.channels,
+                              cfg_data.num_classes)
+    from . import datasets_disk  # CIFAR / ImageNet readers
+    return datasets_disk.load(name, cfg_data)
+
+
+def train_size_of(cfg_data) -> int:
+    """Training-set size without loading the data, for the plan and the schedule preview."""
+    name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)
+    return {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167,
+            "synthetic": cfg_data.train_size}[name]

@@ -1,0 +1,142 @@
+"""LAMB: Layer-wise Adaptive Moments optimizer for Batch training.
+
+You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", arXiv 1904.00962.
+For each parameter tensor ``w`` with gradient ``g`` at step t (1-based), global learning rate ``lr``:
+
+    m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
+    m_hat = m / (1 - b1^t) ;  v_hat = v / (1 - b2^t)        (bias correction first; bias_correction=False skips it)
+    r = m_hat / (sqrt(v_hat) + eps) + wd * w                (decoupled decay inside the trust-ratio norm, as the paper)
+    trust = ||w|| / ||r||                                   (1 where ||w|| or ||r|| is 0)
+    w -= lr * trust * r
+
+The paper's phi (a clamp of ||w||) is the identity here; ``trust_bounds=(lo, hi)`` clamps the trust ratio instead
+if you want bounds (gluon-nlp uses 1e-3..10 on phi). There is no hidden gradient clipping: clip with the training
+option ``grad_clip`` (it works for every optimizer).
+
+Per param-group switches: ``adapt=False`` turns the trust ratio off (trust = 1): LAMB becomes AdamW with decoupled
+decay ``lr * wd * w`` (exactly torch.optim.AdamW; torch.optim.Adam when the group's weight_decay is 0).
+``param_groups()`` sets it, with weight_decay=0, for tensors with ndim <= 1.
+The last trust ratios are kept in ``optimizer.trust_ratios[group_index]`` (float32 vector, no host sync).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from ._helpers import stacked_norms, trust_ratio
+
+
+class LAMB(Optimizer):
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, bias_correction: bool = True,
+                 trust_bounds: tuple[float, float] | None = None, foreach: bool | None = None):
+        if not lr >= 0.0:
+            raise ValueError(f"LAMB: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"LAMB: betas must be in [0, 1), got {tuple(betas)}")
+        if not eps >= 0.0:
+            raise ValueError(f"LAMB: eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"LAMB: weight_decay must be >= 0, got {weight_decay}")
+        if trust_bounds is not None and not 0.0 <= trust_bounds[0] <= trust_bounds[1]:
+            raise ValueError(f"LAMB: trust_bounds must be (lo, hi) with 0 <= lo <= hi, got {trust_bounds}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, trust_bounds=trust_bounds, adapt=True, foreach=foreach)
+        super().__init__(params, defaults)
+        self.trust_ratios: list[torch.Tensor | None] = [None] * len(self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LAMB does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+            same = all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
+            kernel = _lamb_foreach if (foreach and same) else _lamb_single
+            b1, b2 = group["betas"]
+            self.trust_ratios[i] = kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=b1,
+                                          beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                          bias_correction=group["bias_correction"],
+                                          trust_bounds=group["trust_bounds"], adapt=group["adapt"])
+        return loss
+
+
+def _bias_corrections(steps, beta1, beta2, bias_correction):
+    if not bias_correction:
+        return [1.0] * len(steps), [1.0] * len(steps)
+    return [1 - beta1 ** t for t in steps], [math.sqrt(1 - beta2 ** t) for t in steps]
+
+
+def _bounded(trust, trust_bounds):
+    return trust if trust_bounds is None else torch.clamp(trust, trust_bounds[0], trust_bounds[1])
+
+
+def _lamb_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                 bias_correction, trust_bounds, adapt):
+    """Reference per-tensor loop: the formulas of the module docstring, one tensor at a time."""
+    bc1s, sqrt_bc2s = _bias_corrections(steps, beta1, beta2, bias_correction)
+    trusts = []
+    for w, g, m, v, bc1, sqrt_bc2 in zip(params, grads, exp_avgs, exp_avg_sqs, bc1s, sqrt_bc2s):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        r = (m / bc1) / (v.sqrt() / sqrt_bc2 + eps)
+        if weight_decay:
+            r.add_(w, alpha=weight_decay)
+        trust = torch.ones((), device=w.device)
+        if adapt:
+            w_norm, r_norm = w.norm().float(), r.norm().float()
+            trust = trust_ratio(_bounded(w_norm / r_norm, trust_bounds), 1.0, w_norm, r_norm)
+            r.mul_(trust.to(r.dtype))
+        w.add_(r, alpha=-lr)
+        trusts.append(trust)
+    return torch.stack(trusts).float()
+
+
+def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                  bias_correction, trust_bounds, adapt):
+    """The same math with torch._foreach_* kernels over all tensors of a group."""
+    bc1s, sqrt_bc2s = _bias_corrections(steps, beta1, beta2, bias_correction)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    # r = (m / bc1) / (sqrt(v) / sqrt_bc2 + eps) = m / ((sqrt(v) / sqrt_bc2 + eps) * bc1): one buffer, no m_hat copy
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, sqrt_bc2s)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_mul_(denom, bc1s)
+    r = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay:
+        torch._foreach_add_(r, params, alpha=weight_decay)
+    trust = torch.ones(len(params), device=params[0].device)
+    if adapt:
+        w_norm, r_norm = stacked_norms(params), stacked_norms(r)
+        trust = trust_ratio(_bounded(w_norm / r_norm, trust_bounds), 1.0, w_norm, r_norm)
+        torch._foreach_mul_(r, list(trust.to(params[0].dtype).unbind(0)))
+    torch._foreach_add_(params, r, alpha=-lr)
+    return trust

@@ -1,0 +1,131 @@
+"""Learning-rate schedules as pure functions of the optimizer step.
+
+``LRSchedule(...)(step)`` is the learning rate used by optimizer step ``step`` (0-based: step 0 is the first
+update). Every length is in optimizer steps, never micro-batches, and nothing is stateful, so a resumed run
+continues the curve exactly from its saved step and the preview script shows exactly what training uses.
+
+Warmup shapes for t < W (W = warmup_steps, peak = peak LR), from the user's notes (shared/seeds):
+  none         -
+  constant     factor * peak                          (Goyal et al.: hurts at 8k; kept for comparison)
+  linear       peak * (s + (1 - s) * t / W)           (s = start_factor; torch LinearLR; s = 1/k is Goyal's
+                                                       gradual warmup from the small-batch LR)
+  exponential  peak * exp((t / W - 1) * log r)        (starts at peak / r)
+  cosine       peak * (1 - cos(pi * t / W)) / 2
+Decays for t >= W, with progress p = (t - W) / (T - W) in [0, 1), T = total_steps, f = min_factor:
+  constant     peak
+  cosine       peak * (f + (1 - f) * (1 + cos(pi * p)) / 2)        (torch CosineAnnealingLR, eta_min = f * peak)
+  step         peak * gamma ** (number of milestones <= t)          (milestones in absolute steps)
+  poly         peak * (f + (1 - f) * (1 - p) ** power)             (LARS / MLPerf use power 2)
+Schedules that carry their own ramp (the warmup shape is not applied):
+  inverse_sqrt t = 0: ~0 (1e-8); t <= W: t / W; t > W: sqrt(W / t)  (the notes' LambdaLR, Transformer style)
+  onecycle     torch.optim.lr_scheduler.OneCycleLR (cosine anneal): peak/div_factor -> peak over pct_start * T,
+               then -> peak / (div_factor * final_div_factor)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+WARMUPS = ("none", "constant", "linear", "exponential", "cosine")
+DECAYS = ("constant", "cosine", "step", "poly", "inverse_sqrt", "onecycle")
+OWN_RAMP = ("inverse_sqrt", "onecycle")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    peak_lr: float
+    total_steps: int
+    warmup: str = "none"
+    warmup_steps: int = 0
+    start_factor: float = 0.0      # linear warmup: LR at t=0 as a fraction of peak
+    constant_factor: float = 0.1   # constant warmup: the flat fraction of peak
+    exp_ratio: float = 100.0       # exponential warmup: r, the LR starts at peak / r
+    decay: str = "cosine"
+    min_factor: float = 0.0        # cosine / poly floor as a fraction of peak
+    milestones: tuple[int, ...] = field(default_factory=tuple)  # step decay, absolute optimizer steps
+    gamma: float = 0.1
+    power: float = 2.0
+    pct_start: float = 0.3         # onecycle
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+    def __post_init__(self):
+        if self.warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"schedule must be one of {DECAYS}, got {self.decay!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.warmup_steps < 0 or (self.warmup_steps >= self.total_steps and self.uses_warmup):
+            raise ValueError(f"warmup of {self.warmup_steps} steps must be shorter than the run "
+                             f"({self.total_steps} steps)")
+        if self.decay == "inverse_sqrt" and self.warmup_steps < 1:
+            raise ValueError("schedule inverse_sqrt needs warmup steps >= 1 (its ramp length)")
+
+    @property
+    def uses_warmup(self) -> bool:
+        """Whether the warmup group applies (inverse_sqrt uses only its length, onecycle neither)."""
+        return self.warmup != "none" and self.decay not in OWN_RAMP and self.warmup_steps > 0
+
+    @property
+    def ramp_steps(self) -> int:
+        """Where the LR first reaches its peak (for plots and the start-up plan)."""
+        if self.decay == "onecycle":
+            return int(self.pct_start * self.total_steps)
+        if self.decay == "inverse_sqrt" or self.uses_warmup:
+            return self.warmup_steps
+        return 0
+
+    def __call__(self, step: int) -> float:
+        return self.peak_lr * self.factor(step)
+
+    def factor(self, t: int) -> float:
+        """LR at optimizer step t as a fraction of the peak LR."""
+        W, T = self.warmup_steps, self.total_steps
+        if self.decay == "onecycle":
+            return self._onecycle(t)
+        if self.decay == "inverse_sqrt":
+            if t == 0:
+                return 1e-8
+            return t / W if t <= W else math.sqrt(W / t)
+        if self.uses_warmup and t < W:
+            return self._warmup(t / W)
+        if self.decay == "step":
+            return self.gamma ** sum(t >= m for m in self.milestones)
+        p = min(max(t - W if self.uses_warmup else t, 0) / max(T - (W if self.uses_warmup else 0), 1), 1.0)
+        f = self.min_factor
+        if self.decay == "cosine":
+            return f + (1 - f) * (1 + math.cos(math.pi * p)) / 2
+        if self.decay == "poly":
+            return f + (1 - f) * (1 - p) ** self.power
+        return 1.0  # constant
+
+    def _warmup(self, x: float) -> float:
+        if self.warmup == "constant":
+            return self.constant_factor
+        if self.warmup == "linear":
+            return self.start_factor + (1 - self.start_factor) * x
+        if self.warmup == "exponential":
+            return math.exp((x - 1) * math.log(self.exp_ratio))
+        return (1 - math.cos(math.pi * x)) / 2  # cosine
+
+    def _onecycle(self, t: int) -> float:
+        initial = 1 / self.div_factor
+        final = initial / self.final_div_factor
+        end_up = float(self.pct_start * self.total_steps) - 1
+        end_down = self.total_steps - 1
+        if t <= end_up:
+            start, end, pct = initial, 1.0, t / end_up
+        else:
+            start, end, pct = 1.0, final, (t - end_up) / (end_down - end_up)
+        return end + (start - end) / 2 * (math.cos(math.pi * min(pct, 1.0)) + 1)
+
+    def state_dict(self) -> dict:
+        """The schedule's parameters; the LR itself is a function of the step saved beside it."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def apply_lr(optimizer, lr: float) -> None:
+    """Set the LR of every param group (a group may scale it with its own ``lr_scale``, default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
