@@ -36,6 +36,11 @@ def trust_ratio(numerator: torch.Tensor, denominator: torch.Tensor, w_norm: torc
     return torch.where(ok, ratio, torch.ones_like(ratio))
 
 
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and trust ratios in at least float32 (bf16/fp16 norms are too coarse), float64 for float64 params."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def stacked_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, as one float32 vector (one fused kernel per dtype/device with foreach)."""
-    return torch.stack(torch._foreach_norm(tensors)).float()
+    """L2 norm of each tensor as one vector (one fused kernel per dtype/device with foreach)."""
+    return torch.stack(torch._foreach_norm(tensors)).to(norm_dtype(tensors[0].dtype))

@@ -16,7 +16,7 @@ option ``grad_clip`` (it works for every optimizer).
 Per param-group switches: ``adapt=False`` turns the trust ratio off (trust = 1): LAMB becomes AdamW with decoupled
 decay ``lr * wd * w`` (exactly torch.optim.AdamW; torch.optim.Adam when the group's weight_decay is 0).
 ``param_groups()`` sets it, with weight_decay=0, for tensors with ndim <= 1.
-The last trust ratios are kept in ``optimizer.trust_ratios[group_index]`` (float32 vector, no host sync).
+The last trust ratios are kept in ``optimizer.trust_ratios[group_index]`` (a vector of at least float32, no host sync).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._helpers import stacked_norms, trust_ratio
+from ._helpers import norm_dtype, stacked_norms, trust_ratio
 
 
 class LAMB(Optimizer):
@@ -107,14 +107,14 @@ def _lamb_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
         r = (m / bc1) / (v.sqrt() / sqrt_bc2 + eps)
         if weight_decay:
             r.add_(w, alpha=weight_decay)
-        trust = torch.ones((), device=w.device)
+        trust = torch.ones((), device=w.device, dtype=norm_dtype(w.dtype))
         if adapt:
-            w_norm, r_norm = w.norm().float(), r.norm().float()
+            w_norm, r_norm = w.norm().to(norm_dtype(w.dtype)), r.norm().to(norm_dtype(w.dtype))
             trust = trust_ratio(_bounded(w_norm / r_norm, trust_bounds), 1.0, w_norm, r_norm)
             r.mul_(trust.to(r.dtype))
         w.add_(r, alpha=-lr)
         trusts.append(trust)
-    return torch.stack(trusts).float()
+    return torch.stack(trusts)
 
 
 def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
@@ -133,7 +133,7 @@ def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, bet
     del denom
     if weight_decay:
         torch._foreach_add_(r, params, alpha=weight_decay)
-    trust = torch.ones(len(params), device=params[0].device)
+    trust = torch.ones(len(params), device=params[0].device, dtype=norm_dtype(params[0].dtype))
     if adapt:
         w_norm, r_norm = stacked_norms(params), stacked_norms(r)
         trust = trust_ratio(_bounded(w_norm / r_norm, trust_bounds), 1.0, w_norm, r_norm)

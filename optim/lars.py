@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._helpers import stacked_norms, trust_ratio
+from ._helpers import norm_dtype, stacked_norms, trust_ratio
 
 VARIANTS = ("paper", "seed")
 
@@ -103,17 +103,17 @@ def _lars_single(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, n
             buf = bufs[j]
             buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
             bufs[j] = buf
-            trust = torch.ones((), device=w.device)
+            trust = torch.ones((), device=w.device, dtype=norm_dtype(w.dtype))
             if adapt:
-                w_norm, b_norm = w.norm().float(), buf.norm().float()
+                w_norm, b_norm = w.norm().to(norm_dtype(w.dtype)), buf.norm().to(norm_dtype(w.dtype))
                 trust = trust_ratio(_clip(eta * w_norm / (b_norm + eps), lr, trust_clip), 1.0, w_norm, b_norm)
             w.add_(buf * trust.to(w.dtype), alpha=-lr)
             trusts.append(trust)
             continue
         d = g.add(w, alpha=weight_decay) if weight_decay else g.clone()
-        trust = torch.ones((), device=w.device)
+        trust = torch.ones((), device=w.device, dtype=norm_dtype(w.dtype))
         if adapt:
-            w_norm, g_norm = w.norm().float(), g.norm().float()
+            w_norm, g_norm = w.norm().to(norm_dtype(w.dtype)), g.norm().to(norm_dtype(w.dtype))
             raw = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
             trust = trust_ratio(_clip(raw, lr, trust_clip), 1.0, w_norm, g_norm)
             d.mul_(trust.to(d.dtype))
@@ -126,7 +126,7 @@ def _lars_single(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, n
         else:
             step = d
         w.add_(step, alpha=-lr)
-    return bufs, torch.stack(trusts).float()
+    return bufs, torch.stack(trusts)
 
 
 def _lars_foreach(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, nesterov, trust_clip, variant,
@@ -136,7 +136,7 @@ def _lars_foreach(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, 
     if any(p.dtype != dtype or p.device != device for p in params):  # foreach needs one dtype/device per call
         return _lars_single(params, grads, bufs, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                             eps=eps, nesterov=nesterov, trust_clip=trust_clip, variant=variant, adapt=adapt)
-    ones = torch.ones(len(params), device=device)
+    ones = torch.ones(len(params), device=device, dtype=norm_dtype(dtype))
     if variant == "seed":
         if weight_decay:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
