@@ -32,20 +32,12 @@ from optim import create_optimizer, param_groups
 register_schema()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """One training run into ``run_dir``; returns the summary (also written to run_dir/summary.json)."""
     started = time.time()
     cfg = OmegaConf.to_object(cfg)  # typed dataclasses: enums and ints, no more interpolation
     validate_values(cfg)
-    device = resolve_device(cfg.device.value)
+    device = distributed.resolve_device(cfg.device.value)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(device.type)

@@ -25,8 +25,12 @@ def group_options(group: str) -> list[str]:
 
 
 def condense(exc: Exception) -> str:
-    """Hydra and OmegaConf errors span many lines (search paths, hints); keep the ones that say what is wrong."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    """Hydra and OmegaConf errors span many lines (search paths, hints) and hide the reason in their cause;
+    keep the lines that say what is wrong, the cause's first."""
+    text = str(exc)
+    if exc.__cause__ is not None:
+        text = f"{exc.__cause__}\n{text}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     keep = []
     for ln in lines:
         if ln.startswith(("Config search path", "provider=", "Set the environment", "object_type=",
@@ -76,8 +80,9 @@ def preflight(argv: list[str]) -> None:
     args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     _check_group_options(args)
     from hydra import compose, initialize_config_dir
-    from .data import train_size_of
-    from .distributed import env_world_size
+    from . import checkpoint
+    from .data import check_data_available, train_size_of
+    from .distributed import env_world_size, resolve_device
     from .plan import make_plan
     try:
         jobs = _jobs(args)
@@ -91,6 +96,10 @@ def preflight(argv: list[str]) -> None:
                 cfg = OmegaConf.to_object(compose("config", overrides=overrides))
                 validate_values(cfg)
                 make_plan(cfg, train_size_of(cfg.data), env_world_size())
+                resolve_device(cfg.device.value)
+                check_data_available(cfg.data)
+                if cfg.resume not in (None, "auto"):
+                    checkpoint.load(Path(cfg.resume))  # a missing or corrupt file fails here, not in a run dir
             except ConfigError as e:
                 fail(str(e) + (f" [job: {' '.join(overrides)}]" if len(jobs) > 1 else ""))
             except Exception as e:

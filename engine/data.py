@@ -199,6 +199,16 @@ def load_data(cfg_data) -> TensorData:
     return datasets_disk.load(name, cfg_data)
 
 
+def check_data_available(cfg_data) -> None:
+    """Cheap presence check (no reading) so a missing dataset is reported before any run dir exists."""
+    name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)
+    if name == "fashion_mnist" and cfg_data.root is not None and _find_idx(Path(cfg_data.root)) is None:
+        load_fashion_mnist(cfg_data.root)  # raises the one-line error
+    if name in ("cifar10", "cifar100", "imagenet"):
+        from . import datasets_disk
+        datasets_disk.check(name, cfg_data)
+
+
 def train_size_of(cfg_data) -> int:
     """Training-set size without loading the data, for the plan and the schedule preview."""
     name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)

@@ -28,6 +28,16 @@ class DistContext:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto = the GPU where there is one; cuda without a GPU is an input error, caught before any work."""
+    from .config import ConfigError
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -45,14 +45,19 @@ class StopFlag:
 
     def __init__(self):
         self.signal_name = None
+        self.previous = {}
 
-    def install(self):
+    def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, self._handler)
+                self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. some launchers): no preemption handling
                 pass
         return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         if self.signal_name is not None:
@@ -95,7 +100,12 @@ def grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
-def fit(*, model, optimizer, data: TensorData, plan, cfg, device: torch.device, run_dir: Path, logger, dist,
+def fit(**kwargs) -> LoopState:
+    with StopFlag() as stop:
+        return _fit(stop=stop, **kwargs)
+
+
+def _fit(*, stop: StopFlag, model, optimizer, data: TensorData, plan, cfg, device: torch.device, run_dir: Path, logger, dist,
         progress, resume_from: dict | None = None, scaler=None) -> LoopState:
     state = LoopState()
     if resume_from is not None:
@@ -104,7 +114,6 @@ def fit(*, model, optimizer, data: TensorData, plan, cfg, device: torch.device, 
     augment = Augment(cfg.data.crop_padding, cfg.data.hflip) if cfg.data.augment else None
     params = [p for p in model.parameters() if p.requires_grad]
     per_rank = plan.micro_batch * plan.accum_steps
-    stop = StopFlag().install()
     ckpt_path = run_dir / "checkpoints" / "last.pt"
 
     def save(epoch: int):
