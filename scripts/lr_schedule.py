@@ -1,0 +1,94 @@
+"""Preview the learning rate of every optimizer step of a run, without training.
+
+    python scripts/lr_schedule.py optim=lars batch=32k --out lars32k
+    python scripts/lr_schedule.py batch=8k --vs batch=8k warmup=constant --vs batch=8k warmup=none --out goyal
+
+Writes FILE.csv (`step,lr`, step 0 = the LR of the first optimizer step; with --vs, one `lr_<i>` column per
+override set) and FILE.png. The numbers come from engine.plan.make_plan, the same code train.py uses.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from engine.cli import fail, preflight  # noqa: E402
+from engine.config import ConfigError, register_schema, validate_values  # noqa: E402
+from engine.data import train_size_of  # noqa: E402
+from engine.distributed import env_world_size  # noqa: E402
+from engine.plan import make_plan  # noqa: E402
+
+
+def plan_for(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from engine.cli import CONF_DIR
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    validate_values(cfg)
+    return cfg, make_plan(cfg, train_size_of(cfg.data), env_world_size())
+
+
+def label(cfg, plan) -> str:
+    return (f"{cfg.optim.name.value}, batch {plan.global_batch}, {plan.rule} rule, peak {plan.peak_lr:.4g}, "
+            f"{plan.schedule.warmup if plan.schedule.uses_warmup else 'no'} warmup, {plan.schedule.decay}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output path without extension: writes OUT.csv and OUT.png")
+    args, rest = parser.parse_known_args(argv)
+    sets, current = [], []
+    for a in rest:
+        if a == "--vs":
+            sets.append(current)
+            current = []
+        else:
+            current.append(a)
+    sets.append(current)
+    register_schema()
+    runs = []
+    for overrides in sets:
+        preflight(overrides)
+        try:
+            cfg, plan = plan_for(overrides)
+        except ConfigError as e:
+            fail(str(e))
+        runs.append((cfg, plan, [plan.schedule(t) for t in range(plan.run_steps)]))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    longest = max(len(lrs) for _, _, lrs in runs)
+    with open(out.with_suffix(".csv"), "w") as f:
+        f.write("step," + ",".join("lr" if len(runs) == 1 else f"lr_{i}" for i in range(len(runs))) + "\n")
+        for t in range(longest):
+            f.write(f"{t}," + ",".join(f"{lrs[t]:.10g}" if t < len(lrs) else "" for _, _, lrs in runs) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (cfg, plan, lrs) in enumerate(runs):
+        line, = ax.plot(range(len(lrs)), lrs, label=label(cfg, plan) + (f" [{' '.join(sets[i])}]" if sets[i] else ""))
+        ramp = plan.schedule.ramp_steps
+        if 0 < ramp < len(lrs):
+            ax.axvline(ramp, color=line.get_color(), linestyle=":", linewidth=1)
+            ax.annotate(f"warmup ends ({ramp})", (ramp, lrs[ramp]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8, color=line.get_color())
+    cfg0, plan0, _ = runs[0]
+    ax.set_title(label(cfg0, plan0) if len(runs) == 1 else "learning-rate schedules")
+    ax.set_xlabel(f"optimizer step ({plan0.steps_per_epoch} per epoch at batch {plan0.global_batch})")
+    ax.set_ylabel("learning rate")
+    if len(runs) > 1:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.csv')} ({longest} steps) and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

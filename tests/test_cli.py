@@ -1,0 +1,76 @@
+"""train.py and scripts from the command line: bad input is one line, exit 2, no run dir; the preview script."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args, cwd=ROOT, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+BAD_INPUT = [
+    (["optim=foo"], "choose one of adamw, lamb, lars, sgd"),
+    (["model=resnet999"], "is not an option of 'model'"),
+    (["optim.lr=abc"], "could not be converted to Float"),
+    (["optim.lrr=0.1"], "Key 'lrr' not in"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is invalid"),
+    (["optim.lr=0"], "optim.lr=0.0 is invalid"),
+    (["epochs=0"], "epochs=0.0 is invalid"),
+    (["batch=12q"], "batch='12q' is not a valid global batch"),
+    (["batch=0"], "batch=0 is not a valid global batch"),
+    (["micro_batch=100"], "micro_batch must divide 256"),
+    (["warmup.epochs=10"], "as long as the run or longer"),
+    (["precision=fp64"], "expected one of [fp32, bf16, fp16]"),
+    (["device=cuda"], "no CUDA GPU"),
+    (["data.root=/nonexistent"], "holds no Fashion-MNIST"),
+    (["resume=/nonexistent/last.pt"], "no such checkpoint"),
+    (["--multirun", "batch=256,12q"], "[job: batch=12q]"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_creates_nothing(tmp_path, args, message):
+    if args == ["device=cuda"]:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    run_dir = tmp_path / "run"
+    r = run(["train.py", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not run_dir.exists()
+
+
+def test_corrupt_checkpoint_is_rejected(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = run(["train.py", f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_lr_schedule_preview_has_one_row_per_optimizer_step(tmp_path):
+    out = tmp_path / "sched"
+    r = run(["scripts/lr_schedule.py", "optim=lars", "batch=4k", "epochs=20", "warmup.epochs=2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    steps_per_epoch = 60_000 // 4096
+    assert len(rows) == 20 * steps_per_epoch
+    assert [int(r["step"]) for r in rows] == list(range(len(rows)))
+    lrs = [float(r["lr"]) for r in rows]
+    peak = 4.0 * 4  # lars.yaml: lr 4 at 256, sqrt rule: x sqrt(16)
+    assert max(lrs) == pytest.approx(peak) and lrs.index(max(lrs)) == 2 * steps_per_epoch
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_lr_schedule_rejects_bad_input(tmp_path):
+    r = run(["scripts/lr_schedule.py", "warmup.epochs=50", "--out", str(tmp_path / "x")])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
