@@ -50,6 +50,30 @@ class TensorData:
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
         return TensorData(**move, num_classes=self.num_classes, mean=self.mean, std=self.std, source=self.source)
 
+    def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment: "Augment | None",
+                            device):
+        """(x, y) of this rank's micro-batches, step after step, from ``first_step`` of ``epoch`` to its end.
+
+        Generated lazily: nothing proportional to the global batch is held beyond one index tensor.
+        """
+        per_rank = plan.micro_batch * plan.accum_steps
+        for i, index in enumerate(global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]):
+            step = epoch * plan.steps_per_epoch + first_step + i
+            mine = index[rank * per_rank:(rank + 1) * per_rank]
+            aug = augment.draw(plan.global_batch, seed, step)[rank * per_rank:(rank + 1) * per_rank] if augment else None
+            for k, part in enumerate(mine.split(plan.micro_batch)):
+                x = self.train_x[part].to(device, non_blocking=True)
+                if augment is not None:
+                    x = augment.apply(x, aug[k * plan.micro_batch:(k + 1) * plan.micro_batch])
+                yield normalize(x, self.mean, self.std), self.train_y[part].to(device, non_blocking=True)
+
+    def test_batches(self, rank: int, world_size: int, device, chunk: int = 1024):
+        """The test split in chunks, each rank a strided share."""
+        idx = torch.arange(rank, len(self.test_y), world_size)
+        for part in idx.split(chunk):
+            x = normalize(self.test_x[part].to(device, non_blocking=True), self.mean, self.std)
+            yield x, self.test_y[part].to(device, non_blocking=True)
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of the training set used in ``epoch`` (CPU, int64)."""
@@ -110,6 +134,8 @@ def read_idx(path: Path) -> torch.Tensor:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ConfigError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ConfigError(f"{path} is truncated or malformed: its header is cut short")
     dims = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
     expected = 4 + 4 * ndim + int(torch.tensor(dims).prod())
     if len(data) != expected:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from optim import apply_lr
 
 from . import checkpoint as ckpt
-from .data import Augment, TensorData, global_batches, normalize
+from .data import Augment
 from .distributed import DistContext, all_reduce_sum
 
 
@@ -73,17 +73,13 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model, data: TensorData, device, precision: str, dist: DistContext, chunk: int = 1024,
-             channels_last: bool = False) -> dict:
+def evaluate(model, data, device, precision: str, dist: DistContext, channels_last: bool = False) -> dict:
     """Test loss and accuracy over the whole test split (each rank a strided share, summed across ranks)."""
     model.eval()
-    idx = torch.arange(dist.rank, len(data.test_y), dist.world_size)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for part in idx.split(chunk):
-        x = normalize(data.test_x[part].to(device, non_blocking=True), data.mean, data.std)
+    for x, y in data.test_batches(dist.rank, dist.world_size, device):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = data.test_y[part].to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
         totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -105,7 +101,7 @@ def fit(**kwargs) -> LoopState:
         return _fit(stop=stop, **kwargs)
 
 
-def _fit(*, stop: StopFlag, model, optimizer, data: TensorData, plan, cfg, device: torch.device, run_dir: Path, logger, dist,
+def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.device, run_dir: Path, logger, dist,
         progress, resume_from: dict | None = None, scaler=None) -> LoopState:
     state = LoopState()
     if resume_from is not None:
@@ -113,7 +109,6 @@ def _fit(*, stop: StopFlag, model, optimizer, data: TensorData, plan, cfg, devic
     precision = cfg.precision.value if hasattr(cfg.precision, "value") else str(cfg.precision)
     augment = Augment(cfg.data.crop_padding, cfg.data.hflip) if cfg.data.augment else None
     params = [p for p in model.parameters() if p.requires_grad]
-    per_rank = plan.micro_batch * plan.accum_steps
     ckpt_path = run_dir / "checkpoints" / "last.pt"
 
     def save(epoch: int):
@@ -134,21 +129,15 @@ def _fit(*, stop: StopFlag, model, optimizer, data: TensorData, plan, cfg, devic
     first_epoch = state.step // plan.steps_per_epoch
     total_epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
     for epoch in range(first_epoch, total_epochs):
-        batches = global_batches(data.train_size, plan.global_batch, cfg.seed, epoch)
-        for index in batches[state.step - epoch * plan.steps_per_epoch:]:
+        first = state.step - epoch * plan.steps_per_epoch
+        micro_batches = data.train_micro_batches(epoch, first, plan, dist.rank, cfg.seed, augment, device)
+        for _ in range(first, plan.steps_per_epoch):
             if state.step >= plan.run_steps:
                 break
             t0 = time.perf_counter()
-            mine = index[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-            aug = augment.draw(plan.global_batch, cfg.seed, state.step)[
-                dist.rank * per_rank:(dist.rank + 1) * per_rank] if augment else None
             loss_sum = torch.zeros((), device=device)
-            for k, part in enumerate(mine.split(plan.micro_batch)):
-                x = data.train_x[part].to(device, non_blocking=True)
-                y = data.train_y[part].to(device, non_blocking=True)
-                if augment is not None:
-                    x = augment.apply(x, aug[k * plan.micro_batch:(k + 1) * plan.micro_batch])
-                x = normalize(x, data.mean, data.std)
+            for k in range(plan.accum_steps):
+                x, y = next(micro_batches)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 last = k == plan.accum_steps - 1

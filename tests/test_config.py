@@ -95,7 +95,7 @@ def test_default_plan_numbers():
     assert (p.global_batch, p.micro_batch, p.accum_steps, p.world_size) == (256, 256, 1, 1)
     assert p.steps_per_epoch == 60_000 // 256 == 234
     assert p.total_steps == 10 * 234 and p.warmup_steps == 234
-    assert p.base_lr == 0.1 and p.peak_lr == pytest.approx(0.1)
+    assert p.base_lr == 0.2 and p.peak_lr == pytest.approx(0.2)
 
 
 def test_lars_32k_plan_numbers():
@@ -106,7 +106,8 @@ def test_lars_32k_plan_numbers():
 
 
 def test_linear_rule_and_goyal_warmup_start():
-    p = plan_for(["batch=8k", "warmup.start_at_ref_lr=true", "warmup.epochs=5", "epochs=90"], 1_281_167)
+    p = plan_for(["batch=8k", "optim.lr=0.1", "warmup.start_at_ref_lr=true", "warmup.epochs=5", "epochs=90"],
+                 1_281_167)
     assert p.peak_lr == pytest.approx(3.2)
     assert p.schedule(0) == pytest.approx(0.1)  # Goyal: start at the small-batch LR
     assert p.schedule(p.warmup_steps) == pytest.approx(3.2)

@@ -1,0 +1,121 @@
+"""Dataset readers on small files written here in exactly the standard on-disk formats."""
+import gzip
+import pickle
+import struct
+
+import pytest
+import torch
+
+from engine.config import ConfigError, DataConfig, DataName
+from engine.data import Augment, load_data, load_fashion_mnist, read_idx
+from tests.helpers import TINY, run_train
+
+
+def write_cifar(root, name="cifar10", n_train=40, n_test=20, bad_label=False):
+    g = torch.Generator().manual_seed(0)
+    classes = 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    key = b"labels" if name == "cifar10" else b"fine_labels"
+    files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
+    per = n_train // len(files)
+    truth = {}
+    for f, n in [(f, per) for f in files] + [("test_batch" if name == "cifar10" else "test", n_test)]:
+        data = torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy()
+        labels = torch.randint(0, classes, (n,), generator=g).tolist()
+        if bad_label:
+            labels[0] = classes
+        with open(folder / f, "wb") as fh:
+            pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, fh)
+        truth[f] = (data, labels)
+    return truth
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickles_load_exactly(tmp_path, name):
+    truth = write_cifar(tmp_path, name)
+    data = load_data(DataConfig(name=DataName(name), root=str(tmp_path)))
+    assert data.train_x.shape == (40, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.num_classes == (10 if name == "cifar10" else 100)
+    first = "data_batch_1" if name == "cifar10" else "train"
+    raw, labels = truth[first]
+    assert torch.equal(data.train_x[0].reshape(-1), torch.as_tensor(raw[0]))  # channel-major rows, as released
+    assert data.train_y[: len(labels)].tolist() == labels
+
+
+def test_cifar_bad_labels_and_missing_folder(tmp_path):
+    write_cifar(tmp_path / "a", bad_label=True)
+    with pytest.raises(ConfigError, match="labels must lie in 0..9"):
+        load_data(DataConfig(name=DataName.cifar10, root=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="holds no cifar-10-batches-py"):
+        load_data(DataConfig(name=DataName.cifar10, root=str(tmp_path / "nothing")))
+
+
+@pytest.mark.parametrize("model", ["resnet18", "vit_tiny"])
+def test_cifar_trains_a_step(tmp_path, model):
+    write_cifar(tmp_path / "data", n_train=80)
+    summary, _ = run_train(tmp_path, [o for o in TINY if not o.startswith("data")] + [
+        "data=cifar10", f"data.root={tmp_path / 'data'}", f"model={model}", "batch=16", "max_steps=1",
+        "micro_batch=8"])
+    assert summary["steps"] == 1 and summary["global_batch"] == 16
+
+
+def write_imagenet(root, classes=("n01", "n02"), per_class=3, size=40):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                arr = torch.randint(0, 256, (size, size + 7, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / c / f"{c}_{i}.JPEG", quality=90)
+
+
+def test_imagenet_folders_train_a_step(tmp_path):
+    write_imagenet(tmp_path / "imagenet")
+    summary, _ = run_train(tmp_path, [o for o in TINY if not o.startswith("data")] + [
+        "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0", "model=resnet18", "batch=6",
+        "micro_batch=3", "max_steps=1", "warmup=none"])
+    assert summary["steps"] == 1 and summary["micro_batch"] == 3 and summary["accum_steps"] == 2
+
+
+def test_imagenet_missing_split_is_named(tmp_path):
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    from engine.datasets_disk import check
+    with pytest.raises(ConfigError, match="no val/ folder"):
+        check("imagenet", DataConfig(name=DataName.imagenet, root=str(tmp_path)))
+
+
+def write_idx(path, tensor):
+    header = struct.pack(">BBBB", 0, 0, 8, tensor.ndim) + struct.pack(f">{tensor.ndim}I", *tensor.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + tensor.numpy().tobytes())
+
+
+def test_fashion_mnist_idx_from_data_root(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (7, 28, 28), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (7,), generator=g, dtype=torch.uint8)
+    for split in ("train", "t10k"):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y)
+    data = load_fashion_mnist(str(tmp_path))
+    assert torch.equal(data.train_x[:, 0], x) and torch.equal(data.train_y, y.long())
+    (tmp_path / "bad-idx.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 5))
+    with pytest.raises(ConfigError, match="truncated or malformed"):
+        read_idx(tmp_path / "bad-idx.gz")
+
+
+def test_augmentation_keeps_labels_aligned_and_is_exact():
+    """Each image is cropped/flipped by its own drawn parameters; image i stays image i."""
+    x = torch.arange(4 * 1 * 5 * 5, dtype=torch.uint8).view(4, 1, 5, 5)
+    aug = Augment(padding=1, hflip=True)
+    params = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 2, 0], [2, 0, 1]])  # (dy, dx, flip); (1, 1, 0) = identity
+    out = aug.apply(x, params)
+    assert torch.equal(out[0], x[0])
+    assert torch.equal(out[1], x[1].flip(-1))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    assert torch.equal(out[2], padded[2, :, 0:5, 2:7])
+    assert torch.equal(out[3], padded[3, :, 2:7, 0:5].flip(-1))
+    drawn = aug.draw(8, seed=0, step=3)
+    assert torch.equal(drawn, aug.draw(8, seed=0, step=3)) and not torch.equal(drawn, aug.draw(8, seed=0, step=4))
