@@ -87,7 +87,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                        config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
                        mode=cfg.logger.mode, project=cfg.logger.project, group=cfg.logger.group,
                        name=run_dir.name)
-    progress = Progress(plan.run_steps, initial=resume_from["step"] if resume_from else 0)
+    progress = Progress(plan.run_steps, initial=resume_from["step"] if resume_from else 0, enabled=dist.is_main)
     state = None
     try:
         state = fit(model=train_model, optimizer=optimizer, data=data, plan=plan, cfg=cfg, device=device,

@@ -102,10 +102,10 @@ class RunLogger:
 class Progress:
     """A tqdm bar on a terminal; plain periodic lines when stdout is not one (CI logs, multirun)."""
 
-    def __init__(self, total: int, initial: int = 0, every: int = 50):
-        self.total, self.every = total, every
+    def __init__(self, total: int, initial: int = 0, every: int = 50, enabled: bool = True):
+        self.total, self.every, self.enabled = total, every, enabled
         self.bar = None
-        if sys.stdout.isatty():
+        if enabled and sys.stdout.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
@@ -113,11 +113,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
-        elif step % self.every == 0 or step == self.total:
+        elif self.enabled and (step % self.every == 0 or step == self.total):
             print(f"step {step}/{self.total} {text}", flush=True)
 
     def write(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else print)(text)
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -74,8 +74,8 @@ class LAMB(Optimizer):
             if not params:
                 continue
             foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+            if foreach is None:  # foreach wins on GPUs; on CPUs the one-temporary loop is faster (bench_optim.py)
+                foreach = all(p.is_cuda for p in params)
             same = all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
             kernel = _lamb_foreach if (foreach and same) else _lamb_single
             b1, b2 = group["betas"]
@@ -92,29 +92,33 @@ def _bias_corrections(steps, beta1, beta2, bias_correction):
     return [1 - beta1 ** t for t in steps], [math.sqrt(1 - beta2 ** t) for t in steps]
 
 
-def _bounded(trust, trust_bounds):
+def _bounded(trust, trust_bounds):  # foreach path: clamp a vector of ratios
     return trust if trust_bounds is None else torch.clamp(trust, trust_bounds[0], trust_bounds[1])
 
 
 def _lamb_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                  bias_correction, trust_bounds, adapt):
-    """Reference per-tensor loop: the formulas of the module docstring, one tensor at a time."""
+    """Per-tensor loop with one temporary per tensor (on CPU, fresh temporaries cost more than the arithmetic).
+    r = (m / bc1) / (sqrt(v) / sqrt_bc2 + eps) is computed as m / ((sqrt(v) * bc1 / sqrt_bc2) + eps * bc1)."""
     bc1s, sqrt_bc2s = _bias_corrections(steps, beta1, beta2, bias_correction)
     trusts = []
     for w, g, m, v, bc1, sqrt_bc2 in zip(params, grads, exp_avgs, exp_avg_sqs, bc1s, sqrt_bc2s):
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        r = (m / bc1) / (v.sqrt() / sqrt_bc2 + eps)
+        r = v.sqrt().mul_(bc1 / sqrt_bc2).add_(eps * bc1)
+        torch.div(m, r, out=r)
         if weight_decay:
             r.add_(w, alpha=weight_decay)
-        trust = torch.ones((), device=w.device, dtype=norm_dtype(w.dtype))
+        trust = 1.0
         if adapt:
-            w_norm, r_norm = w.norm().to(norm_dtype(w.dtype)), r.norm().to(norm_dtype(w.dtype))
-            trust = trust_ratio(_bounded(w_norm / r_norm, trust_bounds), 1.0, w_norm, r_norm)
-            r.mul_(trust.to(r.dtype))
-        w.add_(r, alpha=-lr)
+            w_norm, r_norm = float(w.norm()), float(r.norm())
+            if w_norm > 0 and r_norm > 0:
+                trust = w_norm / r_norm
+                if trust_bounds is not None:
+                    trust = min(max(trust, trust_bounds[0]), trust_bounds[1])
+        w.add_(r, alpha=-lr * trust)
         trusts.append(trust)
-    return torch.stack(trusts)
+    return torch.tensor(trusts, dtype=norm_dtype(params[0].dtype))
 
 
 def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,

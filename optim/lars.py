@@ -76,8 +76,8 @@ class LARS(Optimizer):
             if not params:
                 continue
             foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+            if foreach is None:  # foreach wins on GPUs; on CPUs the allocation-free loop is faster (bench_optim.py)
+                foreach = all(p.is_cuda for p in params)
             kernel = _lars_foreach if foreach else _lars_single
             hyper = {k: group[k] for k in ("lr", "momentum", "weight_decay", "eta", "eps", "nesterov",
                                            "trust_clip", "variant", "adapt")}
@@ -94,39 +94,48 @@ def _clip(trust: torch.Tensor, lr: float, trust_clip: bool) -> torch.Tensor:
 
 def _lars_single(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, nesterov, trust_clip, variant,
                  adapt):
-    """Reference per-tensor loop: the formulas of the module docstring, one tensor at a time."""
+    """Per-tensor loop, written to allocate nothing but the first momentum buffer: on CPU, fresh temporaries
+    (page faults) cost more than the arithmetic, so this path beats foreach there. The trust ratio is a Python
+    float (a host sync, free on CPU). Algebraically the formulas of the module docstring:
+    with d = trust*(g + wd*w): buf = m*buf + d, and w - lr*(d + m*buf) = w*(1 - lr*trust*wd) - lr*trust*g - lr*m*buf.
+    """
     trusts = []
     for j, (w, g) in enumerate(zip(params, grads)):
+        trust = 1.0
         if variant == "seed":
             if weight_decay:
                 w.mul_(1 - lr * weight_decay)
-            buf = bufs[j]
-            buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
-            bufs[j] = buf
-            trust = torch.ones((), device=w.device, dtype=norm_dtype(w.dtype))
+            buf = bufs[j] = g.clone() if bufs[j] is None else bufs[j].mul_(momentum).add_(g)
             if adapt:
-                w_norm, b_norm = w.norm().to(norm_dtype(w.dtype)), buf.norm().to(norm_dtype(w.dtype))
-                trust = trust_ratio(_clip(eta * w_norm / (b_norm + eps), lr, trust_clip), 1.0, w_norm, b_norm)
-            w.add_(buf * trust.to(w.dtype), alpha=-lr)
+                trust = _trust(eta, float(w.norm()), float(buf.norm()), 0.0, eps, lr, trust_clip)
+            w.add_(buf, alpha=-lr * trust)
             trusts.append(trust)
             continue
-        d = g.add(w, alpha=weight_decay) if weight_decay else g.clone()
-        trust = torch.ones((), device=w.device, dtype=norm_dtype(w.dtype))
         if adapt:
-            w_norm, g_norm = w.norm().to(norm_dtype(w.dtype)), g.norm().to(norm_dtype(w.dtype))
-            raw = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
-            trust = trust_ratio(_clip(raw, lr, trust_clip), 1.0, w_norm, g_norm)
-            d.mul_(trust.to(d.dtype))
+            trust = _trust(eta, float(w.norm()), float(g.norm()), weight_decay, eps, lr, trust_clip)
         trusts.append(trust)
         if momentum:
-            buf = bufs[j]
-            buf = d.clone() if buf is None else buf.mul_(momentum).add_(d)
-            bufs[j] = buf
-            step = d.add(buf, alpha=momentum) if nesterov else buf
+            if bufs[j] is None:
+                buf = bufs[j] = torch.mul(g, trust)
+            else:
+                buf = bufs[j].mul_(momentum).add_(g, alpha=trust)
+            if weight_decay:
+                buf.add_(w, alpha=trust * weight_decay)  # uses w before this step's update, as d does
+            if nesterov:
+                w.mul_(1 - lr * trust * weight_decay).add_(g, alpha=-lr * trust).add_(buf, alpha=-lr * momentum)
+            else:
+                w.add_(buf, alpha=-lr)
         else:
-            step = d
-        w.add_(step, alpha=-lr)
-    return bufs, torch.stack(trusts)
+            w.mul_(1 - lr * trust * weight_decay).add_(g, alpha=-lr * trust)
+    return bufs, torch.tensor(trusts, dtype=norm_dtype(params[0].dtype))
+
+
+def _trust(eta, w_norm, other_norm, weight_decay, eps, lr, trust_clip) -> float:
+    """Scalar twin of the vector computation in _lars_foreach (1 where a norm is 0)."""
+    if w_norm == 0 or other_norm == 0:
+        return 1.0
+    trust = eta * w_norm / (other_norm + weight_decay * w_norm + eps)
+    return min(trust / lr, 1.0) if trust_clip else trust
 
 
 def _lars_foreach(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, nesterov, trust_clip, variant,

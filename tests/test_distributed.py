@@ -1,0 +1,46 @@
+"""torchrun with 2 gloo processes against the single-process run: same update, one run dir, rank-0-only outputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=wandb", "logger.mode=offline",
+          "epochs=2", "warmup.steps=2", "model=vit_tiny", "batch=64", "max_steps=3", "threads=1", "optim=lars"]
+
+
+def launch(args, cwd, nproc=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc else []) + [str(ROOT / "train.py"), *args]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    launch(COMMON + ["micro_batch=16", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    r = launch(COMMON + ["micro_batch=16"], tmp_path, nproc=2)
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # both ranks agreed on rank 0's run dir
+    two = runs[0]
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["world_size"], summary["accum_steps"], summary["micro_batch"]) == (2, 2, 16)
+    assert r.stdout.count("final test accuracy") == 1  # only rank 0 reports
+    assert len(list((two / "wandb").glob("offline-run-*"))) == 1
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
+
+
+def test_batch_must_divide_over_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train.py"), "data=synthetic", "batch=63", "logger=none"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "does not divide over 2 ranks" in r.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
