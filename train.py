@@ -104,6 +104,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                        "diverged": state.diverged, "stopped_by": state.stopped_by,
                        "wall_s": time.time() - started,
                        "images_per_s": state.images / state.train_time if state.train_time else 0.0}
+            summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
             summary.setdefault("val_acc", None)
             summary.setdefault("val_loss", None)
             if dist.is_main:
@@ -111,7 +112,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 logger.summary(summary)
         logger.finish(exit_code=0 if state is not None and not state.diverged else 1)
     if dist.is_main:
-        status = "DIVERGED" if state.diverged else f"final test accuracy {summary['val_acc']:.4f}"
+        status = f"DIVERGED at step {state.step}" if state.diverged else f"final test accuracy {summary['val_acc']:.4f}"
         print(f"{status} ({summary['steps']} steps, {summary['wall_s']:.0f} s, "
               f"{summary['images_per_s']:.0f} images/s) -> {run_dir}", flush=True)
     if state.stopped_by is not None:

@@ -162,6 +162,7 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                 optimizer.zero_grad(set_to_none=True)
                 progress.write(f"diverged at step {state.step}: loss {loss_value}, grad norm {gnorm.item()}")
                 logger.log(state.step, {"loss": loss_value, "grad_norm": gnorm.item(), "lr": lr, "diverged": 1})
+                run_eval()  # the weights as they are now, so the summary has numbers (likely poor ones)
                 return state
             if scaler is not None:
                 scaler.step(optimizer)

@@ -1,5 +1,6 @@
 """train.py and scripts from the command line: bad input is one line, exit 2, no run dir; the preview script."""
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,21 @@ def test_lr_schedule_preview_has_one_row_per_optimizer_step(tmp_path):
 def test_lr_schedule_rejects_bad_input(tmp_path):
     r = run(["scripts/lr_schedule.py", "warmup.epochs=50", "--out", str(tmp_path / "x")])
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_multirun_grid_survives_a_diverging_job_and_summarizes(tmp_path):
+    sweep = tmp_path / "sweep"
+    # LARS with a trust coefficient of 1e30 diverges at once; SGD ignores eta
+    r = run(["train.py", "--multirun", "optim=sgd,lars", "batch=64,128", "optim.eta=0.001,1e30", "data=synthetic", "data.train_size=512", "data.test_size=128", "logger=wandb",
+        "epochs=2", "warmup.steps=1", "optim.weight_decay=0", f"hydra.sweep.dir={sweep}"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 8
+    summaries = [json.loads((j / "summary.json").read_text()) for j in jobs]
+    assert any(s["diverged"] for s in summaries) and any(not s["diverged"] for s in summaries)
+    assert all(len(list((j / "wandb").glob("offline-run-*"))) == 1 for j in jobs)  # one wandb run per job
+    s = run(["scripts/summarize.py", str(sweep)])
+    assert s.returncode == 0, s.stderr
+    table = [ln for ln in s.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| job")]
+    assert len(table) == 8 and all("optim=" in ln for ln in table)
+    assert (sweep / "accuracy_vs_batch.png").stat().st_size > 10_000
