@@ -72,8 +72,9 @@ def _check_group_options(args: list[str]) -> None:
                 fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(group_options(key))}")
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length)."""
+def preflight(argv: list[str], check_files: bool = True) -> None:
+    """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
+    with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither)."""
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version",
                  "--shell-completion", "-sc") or a.startswith("--cfg") for a in argv):
         return
@@ -96,6 +97,8 @@ def preflight(argv: list[str]) -> None:
                 cfg = OmegaConf.to_object(compose("config", overrides=overrides))
                 validate_values(cfg)
                 make_plan(cfg, train_size_of(cfg.data), env_world_size())
+                if not check_files:
+                    continue
                 resolve_device(cfg.device.value)
                 check_data_available(cfg.data)
                 if cfg.resume not in (None, "auto"):

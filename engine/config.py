@@ -108,7 +108,7 @@ class WarmupConfig:
     epochs: Optional[float] = None  # length in epochs (fractions allowed) ...
     steps: Optional[int] = None     # ... or in optimizer steps; steps wins when both are set
     start_factor: float = 0.0       # linear: LR at step 0 as a fraction of the peak
-    start_at_ref_lr: bool = False   # linear: start from the unscaled base LR (Goyal's gradual warmup)
+    start_at_ref_lr: bool = False   # linear starts at / constant stays at the unscaled base LR (Goyal et al.)
     factor: float = 0.1             # constant: the flat fraction of the peak
     ratio: float = 100.0            # exponential: r, the LR starts at peak / r
     scale_with_batch: bool = False  # lengthen the warmup (in epochs) by batch / ref_batch, as MLPerf LARS runs do

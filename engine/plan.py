@@ -96,7 +96,9 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
         raise ConfigError(f"warmup of {warmup_steps} steps (warmup.epochs={w.epochs}, warmup.steps={w.steps}) is as "
                           f"long as the run or longer ({total_steps} steps = epochs {cfg.epochs} x "
                           f"{steps_per_epoch} steps/epoch): shorten the warmup, or use warmup=none")
+    # Goyal et al.: gradual warmup starts at, and constant warmup stays at, the small-batch (unscaled) LR
     start_factor = base_lr / peak_lr if w.start_at_ref_lr else w.start_factor
+    constant_factor = base_lr / peak_lr if w.start_at_ref_lr else w.factor
 
     sc = cfg.schedule
     if sc.milestone_epochs:
@@ -106,7 +108,7 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
         milestones = tuple(int(round(f * total_steps)) for f in fractions)
     try:
         schedule = LRSchedule(peak_lr=peak_lr, total_steps=total_steps, warmup=warmup_name,
-                              warmup_steps=warmup_steps, start_factor=start_factor, constant_factor=w.factor,
+                              warmup_steps=warmup_steps, start_factor=start_factor, constant_factor=constant_factor,
                               exp_ratio=w.ratio, decay=_value(sc.name), min_factor=sc.min_factor,
                               milestones=milestones, gamma=sc.gamma, power=sc.power, pct_start=sc.pct_start,
                               div_factor=sc.div_factor, final_div_factor=sc.final_div_factor)

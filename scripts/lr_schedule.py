@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     register_schema()
     runs = []
     for overrides in sets:
-        preflight(overrides)
+        preflight(overrides, check_files=False)
         try:
             cfg, plan = plan_for(overrides)
         except ConfigError as e:
