@@ -112,7 +112,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 logger.summary(summary)
         logger.finish(exit_code=0 if state is not None and not state.diverged else 1)
     if dist.is_main:
-        status = f"DIVERGED at step {state.step}" if state.diverged else f"final test accuracy {summary['val_acc']:.4f}"
+        if state.stopped_by is not None:
+            status = f"stopped by {state.stopped_by} at step {state.step} (resume=auto continues)"
+        elif state.diverged:
+            status = f"DIVERGED at step {state.step}"
+        else:
+            status = f"final test accuracy {summary['val_acc']:.4f}"
         print(f"{status} ({summary['steps']} steps, {summary['wall_s']:.0f} s, "
               f"{summary['images_per_s']:.0f} images/s) -> {run_dir}", flush=True)
     if state.stopped_by is not None:

@@ -1,0 +1,87 @@
+"""Interruptions: SIGTERM and SIGKILL mid-run, then resume=auto, end bit-for-bit where an uninterrupted run ends;
+a checkpoint write that dies half-way leaves the previous file loadable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["data=synthetic", "data.train_size=1024", "data.test_size=128", "batch=32", "epochs=4", "warmup.steps=6",
+       "logger=none", "logger.every_steps=1", "threads=1", "checkpoint.every_steps=3", "data.augment=true",
+       "data.crop_padding=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train(run_dir, *extra, check=True):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, *extra, f"hydra.run.dir={run_dir}"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def start_and_interrupt(run_dir, sig, after_step):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, ckpt = run_dir / "metrics.jsonl", run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and max(steps) >= after_step and ckpt.exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(run_dir)
+    return final_weights(run_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, straight, sig):
+    run_dir = tmp_path / "run"
+    proc = start_and_interrupt(run_dir, sig, after_step=10)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, proc.stderr.read()[-2000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["stopped_by"] == "SIGTERM" and 10 <= summary["steps"] < 128
+        assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"] == summary["steps"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert 0 < stopped_at < 128
+    train(run_dir, "resume=auto")
+    resumed = final_weights(run_dir)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from engine import checkpoint
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "optimizer": {}, "step": 1, "epoch": 0}, path)
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt  # the process is killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "optimizer": {}, "step": 2, "epoch": 0}, path)
+    monkeypatch.undo()
+    ckpt = checkpoint.load(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
