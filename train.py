@@ -102,6 +102,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                        "accum_steps": plan.accum_steps, "world_size": plan.world_size, "peak_lr": plan.peak_lr,
                        "base_lr": plan.base_lr, "scaling_rule": plan.rule, "optimizer": o.name.value,
                        "diverged": state.diverged, "stopped_by": state.stopped_by,
+                       "noise_scale_b_simple": state.noise_scale.b_simple,
                        "wall_s": time.time() - started,
                        "images_per_s": state.images / state.train_time if state.train_time else 0.0}
             summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

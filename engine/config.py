@@ -175,6 +175,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    every: int = 50                 # log trust ratios and update ratios every N optimizer steps; 0 = off
+    noise_scale: bool = True        # gradient noise scale from micro-batch vs global gradients (needs accum >= 2)
+
+
+@dataclass
 class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -184,6 +190,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     recipe: Optional[Any] = None    # the selected recipe file's name lands here only as a record
     batch: Any = 256                # global batch: 256, 4k (= 4096), 32k, 32768
     micro_batch: Optional[int] = None
@@ -253,4 +260,5 @@ def validate_values(cfg) -> None:
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid: use offline, online or disabled")
     _positive("logger.every_steps", cfg.logger.every_steps)
+    _positive("diagnostics.every", cfg.diagnostics.every, allow_zero=True)
     parse_batch(cfg.batch)

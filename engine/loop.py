@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from optim import apply_lr
 
 from . import checkpoint as ckpt
+from . import diagnostics as diag
 from .data import Augment
 from .distributed import DistContext, all_reduce_sum
 
@@ -37,6 +38,7 @@ class LoopState:
     stopped_by: str | None = None  # a signal's name when preempted
     last_eval: dict = field(default_factory=dict)
     last_eval_step: int = -1
+    noise_scale: diag.NoiseScale = field(default_factory=diag.NoiseScale)
 
 
 class StopFlag:
@@ -135,6 +137,8 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
             if state.step >= plan.run_steps:
                 break
             t0 = time.perf_counter()
+            inspect = cfg.diagnostics.every and (state.step + 1) % cfg.diagnostics.every == 0 and dist.is_main
+            track_noise = cfg.diagnostics.noise_scale and plan.accum_steps > 1 and scaler is None
             loss_sum = torch.zeros((), device=device)
             for k in range(plan.accum_steps):
                 x, y = next(micro_batches)
@@ -148,6 +152,8 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                     scaled = loss / plan.accum_steps
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += scaled.detach().float()
+                if track_noise and k == 0:  # this rank's first micro-batch alone: the small-batch gradient
+                    small_sq = diag.sq_norm(p.grad for p in params) * plan.accum_steps ** 2
             lr = plan.schedule(state.step)
             apply_lr(optimizer, lr)
             if scaler is not None:
@@ -164,6 +170,9 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                 logger.log(state.step, {"loss": loss_value, "grad_norm": gnorm.item(), "lr": lr, "diverged": 1})
                 run_eval()  # the weights as they are now, so the summary has numbers (likely poor ones)
                 return state
+            if track_noise:
+                state.noise_scale.update(plan.micro_batch, small_sq, plan.global_batch, gnorm.item() ** 2)
+            before = [p.detach().clone() for p in params] if inspect else None
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -177,6 +186,15 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
             state.train_time += dt
             state.images += plan.global_batch
             state.train_loss = loss_value
+            if inspect:
+                ratios = diag.update_ratios(before, params)
+                logger.log(state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(optimizer),
+                                        "noise_scale/b_simple": state.noise_scale.b_simple})
+                logger.histogram(state.step, "update_ratio/layers", ratios)
+                if getattr(optimizer, "trust_ratios", None):
+                    logger.histogram(state.step, "trust_ratio/layers",
+                                     torch.cat([r.cpu() for r in optimizer.trust_ratios if r is not None]))
+                del before
             if state.step % cfg.logger.every_steps == 0 or state.step == plan.run_steps:
                 if dist.is_main:
                     logger.log(state.step, {"loss": loss_value, "lr": lr, "grad_norm": gnorm.item(),

@@ -64,6 +64,15 @@ class RunLogger:
                 self._warn(f"wandb.log failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
                 self.wandb_run = None
 
+    def histogram(self, step: int, name: str, values) -> None:
+        """Per-layer values as a wandb histogram (metrics.jsonl gets their summary statistics instead)."""
+        if self.wandb_run is not None:
+            try:
+                import wandb
+                self.wandb_run.log({name: wandb.Histogram(values.detach().cpu().double().numpy())}, step=step)
+            except Exception as e:
+                self._warn(f"wandb histogram failed ({type(e).__name__}: {e})")
+
     def _log_csv(self, row: dict) -> None:
         new = [k for k in row if k not in self.csv_keys]
         if new:  # rows may carry different keys (train vs eval): rewrite the header as columns appear

@@ -1,0 +1,74 @@
+"""Large-batch diagnostics: per-layer trust ratios (LARS/LAMB), per-layer update ratios ||dw||/||w||, and the
+gradient noise scale of McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", arXiv 1812.06162).
+
+Gradient noise scale, Appendix A of the paper: for gradients measured at two batch sizes B_small < B_big,
+    E|G_B|^2 = |G|^2 + tr(Sigma) / B, so
+    |G|^2     ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)      (unbiased)
+    tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)           (unbiased)
+and B_simple = tr(Sigma) / |G|^2, the batch size above which larger batches stop paying off linearly. Each
+estimate is noisy, so both are smoothed with an exponential moving average before taking the ratio (as the
+paper does). Accumulation gives both gradients for free: the first micro-batch's gradient (B_small = micro_batch,
+before any all-reduce) and the full step's gradient (B_big = global batch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sq_norm(tensors) -> float:
+    ts = [t for t in tensors if t is not None]
+    return float(torch.stack(torch._foreach_norm(ts)).double().pow(2).sum()) if ts else 0.0
+
+
+class NoiseScale:
+    def __init__(self, beta: float = 0.95):
+        self.beta = beta
+        self.grad_sq = self.trace = None   # EMAs, bias-corrected on read
+        self.updates = 0
+
+    @staticmethod
+    def estimates(b_small: int, small_sq: float, b_big: int, big_sq: float) -> tuple[float, float]:
+        grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+        trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+        return grad_sq, trace
+
+    def update(self, b_small: int, small_sq: float, b_big: int, big_sq: float) -> None:
+        g, s = self.estimates(b_small, small_sq, b_big, big_sq)
+        if self.grad_sq is None:
+            self.grad_sq, self.trace = 0.0, 0.0
+        self.grad_sq = self.beta * self.grad_sq + (1 - self.beta) * g
+        self.trace = self.beta * self.trace + (1 - self.beta) * s
+        self.updates += 1
+
+    @property
+    def b_simple(self) -> float:
+        if not self.updates:
+            return math.nan
+        correction = 1 - self.beta ** self.updates
+        g, s = self.grad_sq / correction, self.trace / correction
+        return s / g if g > 0 else math.nan
+
+
+def stats(name: str, values: torch.Tensor) -> dict:
+    v = values.double()
+    return {f"{name}/mean": float(v.mean()), f"{name}/min": float(v.min()), f"{name}/max": float(v.max()),
+            f"{name}/median": float(v.median())}
+
+
+def trust_ratio_stats(optimizer) -> dict:
+    """Summary of the last per-tensor trust ratios of LARS/LAMB over the adapted groups ({} for other optimizers)."""
+    ratios = getattr(optimizer, "trust_ratios", None)
+    if not ratios:
+        return {}
+    adapted = [r for r, g in zip(ratios, optimizer.param_groups) if r is not None and g.get("adapt", True)]
+    return stats("trust_ratio", torch.cat([r.flatten().cpu() for r in adapted])) if adapted else {}
+
+
+def update_ratios(before: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+    """||w_after - w_before|| / ||w_before|| per tensor (0 where the weight norm is 0)."""
+    deltas = torch._foreach_sub([p.detach() for p in params], before)
+    d = torch.stack(torch._foreach_norm(deltas)).double()
+    w = torch.stack(torch._foreach_norm(before)).double()
+    return torch.where(w > 0, d / w, torch.zeros_like(d))
