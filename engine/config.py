@@ -192,6 +192,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     recipe: Optional[Any] = None    # the selected recipe file's name lands here only as a record
+    hparams_search: Optional[Any] = None
     batch: Any = 256                # global batch: 256, 4k (= 4096), 32k, 32768
     micro_batch: Optional[int] = None
     seed: int = 0

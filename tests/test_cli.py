@@ -93,3 +93,14 @@ def test_multirun_grid_survives_a_diverging_job_and_summarizes(tmp_path):
     table = [ln for ln in s.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| job")]
     assert len(table) == 8 and all("optim=" in ln for ln in table)
     assert (sweep / "accuracy_vs_batch.png").stat().st_size > 10_000
+
+
+def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "optuna"
+    r = run(["train.py", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", "data=synthetic",
+             "data.train_size=512", "data.test_size=128", "logger=none", "epochs=1", "warmup=none",
+             f"hydra.sweep.dir={sweep}"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "optim.lr" in results and "best_value" in results
+    assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2
