@@ -105,6 +105,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                        "noise_scale_b_simple": state.noise_scale.b_simple,
                        "wall_s": time.time() - started,
                        "images_per_s": state.images / state.train_time if state.train_time else 0.0}
+            if device.type == "cuda":
+                summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
             summary.setdefault("val_acc", None)
             summary.setdefault("val_loss", None)

@@ -42,6 +42,13 @@ class NoiseScale:
         self.trace = self.beta * self.trace + (1 - self.beta) * s
         self.updates += 1
 
+    def state_dict(self) -> dict:
+        return {"grad_sq": self.grad_sq, "trace": self.trace, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grad_sq, self.trace = state.get("grad_sq"), state.get("trace")
+        self.updates = state.get("updates", 0)
+
     @property
     def b_simple(self) -> float:
         if not self.updates:

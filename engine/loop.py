@@ -108,6 +108,7 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
     state = LoopState()
     if resume_from is not None:
         state.step = resume_from["step"]
+        state.noise_scale.load_state_dict(resume_from.get("noise_scale") or {})
     precision = cfg.precision.value if hasattr(cfg.precision, "value") else str(cfg.precision)
     augment = Augment(cfg.data.crop_padding, cfg.data.hflip) if cfg.data.augment else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,7 +121,8 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                               "optimizer": optimizer.state_dict(), "scheduler": plan.schedule.state_dict(),
                               "scaler": scaler.state_dict() if scaler is not None else None,
                               "step": state.step, "epoch": epoch, "rng": ckpt.rng_state(),
-                              "global_batch": plan.global_batch, "seed": cfg.seed}, ckpt_path)
+                              "global_batch": plan.global_batch, "seed": cfg.seed,
+                              "noise_scale": state.noise_scale.state_dict()}, ckpt_path)
 
     def run_eval():
         state.last_eval = evaluate(model, data, device, precision, dist, channels_last=cfg.channels_last)
@@ -188,8 +190,7 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
             state.train_loss = loss_value
             if inspect:
                 ratios = diag.update_ratios(before, params)
-                logger.log(state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(optimizer),
-                                        "noise_scale/b_simple": state.noise_scale.b_simple})
+                logger.log(state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(optimizer)})
                 logger.histogram(state.step, "update_ratio/layers", ratios)
                 if getattr(optimizer, "trust_ratios", None):
                     logger.histogram(state.step, "trust_ratio/layers",
@@ -197,9 +198,11 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                 del before
             if state.step % cfg.logger.every_steps == 0 or state.step == plan.run_steps:
                 if dist.is_main:
-                    logger.log(state.step, {"loss": loss_value, "lr": lr, "grad_norm": gnorm.item(),
-                                            "epoch": state.step / plan.steps_per_epoch,
-                                            "images_per_s": plan.global_batch / dt})
+                    row = {"loss": loss_value, "lr": lr, "grad_norm": gnorm.item(),
+                           "epoch": state.step / plan.steps_per_epoch, "images_per_s": plan.global_batch / dt}
+                    if state.noise_scale.updates:
+                        row["noise_scale/b_simple"] = state.noise_scale.b_simple
+                    logger.log(state.step, row)
             progress.update(state.step, f"loss {loss_value:.4f} lr {lr:.4g}")
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 save(epoch)
