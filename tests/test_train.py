@@ -4,7 +4,10 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TINY, run_train
+from omegaconf import OmegaConf
+
+from engine.models import build_model
+from tests.helpers import TINY, compose_cfg, run_train
 
 SUMMARY_KEYS = {"val_acc", "val_loss", "train_loss", "epochs", "steps", "global_batch", "micro_batch", "accum_steps",
                 "world_size", "peak_lr", "diverged", "wall_s", "images_per_s"}
@@ -88,3 +91,44 @@ def test_divergence_stops_and_is_reported(tmp_path):
     assert summary["diverged"] is True
     assert json.loads((run_dir / "summary.json").read_text())["diverged"] is True
     assert summary["steps"] < 4
+
+
+@pytest.mark.parametrize("extra", [["precision=bf16"], ["precision=fp16"], ["channels_last=true"],
+                                   ["precision=bf16", "channels_last=true", "optim=lamb"]],
+                         ids=["bf16", "fp16", "channels_last", "bf16+channels_last+lamb"])
+def test_precision_and_memory_format_track_fp32(tmp_path, extra):
+    """Autocast (bf16; fp16 with a GradScaler) and channels_last train to nearly the fp32 weights after 3 steps."""
+    common = TINY + ["batch=32", "max_steps=3", "model.width=8", "data.image_size=16", "data.channels=3"]
+    if "optim=lamb" in extra:
+        common.append("optim=lamb")
+    _, ref = run_train(tmp_path, common, "fp32")
+    summary, run_dir = run_train(tmp_path, common + extra, "other")
+    assert summary["steps"] == 3 and not summary["diverged"]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert (ckpt["scaler"] is not None) == ("precision=fp16" in extra)
+    torch.manual_seed(0)
+    cfg = OmegaConf.to_object(compose_cfg(common))
+    init = build_model(cfg.model, (3, 16, 16), 10).state_dict()
+    a, b = weights(ref), ckpt["model"]
+    keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
+    moved = sum(float((a[k] - init[k]).pow(2).sum()) for k in keys) ** 0.5
+    apart = sum(float((b[k].float() - a[k]).pow(2).sum()) for k in keys) ** 0.5
+    assert moved > 0.01 and apart < (1e-4 if extra == ["channels_last=true"] else 0.1) * moved, (moved, apart)
+
+
+def test_compile_trains(tmp_path):
+    summary, _ = run_train(tmp_path, TINY + ["batch=64", "max_steps=2", "compile=true", "model.width=8"])
+    assert summary["steps"] == 2 and not summary["diverged"]
+
+
+def test_wandb_failing_to_start_falls_back_to_local_logs(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    summary, run_dir = run_train(tmp_path, TINY + ["logger=wandb", "max_steps=2"])
+    assert summary["steps"] == 2 and (run_dir / "metrics.jsonl").read_text()
+    err = capsys.readouterr().err
+    assert err.count("warning: wandb could not start") == 1
