@@ -81,7 +81,7 @@ def load_cifar(name: str, root: str | None) -> TensorData:
 # --- ImageNet (ImageFolder of JPEGs) --------------------------------------------------------------------------------
 
 class ImageFolderData:
-    """ImageNet-style folders, decoded by DataLoader workers (pinned memory, persistent workers).
+    """ImageNet-style folders, decoded by DataLoader workers (pinned memory, workers kept across epochs).
 
     The batch order is the same pure function of (seed, epoch) as for in-memory data; RandomResizedCrop and flip
     are drawn in the workers (not tied to the step, unlike the in-memory augmentation).
@@ -105,26 +105,47 @@ class ImageFolderData:
         self.train_size = len(self.train)
         self.source = root
         self.test_y = self.val.targets
+        self._train_batches, self._train_loader, self._val_loader = _Batches(), None, None
 
     def to(self, device):
         return self
 
-    def _loader(self, dataset, batch_sampler):
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+    def _loader(self, dataset, batches: "_Batches") -> torch.utils.data.DataLoader:
+        """One loader per split for the whole run: its workers persist across epochs, and each epoch only swaps
+        the list of index batches they are fed (the batch sampler is iterated in this process)."""
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                                            pin_memory=torch.cuda.is_available(),
-                                           persistent_workers=False)
+                                           persistent_workers=self.num_workers > 0)
 
     def train_micro_batches(self, epoch, first_step, plan, rank, seed, augment, device):
         per_rank = plan.micro_batch * plan.accum_steps
-        parts = [part.tolist() for index in global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]
-                 for part in index[rank * per_rank:(rank + 1) * per_rank].split(plan.micro_batch)]
-        for x, y in self._loader(self.train, parts):
+        self._train_batches.batches = [
+            part.tolist() for index in global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]
+            for part in index[rank * per_rank:(rank + 1) * per_rank].split(plan.micro_batch)]
+        if self._train_loader is None:
+            self._train_loader = self._loader(self.train, self._train_batches)
+        for x, y in self._train_loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def test_batches(self, rank, world_size, device, chunk: int = 256):
-        idx = torch.arange(rank, len(self.val), world_size)
-        for x, y in self._loader(self.val, [p.tolist() for p in idx.split(chunk)]):
+        if self._val_loader is None:
+            idx = torch.arange(rank, len(self.val), world_size)
+            self._val_loader = self._loader(self.val, _Batches([p.tolist() for p in idx.split(chunk)]))
+        for x, y in self._val_loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class _Batches:
+    """A batch sampler whose list of index batches can be replaced between epochs."""
+
+    def __init__(self, batches=()):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 def _check_imagenet(root: str | None) -> Path:

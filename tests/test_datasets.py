@@ -74,9 +74,10 @@ def write_imagenet(root, classes=("n01", "n02"), per_class=3, size=40):
 def test_imagenet_folders_train_a_step(tmp_path):
     write_imagenet(tmp_path / "imagenet")
     summary, _ = run_train(tmp_path, [o for o in TINY if not o.startswith("data")] + [
-        "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0", "model=resnet18", "batch=6",
-        "micro_batch=3", "max_steps=1", "warmup=none"])
-    assert summary["steps"] == 1 and summary["micro_batch"] == 3 and summary["accum_steps"] == 2
+        "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=1", "model=resnet18", "batch=6",
+        "micro_batch=3", "epochs=2", "warmup=none"])  # one worker, kept across both epochs
+    assert summary["steps"] == 2 and summary["micro_batch"] == 3 and summary["accum_steps"] == 2
+    assert summary["epochs"] == 2 and 0 <= summary["val_acc"] <= 1
 
 
 def test_imagenet_missing_split_is_named(tmp_path):
