@@ -125,6 +125,9 @@ class ScheduleConfig:
     pct_start: float = 0.3
     div_factor: float = 25.0
     final_div_factor: float = 1e4
+    cycle_momentum: bool = False    # onecycle: momentum / beta1 from max_momentum down to base_momentum and back
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
 
 @dataclass
@@ -244,6 +247,10 @@ def validate_values(cfg) -> None:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} is invalid: two values in [0, 1)")
     if cfg.optim.variant not in ("paper", "seed"):
         raise ConfigError(f"optim.variant={cfg.optim.variant!r} is invalid: use paper or seed")
+    sc = cfg.schedule
+    if not 0 <= sc.base_momentum <= sc.max_momentum < 1:
+        raise ConfigError(f"schedule.base_momentum={sc.base_momentum}, schedule.max_momentum={sc.max_momentum} are "
+                          f"invalid: they need 0 <= base_momentum <= max_momentum < 1")
     if cfg.max_steps is not None:
         _positive("max_steps", cfg.max_steps)
     if cfg.micro_batch is not None:

@@ -157,7 +157,7 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                 if track_noise and k == 0:  # this rank's first micro-batch alone: the small-batch gradient
                     small_sq = diag.sq_norm(p.grad for p in params) * plan.accum_steps ** 2
             lr = plan.schedule(state.step)
-            apply_lr(optimizer, lr)
+            apply_lr(optimizer, lr, plan.schedule.momentum(state.step))
             if scaler is not None:
                 scaler.unscale_(optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
             gnorm = grad_norm(params)

@@ -111,7 +111,9 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
                               warmup_steps=warmup_steps, start_factor=start_factor, constant_factor=constant_factor,
                               exp_ratio=w.ratio, decay=_value(sc.name), min_factor=sc.min_factor,
                               milestones=milestones, gamma=sc.gamma, power=sc.power, pct_start=sc.pct_start,
-                              div_factor=sc.div_factor, final_div_factor=sc.final_div_factor)
+                              div_factor=sc.div_factor, final_div_factor=sc.final_div_factor,
+                              cycle_momentum=sc.cycle_momentum, base_momentum=sc.base_momentum,
+                              max_momentum=sc.max_momentum)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Plan(global_batch, micro, per_rank // micro, world_size, steps_per_epoch, total_steps, run_steps,

@@ -19,7 +19,8 @@ Decays for t >= W, with progress p = (t - W) / (T - W) in [0, 1), T = total_step
 Schedules that carry their own ramp (the warmup shape is not applied):
   inverse_sqrt t = 0: ~0 (1e-8); t <= W: t / W; t > W: sqrt(W / t)  (the notes' LambdaLR, Transformer style)
   onecycle     torch.optim.lr_scheduler.OneCycleLR (cosine anneal): peak/div_factor -> peak over pct_start * T,
-               then -> peak / (div_factor * final_div_factor)
+               then -> peak / (div_factor * final_div_factor); with cycle_momentum, momentum (beta1 for Adam)
+               goes max_momentum -> base_momentum -> max_momentum inversely to the LR, as torch's
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class LRSchedule:
     pct_start: float = 0.3         # onecycle
     div_factor: float = 25.0
     final_div_factor: float = 1e4
+    cycle_momentum: bool = False   # onecycle: momentum (or Adam's beta1) moves inversely to the LR, as torch's
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
     def __post_init__(self):
         if self.warmup not in WARMUPS:
@@ -109,23 +113,44 @@ class LRSchedule:
             return math.exp((x - 1) * math.log(self.exp_ratio))
         return (1 - math.cos(math.pi * x)) / 2  # cosine
 
-    def _onecycle(self, t: int) -> float:
-        initial = 1 / self.div_factor
-        final = initial / self.final_div_factor
+    def _onecycle_phase(self, t: int) -> tuple[bool, float]:
+        """(rising?, progress through the phase) at step t, with torch OneCycleLR's phase boundaries."""
         end_up = float(self.pct_start * self.total_steps) - 1
         end_down = self.total_steps - 1
         if t <= end_up:
-            start, end, pct = initial, 1.0, t / end_up
-        else:
-            start, end, pct = 1.0, final, (t - end_up) / (end_down - end_up)
+            return True, t / end_up
+        return False, (t - end_up) / (end_down - end_up)
+
+    @staticmethod
+    def _cos_anneal(start: float, end: float, pct: float) -> float:
         return end + (start - end) / 2 * (math.cos(math.pi * min(pct, 1.0)) + 1)
+
+    def _onecycle(self, t: int) -> float:
+        initial = 1 / self.div_factor
+        final = initial / self.final_div_factor
+        rising, pct = self._onecycle_phase(t)
+        return self._cos_anneal(initial, 1.0, pct) if rising else self._cos_anneal(1.0, final, pct)
+
+    def momentum(self, t: int) -> float | None:
+        """The momentum (SGD, LARS) or beta1 (Adam, LAMB) for step t where the schedule cycles it, else None."""
+        if self.decay != "onecycle" or not self.cycle_momentum:
+            return None
+        rising, pct = self._onecycle_phase(t)
+        lo, hi = self.base_momentum, self.max_momentum
+        return self._cos_anneal(hi, lo, pct) if rising else self._cos_anneal(lo, hi, pct)
 
     def state_dict(self) -> dict:
         """The schedule's parameters; the LR itself is a function of the step saved beside it."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def apply_lr(optimizer, lr: float) -> None:
-    """Set the LR of every param group (a group may scale it with its own ``lr_scale``, default 1)."""
+def apply_lr(optimizer, lr: float, momentum: float | None = None) -> None:
+    """Set the LR of every param group (a group may scale it with its own ``lr_scale``, default 1), and the
+    momentum where the schedule cycles it: ``momentum`` for SGD/LARS, ``betas[0]`` for Adam/LAMB."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+        if momentum is not None:
+            if "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            else:
+                group["momentum"] = momentum

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from optim import LRSchedule, lr_multiplier, scale_adam
+from optim import LRSchedule, apply_lr, lr_multiplier, scale_adam
 
 
 def torch_lrs(make_scheduler, steps, lr):
@@ -110,3 +110,24 @@ def test_adam_sde_rescales_betas_and_eps():
     assert (b1, b2, eps) == pytest.approx((0.6, 0.996, 5e-9))
     with pytest.raises(ValueError, match="beta1"):
         scale_adam((0.9, 0.999), 1e-8, 4096, 256)  # kappa = 16 > 1/(1-0.9)
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd-momentum", "adam-beta1"])
+def test_onecycle_momentum_cycling_equals_torch(adam):
+    total = 60
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=0.4) if adam else torch.optim.SGD([p], lr=0.4, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=total, pct_start=0.25,
+                                                cycle_momentum=True, base_momentum=0.8, max_momentum=0.95)
+    ours = LRSchedule(peak_lr=0.4, total_steps=total, decay="onecycle", pct_start=0.25, cycle_momentum=True,
+                      base_momentum=0.8, max_momentum=0.95)
+    mine = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0) if adam else \
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.5)
+    for t in range(total):
+        apply_lr(mine, ours(t), ours.momentum(t))
+        theirs, got = opt.param_groups[0], mine.param_groups[0]
+        key = "betas" if adam else "momentum"
+        assert got["lr"] == pytest.approx(theirs["lr"], rel=1e-9) and got[key] == pytest.approx(theirs[key]), t
+        opt.step()
+        sched.step()
+    assert LRSchedule(peak_lr=0.4, total_steps=total, decay="cosine").momentum(3) is None
