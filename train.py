@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine import checkpoint, distributed
 from engine.cli import fail, preflight
-from engine.config import ConfigError, register_schema, validate_values
+from engine.config import ConfigError, register_schema, reject_unknown_keys, validate_values
 from engine.data import load_data
 from engine.loop import fit
 from engine.metrics import Progress, RunLogger
@@ -35,6 +35,7 @@ register_schema()
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """One training run into ``run_dir``; returns the summary (also written to run_dir/summary.json)."""
     started = time.time()
+    reject_unknown_keys(cfg)
     cfg = OmegaConf.to_object(cfg)  # typed dataclasses: enums and ints, no more interpolation
     validate_values(cfg)
     device = distributed.resolve_device(cfg.device.value)

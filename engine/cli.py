@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, validate_values
+from .config import ConfigError, reject_unknown_keys, validate_values
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_CHECKED_JOBS = 256
@@ -94,7 +94,9 @@ def preflight(argv: list[str], check_files: bool = True) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         for overrides in jobs:
             try:
-                cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+                cfg = compose("config", overrides=overrides)
+                reject_unknown_keys(cfg)
+                cfg = OmegaConf.to_object(cfg)
                 validate_values(cfg)
                 make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 if not check_files:

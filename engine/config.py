@@ -215,6 +215,18 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
+def reject_unknown_keys(cfg) -> None:
+    """``+key=value`` adds keys that the schema lacks (Hydra opens the struct for it); a typo there would be
+    silently ignored, so every key must be one the schema knows."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
+    except ConfigKeyError as e:
+        raise ConfigError(f"{e.full_key} is not a setting of this project: check the spelling against conf/ "
+                          f"(python train.py --cfg job prints every setting)") from None
+
+
 _BATCH = re.compile(r"^\s*([0-9]+)\s*([kK]?)\s*$")
 
 

@@ -19,6 +19,8 @@ BAD_INPUT = [
     (["model=resnet999"], "is not an option of 'model'"),
     (["optim.lr=abc"], "could not be converted to Float"),
     (["optim.lrr=0.1"], "Key 'lrr' not in"),
+    (["+optim.lrr=0.1"], "optim.lrr is not a setting"),
+    (["+foo=1"], "foo is not a setting"),
     (["optim.lr=-1"], "optim.lr=-1.0 is invalid"),
     (["optim.lr=0"], "optim.lr=0.0 is invalid"),
     (["epochs=0"], "epochs=0.0 is invalid"),
