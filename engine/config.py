@@ -265,6 +265,8 @@ def validate_values(cfg) -> None:
                           f"invalid: they need 0 <= base_momentum <= max_momentum < 1")
     if cfg.max_steps is not None:
         _positive("max_steps", cfg.max_steps)
+    if cfg.threads is not None:
+        _positive("threads", cfg.threads)
     if cfg.micro_batch is not None:
         _positive("micro_batch", cfg.micro_batch)
     if cfg.grad_clip is not None:
