@@ -4,7 +4,8 @@
 
 Same process, same model architecture, data, batch, optimizer and augmentation; the runs alternate (ours, bare,
 ours, bare) and the best of each counts. "ours" is train.py's train() (plan, logging, checkpoint off,
-evaluation excluded from its images/s); "bare" is the ten-line loop a user would write by hand.
+evaluation excluded from its images/s, default settings); "bare" is the ten-line loop a user would write by hand.
+Also measures what the diagnostics (trust/update ratios every 10 steps, noise scale every step) cost.
 """
 from __future__ import annotations
 
@@ -35,10 +36,14 @@ def overrides(args):
             "logger=none", "checkpoint.enabled=false", "label_smoothing=0", f"threads={args.threads}"]
 
 
-def ours(args) -> float:
+def ours(args, extra=()) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        summary = train_script.train(compose_cfg(overrides(args)), Path(tmp))
+        summary = train_script.train(compose_cfg(overrides(args) + list(extra)), Path(tmp))
     return summary["images_per_s"]
+
+
+DIAG_ON = ["diagnostics.every=10", "diagnostics.noise_scale=true"]
+DIAG_OFF = ["diagnostics.every=0", "diagnostics.noise_scale=false"]
 
 
 def bare(args, data) -> float:
@@ -93,15 +98,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = make_synthetic(args.batch * args.steps, 256, args.image_size, 3, 10)
-    o, b = [], []
+    o, b, d_on, d_off = [], [], [], []
+    half = [f"micro_batch={args.batch // 2}"]  # accumulation over 2 micro-batches, so the noise scale is measured
     for _ in range(args.repeats):
-        o.append(ours(args))
+        o.append(ours(args))  # default settings (diagnostics every 50 steps)
         b.append(bare(args, data))
+        d_on.append(ours(args, DIAG_ON + half))
+        d_off.append(ours(args, DIAG_OFF + half))
     pipe, mod = pipeline_only(args, data), model_only(args, data)
     print(f"{args.model}, {args.image_size}x{args.image_size}x3, batch {args.batch}, {args.steps} steps, CPU "
           f"{args.threads} threads (best of {args.repeats}):")
     print(f"  our loop   {max(o):8.0f} images/s")
     print(f"  bare loop  {max(b):8.0f} images/s   ours / bare = {max(o) / max(b):.3f} (goal >= 0.95)")
+    print(f"  diagnostics (every 10 steps + noise scale every step, accum 2): {max(d_on):.0f} vs {max(d_off):.0f} "
+          f"images/s off: cost {100 * (1 - max(d_on) / max(d_off)):.1f} %")
     print(f"  input pipeline alone {pipe:8.0f} images/s; model alone {mod:8.0f} images/s; "
           f"pipeline / model = {pipe / mod:.1f}x (goal >= 3)")
 
