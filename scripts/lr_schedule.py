@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")  # keeps the legend below the axes
     print(f"wrote {out.with_suffix('.csv')} ({longest} steps) and {out.with_suffix('.png')}")
 
 
