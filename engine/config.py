@@ -181,6 +181,7 @@ class CheckpointConfig:
 class DiagnosticsConfig:
     every: int = 50                 # log trust ratios and update ratios every N optimizer steps; 0 = off
     noise_scale: bool = True        # gradient noise scale from micro-batch vs global gradients (needs accum >= 2)
+    noise_ema: float = 0.99         # EMA decay of the noise-scale estimates (each step's estimate is very noisy)
 
 
 @dataclass
@@ -283,4 +284,6 @@ def validate_values(cfg) -> None:
         raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid: use offline, online or disabled")
     _positive("logger.every_steps", cfg.logger.every_steps)
     _positive("diagnostics.every", cfg.diagnostics.every, allow_zero=True)
+    if not 0 <= cfg.diagnostics.noise_ema < 1:
+        raise ConfigError(f"diagnostics.noise_ema={cfg.diagnostics.noise_ema} is invalid: it must be in [0, 1)")
     parse_batch(cfg.batch)

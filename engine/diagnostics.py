@@ -23,7 +23,7 @@ def sq_norm(tensors) -> float:
 
 
 class NoiseScale:
-    def __init__(self, beta: float = 0.95):
+    def __init__(self, beta: float = 0.99):
         self.beta = beta
         self.grad_sq = self.trace = None   # EMAs, bias-corrected on read
         self.updates = 0

@@ -105,7 +105,7 @@ def fit(**kwargs) -> LoopState:
 
 def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.device, run_dir: Path, logger, dist,
         progress, resume_from: dict | None = None, scaler=None) -> LoopState:
-    state = LoopState()
+    state = LoopState(noise_scale=diag.NoiseScale(cfg.diagnostics.noise_ema))
     if resume_from is not None:
         state.step = resume_from["step"]
         state.noise_scale.load_state_dict(resume_from.get("noise_scale") or {})
