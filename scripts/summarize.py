@@ -49,9 +49,19 @@ def batch_of(job: dict) -> int | None:
     return 256 if not job.get("error") else None
 
 
-def series_key(job: dict, drop=("batch", "seed")) -> str:
-    rest = [o for o in job["overrides"] if o.split("=", 1)[0].lstrip("+~") not in drop]
+def series_key(job: dict, drop=("batch", "seed"), common=frozenset()) -> str:
+    """The job's overrides that name its line: all but batch, seed and those every job of the sweep shares."""
+    rest = [o for o in job["overrides"] if o.split("=", 1)[0].lstrip("+~") not in drop and o not in common]
     return " ".join(rest) or "default"
+
+
+def shared_overrides(jobs: list[dict]) -> frozenset:
+    sets = [set(j["overrides"]) for j in jobs]
+    return frozenset(set.intersection(*sets)) if len(sets) > 1 else frozenset()
+
+
+def batch_label(b: int) -> str:
+    return f"{b // 1024}k" if b >= 1024 and b % 1024 == 0 else str(b)
 
 
 def fmt(v, digits=4):
@@ -89,14 +99,15 @@ def plot(jobs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     series = defaultdict(lambda: defaultdict(list))
     failed = []
+    common = shared_overrides(jobs)
     for j in jobs:
         b = batch_of(j)
         if b is None:
             continue
         if j.get("error") or j.get("diverged") or not isinstance(j.get("val_acc"), float):
-            failed.append((b, series_key(j)))
+            failed.append((b, series_key(j, common=common)))
             continue
-        series[series_key(j)][b].append(j["val_acc"])
+        series[series_key(j, common=common)][b].append(j["val_acc"])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for key, points in sorted(series.items()):
         bs = sorted(points)
@@ -106,9 +117,12 @@ def plot(jobs: list[dict], out: Path) -> None:
     if failed:
         ax.scatter([b for b, _ in failed], [0.0] * len(failed), marker="x", color="red", label="diverged / failed")
     ax.set_xscale("log", base=2)
+    batches = sorted({b for points in series.values() for b in points} | {b for b, _ in failed})
+    ax.set_xticks(batches, [batch_label(b) for b in batches])
     ax.set_xlabel("global batch")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"test accuracy vs batch size ({out.parent.name})")
+    ax.set_title(f"test accuracy vs batch size ({out.parent.name})" + (f"\n{' '.join(sorted(common))}" if common else ""),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
