@@ -10,6 +10,8 @@ Also measures what the diagnostics (trust/update ratios every 10 steps, noise sc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import tempfile
 import time
@@ -37,7 +39,7 @@ def overrides(args):
 
 
 def ours(args, extra=()) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # quiet: just the figure
         summary = train_script.train(compose_cfg(overrides(args) + list(extra)), Path(tmp))
     return summary["images_per_s"]
 

@@ -5,7 +5,7 @@
 
 B_simple = tr(Sigma) / |G|^2 is estimated at every optimizer step from the first micro-batch's gradient and the
 global-batch gradient (engine/diagnostics.py) and smoothed by an EMA; train.py logs it every `logger.every_steps`.
-Writes OUT.png (B_simple against step on a log axis, the run's global batch as a dashed line) and prints, per run,
+Writes OUT.png (B_simple against epoch on a log axis, the run's global batch as a dashed line) and prints, per run,
 the last estimate and the median over the second half of training.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def read_run(run_dir: Path) -> tuple[list[int], list[float], dict]:
         row = json.loads(line)
         v = row.get("noise_scale/b_simple")
         if isinstance(v, (int, float)) and math.isfinite(v):
-            steps.append(row["step"])
+            steps.append(row.get("epoch", row["step"]))
             values.append(float(v))
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -57,7 +57,7 @@ def main() -> None:
         print(f"{run_dir}: B_simple last {values[-1]:.0f}, median over the second half {late:.0f}, "
               f"global batch {batch}")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("epoch (runs at different batches share this axis)")
     ax.set_ylabel("B_simple = tr(Sigma) / |G|^2")
     ax.set_title("gradient noise scale (dashed: the global batch used)")
     ax.grid(alpha=0.3, which="both")
