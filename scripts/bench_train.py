@@ -5,7 +5,7 @@
 Same process, same model architecture, data, batch, optimizer and augmentation; the runs alternate (ours, bare,
 ours, bare) and the best of each counts. "ours" is train.py's train() (plan, logging, checkpoint off,
 evaluation excluded from its images/s, default settings); "bare" is the ten-line loop a user would write by hand.
-Also measures what the diagnostics (trust/update ratios every 10 steps, noise scale every step) cost.
+CPU only (the bare loop is CPU code). Also measures what the diagnostics (trust/update ratios every 10 steps, noise scale every step) cost.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from tests.helpers import compose_cfg  # noqa: E402
 def overrides(args):
     return ["data=synthetic", f"data.train_size={args.batch * args.steps}", "data.test_size=256",
             f"data.image_size={args.image_size}", "data.channels=3", "data.augment=true", "data.crop_padding=4",
-            f"model={args.model}", f"batch={args.batch}", "epochs=1", "warmup=none", "schedule=constant",
+            f"model={args.model}", f"batch={args.batch}", "epochs=1", "warmup=none", "schedule=constant", "device=cpu",
             "logger=none", "checkpoint.enabled=false", "label_smoothing=0", f"threads={args.threads}"]
 
 
