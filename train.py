@@ -69,7 +69,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     optimizer = create_optimizer(o.name.value, param_groups(model, o.weight_decay), lr=plan.peak_lr,
                                  momentum=o.momentum, nesterov=o.nesterov, betas=plan.betas, eps=plan.eps, eta=o.eta,
                                  trust_clip=o.trust_clip, trust_bounds=o.trust_bounds, variant=o.variant,
-                                 bias_correction=o.bias_correction)
+                                 bias_correction=o.bias_correction, lr_in_momentum=o.lr_in_momentum)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision.value == "fp16" else None
     if resume_from is not None:
         optimizer.load_state_dict(resume_from["optimizer"])

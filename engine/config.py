@@ -99,6 +99,7 @@ class OptimConfig:
     trust_clip: bool = False        # lars: LARC clipping, layer LR = min(lr * trust, lr)
     trust_bounds: Optional[list[float]] = None  # lamb: clamp of the trust ratio, [lo, hi]
     variant: str = "paper"          # lars: paper | seed
+    lr_in_momentum: bool = True     # lars: the paper's Algorithm 1 (LR inside the momentum buffer)
     bias_correction: bool = True    # lamb
 
 

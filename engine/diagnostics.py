@@ -64,13 +64,19 @@ def stats(name: str, values: torch.Tensor) -> dict:
             f"{name}/median": float(v.median())}
 
 
-def trust_ratio_stats(optimizer) -> dict:
-    """Summary of the last per-tensor trust ratios of LARS/LAMB over the adapted groups ({} for other optimizers)."""
+def trust_ratios(optimizer) -> torch.Tensor | None:
+    """The last trust ratio of every adapted tensor of LARS/LAMB, as one vector (None for other optimizers).
+    Non-adapted tensors (BN, biases) are left out: their ratio is 1 by definition, not a measurement."""
     ratios = getattr(optimizer, "trust_ratios", None)
     if not ratios:
-        return {}
-    adapted = [r for r, g in zip(ratios, optimizer.param_groups) if r is not None and g.get("adapt", True)]
-    return stats("trust_ratio", torch.cat([r.flatten().cpu() for r in adapted])) if adapted else {}
+        return None
+    return torch.stack([torch.as_tensor(r, dtype=torch.float64).cpu() for r in ratios.values()])
+
+
+def trust_ratio_stats(optimizer) -> dict:
+    """Summary of the last per-tensor trust ratios of LARS/LAMB over the adapted tensors ({} for other optimizers)."""
+    ratios = trust_ratios(optimizer)
+    return {} if ratios is None else stats("trust_ratio", ratios)
 
 
 def update_ratios(before: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:

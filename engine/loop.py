@@ -192,9 +192,8 @@ def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.dev
                 ratios = diag.update_ratios(before, params)
                 logger.log(state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(optimizer)})
                 logger.histogram(state.step, "update_ratio/layers", ratios)
-                if getattr(optimizer, "trust_ratios", None):
-                    logger.histogram(state.step, "trust_ratio/layers",
-                                     torch.cat([r.cpu() for r in optimizer.trust_ratios if r is not None]))
+                if (trust := diag.trust_ratios(optimizer)) is not None:
+                    logger.histogram(state.step, "trust_ratio/layers", trust)
                 del before
             if state.step % cfg.logger.every_steps == 0 or state.step == plan.run_steps:
                 if dist.is_main:

@@ -1,4 +1,5 @@
-"""Pieces shared by LARS and LAMB: weight-decay / adaptation grouping and the trust ratio."""
+"""Pieces shared by LARS and LAMB: weight-decay / adaptation grouping, the trust ratio, and the generic
+behaviour torch's own optimizers have (complex params, maximize, tensor lr, duplicate params)."""
 from __future__ import annotations
 
 import torch
@@ -24,6 +25,62 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """What LARS and LAMB share beyond their math: the trust ratios of the last step, kept per parameter (so
+    ``add_param_group``, deepcopy and pickling need nothing extra: torch pickles only defaults, state and
+    param_groups, and this dict is rebuilt at the next step), and duplicate tensors in a group are an error
+    (torch only warns; a duplicate would take the layer-wise step twice)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError(f"{type(self).__name__}: a parameter group holds the same tensor twice")
+        super().add_param_group(param_group)
+
+    @property
+    def trust_ratios(self) -> dict[torch.Tensor, float | torch.Tensor]:
+        """The last step's trust ratio of every adapted tensor, keyed by the parameter (a Python float from the
+        CPU loop, a 0-d tensor from the foreach kernel: no host sync until someone reads it)."""
+        return self.__dict__.setdefault("_trust_ratios", {})
+
+    def _gather(self, group: dict, init_state) -> tuple[list, list, list]:
+        """Parameters with a gradient, their gradients (negated under ``maximize``) and their state, every tensor
+        viewed as real: torch's optimizers treat a complex tensor as its ``view_as_real``."""
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                init_state(state, p)
+            grad = -p.grad if group["maximize"] else p.grad
+            params.append(p)
+            grads.append(as_real(grad))
+            states.append(state)
+        return params, grads, states
+
+
+def as_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
+def lr_value(lr) -> float:
+    """A group's lr as a float (a tensor lr, as torch's optimizers accept, is read once per group)."""
+    return float(lr)
+
+
+def use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
+    """``foreach=None``: foreach on GPUs; on CPUs the allocation-free loop is faster (bench_optim.py).
+    foreach kernels need one dtype and device per call; mixed groups take the loop."""
+    if foreach is None:
+        foreach = all(p.is_cuda for p in params)
+    same = all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
+    return bool(foreach) and same
+
+
 def trust_ratio(numerator: torch.Tensor, denominator: torch.Tensor, w_norm: torch.Tensor,
                 other_norm: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` elementwise, and exactly 1 where ``w_norm`` or ``other_norm`` is 0.
@@ -41,6 +98,11 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def norm(t: torch.Tensor) -> float:
+    """One tensor's L2 norm as a Python float, accumulated in at least float32."""
+    return float(torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype)))
+
+
 def stacked_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor as one vector (one fused kernel per dtype/device with foreach)."""
-    return torch.stack(torch._foreach_norm(tensors)).to(norm_dtype(tensors[0].dtype))
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors[0].dtype)))

@@ -11,7 +11,7 @@ OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 
 def create_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9, nesterov: bool = False,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, eta: float = 0.001,
-                     trust_clip: bool = False, trust_bounds=None, variant: str = "paper",
+                     trust_clip: bool = False, trust_bounds=None, variant: str = "paper", lr_in_momentum: bool = True,
                      bias_correction: bool = True) -> torch.optim.Optimizer:
     """``groups`` come from ``param_groups()`` and carry their own weight_decay (and ``adapt`` for LARS/LAMB)."""
     if name == "sgd":
@@ -20,7 +20,7 @@ def create_optimizer(name: str, groups: list[dict], *, lr: float, momentum: floa
         return torch.optim.AdamW(_plain(groups), lr=lr, betas=tuple(betas), eps=eps)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta, eps=eps, nesterov=nesterov, trust_clip=trust_clip,
-                    variant=variant)
+                    variant=variant, lr_in_momentum=lr_in_momentum)
     if name == "lamb":
         return LAMB(groups, lr=lr, betas=tuple(betas), eps=eps, bias_correction=bias_correction,
                     trust_bounds=tuple(trust_bounds) if trust_bounds is not None else None)

@@ -13,10 +13,11 @@ The paper's phi (a clamp of ||w||) is the identity here; ``trust_bounds=(lo, hi)
 if you want bounds (gluon-nlp uses 1e-3..10 on phi). There is no hidden gradient clipping: clip with the training
 option ``grad_clip`` (it works for every optimizer).
 
-Per param-group switches: ``adapt=False`` turns the trust ratio off (trust = 1): LAMB becomes AdamW with decoupled
+Like torch's optimizers: ``maximize``, complex tensors (treated as their ``view_as_real``), a tensor ``lr``, ``lr``
+given only in the param groups. Per param-group switches: ``adapt=False`` turns the trust ratio off (trust = 1): LAMB becomes AdamW with decoupled
 decay ``lr * wd * w`` (exactly torch.optim.AdamW; torch.optim.Adam when the group's weight_decay is 0).
 ``param_groups()`` sets it, with weight_decay=0, for tensors with ndim <= 1.
-The last trust ratios are kept in ``optimizer.trust_ratios[group_index]`` (a vector of at least float32, no host sync).
+The last trust ratio of every adapted tensor is in ``optimizer.trust_ratios`` (keyed by parameter, no host sync).
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._helpers import norm_dtype, stacked_norms, trust_ratio
+from ._helpers import LayerwiseOptimizer, as_real, lr_value, norm, norm_dtype, stacked_norms, trust_ratio, use_foreach
 
 
-class LAMB(Optimizer):
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, bias_correction: bool = True,
-                 trust_bounds: tuple[float, float] | None = None, foreach: bool | None = None):
+class LAMB(LayerwiseOptimizer):
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
+                 trust_bounds: tuple[float, float] | None = None, *, maximize: bool = False,
+                 foreach: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"LAMB: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -40,12 +42,18 @@ class LAMB(Optimizer):
             raise ValueError(f"LAMB: eps must be >= 0, got {eps}")
         if not weight_decay >= 0.0:
             raise ValueError(f"LAMB: weight_decay must be >= 0, got {weight_decay}")
-        if trust_bounds is not None and not 0.0 <= trust_bounds[0] <= trust_bounds[1]:
-            raise ValueError(f"LAMB: trust_bounds must be (lo, hi) with 0 <= lo <= hi, got {trust_bounds}")
+        if trust_bounds is not None and not (len(trust_bounds) == 2 and 0.0 <= trust_bounds[0] <= trust_bounds[1]):
+            raise ValueError(f"LAMB: trust_bounds must be [lo, hi] with 0 <= lo <= hi, got {list(trust_bounds)}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, trust_bounds=trust_bounds, adapt=True, foreach=foreach)
+                        bias_correction=bias_correction,
+                        trust_bounds=tuple(trust_bounds) if trust_bounds is not None else None, adapt=True,
+                        maximize=maximize, foreach=foreach, differentiable=False)
         super().__init__(params, defaults)
-        self.trust_ratios: list[torch.Tensor | None] = [None] * len(self.param_groups)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts from before the key existed
+            group.setdefault("maximize", False)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,37 +61,28 @@ class LAMB(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i, group in enumerate(self.param_groups):
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+        for group in self.param_groups:
+            params, grads, states = self._gather(group, _init_state)
             if not params:
                 continue
-            foreach = group["foreach"]
-            if foreach is None:  # foreach wins on GPUs; on CPUs the one-temporary loop is faster (bench_optim.py)
-                foreach = all(p.is_cuda for p in params)
-            same = all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
-            kernel = _lamb_foreach if (foreach and same) else _lamb_single
+            for state in states:
+                state["step"] += 1
+            kernel = _lamb_foreach if use_foreach(group["foreach"], params) else _lamb_single
             b1, b2 = group["betas"]
-            self.trust_ratios[i] = kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=b1,
-                                          beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                          bias_correction=group["bias_correction"],
-                                          trust_bounds=group["trust_bounds"], adapt=group["adapt"])
+            trusts = kernel([as_real(p) for p in params], grads, [as_real(s["exp_avg"]) for s in states],
+                            [as_real(s["exp_avg_sq"]) for s in states], [s["step"] for s in states],
+                            lr=lr_value(group["lr"]), beta1=b1, beta2=b2, eps=group["eps"],
+                            weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                            trust_bounds=group["trust_bounds"], adapt=group["adapt"])
+            if group["adapt"]:
+                self.trust_ratios.update(zip(params, trusts))
         return loss
+
+
+def _init_state(state: dict, p: torch.Tensor) -> None:
+    state["step"] = 0
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _bias_corrections(steps, beta1, beta2, bias_correction):
@@ -111,14 +110,14 @@ def _lamb_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
             r.add_(w, alpha=weight_decay)
         trust = 1.0
         if adapt:
-            w_norm, r_norm = float(w.norm()), float(r.norm())
+            w_norm, r_norm = norm(w), norm(r)
             if w_norm > 0 and r_norm > 0:
                 trust = w_norm / r_norm
                 if trust_bounds is not None:
                     trust = min(max(trust, trust_bounds[0]), trust_bounds[1])
         w.add_(r, alpha=-lr * trust)
         trusts.append(trust)
-    return torch.tensor(trusts, dtype=norm_dtype(params[0].dtype))
+    return trusts
 
 
 def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
@@ -143,4 +142,4 @@ def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, bet
         trust = trust_ratio(_bounded(w_norm / r_norm, trust_bounds), 1.0, w_norm, r_norm)
         torch._foreach_mul_(r, list(trust.to(params[0].dtype).unbind(0)))
     torch._foreach_add_(params, r, alpha=-lr)
-    return trust
+    return list(trust.unbind(0))

@@ -90,7 +90,7 @@ def test_zero_norms_give_trust_one():
     v.grad = torch.zeros_like(v)
     opt = LARS([w, v], lr=0.5, momentum=0.0, weight_decay=0.0)
     opt.step()
-    assert torch.equal(opt.trust_ratios[0], torch.ones(2))
+    assert list(opt.trust_ratios.values()) == [1.0, 1.0]
     torch.testing.assert_close(w.detach(), torch.full((4, 3), -0.5, dtype=torch.float64))  # plain step, trust 1
     torch.testing.assert_close(v.detach(), torch.ones(4, 3, dtype=torch.float64))
 
@@ -175,3 +175,120 @@ def test_bad_arguments_raise_with_the_value():
         LARS(p, lr=1, momentum=1.5)
     with pytest.raises(ValueError, match="variant"):
         LARS(p, lr=1, variant="timm")
+
+
+# --- under a changing LR: the paper's Algorithm 1 (LR inside the buffer) against the torch/timm/apex form ------
+
+LRS = [0.2 * (k + 1) for k in range(10)] + [2.0 * 0.5 ** k for k in range(1, 5)]  # warmup, then a step decay
+
+
+def reference_paper_form(params, grads_per_step, lrs, momentum, wd, eta, eps, nesterov, trust_clip):
+    """arXiv 1708.03888 Algorithm 1, per tensor: v = m*v + lr_t*trust*(g + wd*w); w -= v."""
+    w = [p.detach().clone() for p in params]
+    v = [torch.zeros_like(p) for p in w]
+    for lr, grads in zip(lrs, grads_per_step):
+        for i, g in enumerate(grads):
+            wn, gn = float(w[i].norm()), float(g.norm())
+            trust = eta * wn / (gn + wd * wn + eps) if wn > 0 and gn > 0 else 1.0
+            if trust_clip and wn > 0 and gn > 0:
+                trust = min(trust / lr, 1.0)
+            local = lr * trust * (g + wd * w[i])
+            v[i] = momentum * v[i] + local
+            w[i] = w[i] - (local + momentum * v[i] if nesterov else v[i])
+    return w
+
+
+def reference_timm_lars(params, grads_per_step, lrs, momentum, wd, eta, eps, nesterov, trust_clip):
+    """timm's Lars(always_adapt=True) semantics (timm/optim/lars.py): adapt, then torch SGD with the LR outside."""
+    w = [p.detach().clone() for p in params]
+    buf = [None] * len(w)
+    for lr, grads in zip(lrs, grads_per_step):
+        for i, g in enumerate(grads):
+            wn, gn = w[i].norm(), g.norm()
+            ratio = eta * wn / (gn + wn * wd + eps)
+            ratio = torch.where(wn > 0, torch.where(gn > 0, ratio, 1.0), 1.0)
+            if trust_clip:
+                ratio = torch.minimum(ratio / lr, torch.tensor(1.0, dtype=ratio.dtype))
+            d = (g + wd * w[i]) * ratio
+            buf[i] = d.clone() if buf[i] is None else buf[i] * momentum + d
+            w[i] = w[i] - lr * (d + momentum * buf[i] if nesterov else buf[i])
+    return w
+
+
+def run_with_lrs(params, grads_per_step, lrs, foreach, **kw):
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = LARS(ps, foreach=foreach, **kw)
+    for lr, grads in zip(lrs, grads_per_step):
+        opt.param_groups[0]["lr"] = lr
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+CASES = [(False, 0.0, False), (True, 0.0, False), (False, 5e-3, False), (True, 1e-2, False), (False, 1e-2, True),
+         (True, 1e-2, True)]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("nesterov,wd,trust_clip", CASES)
+def test_paper_form_under_a_changing_lr(foreach, nesterov, wd, trust_clip):
+    params, grads = make_problem(7, steps=len(LRS))
+    hp = dict(momentum=0.9, eta=0.02, eps=1e-8)
+    ours = run_with_lrs(params, grads, LRS, foreach, weight_decay=wd, nesterov=nesterov, trust_clip=trust_clip, **hp)
+    ref = reference_paper_form(params, grads, LRS, wd=wd, nesterov=nesterov, trust_clip=trust_clip, **hp)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("nesterov,wd,trust_clip", CASES)
+def test_torch_form_under_a_changing_lr_is_timm_lars(foreach, nesterov, wd, trust_clip):
+    params, grads = make_problem(8, steps=len(LRS))
+    hp = dict(momentum=0.9, eta=0.02, eps=1e-8)
+    ours = run_with_lrs(params, grads, LRS, foreach, weight_decay=wd, nesterov=nesterov, trust_clip=trust_clip,
+                        lr_in_momentum=False, **hp)
+    ref = reference_timm_lars(params, grads, LRS, wd=wd, nesterov=nesterov, trust_clip=trust_clip, **hp)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_the_two_forms_differ_under_warmup_and_agree_at_constant_lr():
+    params, grads = make_problem(9, steps=10)
+    warm = [0.1 * (k + 1) for k in range(10)]
+    paper = run_with_lrs(params, grads, warm, False, weight_decay=1e-3)
+    torch_form = run_with_lrs(params, grads, warm, False, weight_decay=1e-3, lr_in_momentum=False)
+    assert max(float((a - b).abs().max()) for a, b in zip(paper, torch_form)) > 1e-4
+    const = [0.5] * 10
+    paper = run_with_lrs(params, grads, const, False, weight_decay=1e-3)
+    torch_form = run_with_lrs(params, grads, const, False, weight_decay=1e-3, lr_in_momentum=False)
+    for a, b in zip(paper, torch_form):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lr_in_momentum", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_unadapted_groups_under_a_changing_lr(lr_in_momentum, nesterov):
+    """adapt=False: the torch form is torch.optim.SGD exactly; the paper form is SGD with the LR in the buffer."""
+    params, grads = make_problem(10, steps=len(LRS))
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = LARS([{"params": ps, "adapt": False}], momentum=0.9, weight_decay=1e-3, nesterov=nesterov,
+               lr_in_momentum=lr_in_momentum)
+    twins = [torch.nn.Parameter(p.clone()) for p in params]
+    sgd = torch.optim.SGD(twins, lr=1.0, momentum=0.9, weight_decay=0.0 if lr_in_momentum else 1e-3,
+                          nesterov=nesterov)
+    for lr, gs in zip(LRS, grads):
+        opt.param_groups[0]["lr"] = lr
+        if lr_in_momentum:  # SGD at lr 1 on the LR-scaled, decayed gradient is the paper's form
+            for t, g in zip(twins, gs):
+                t.grad = lr * (g + 1e-3 * t.detach())
+        else:
+            sgd.param_groups[0]["lr"] = lr
+            for t, g in zip(twins, gs):
+                t.grad = g.clone()
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+        sgd.step()
+    for a, b in zip(ps, twins):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-11, atol=1e-12)
