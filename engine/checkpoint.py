@@ -1,16 +1,97 @@
-"""Checkpoints written atomically: a temporary file in the same folder, fsync, then rename over the old one.
+"""The one owner of run state: what a checkpoint holds, the only code that writes and restores it.
 
-A kill at any moment leaves either the previous complete ``last.pt`` or the new one, never a torn file.
+A checkpoint carries a format version and the run's identity (global batch, seed, optimizer, model, dataset);
+a resume with another identity, or from another format, is refused with one line before anything is written.
+Files are written atomically: a temporary file in the same folder, fsync, then rename over the old one, so a kill
+at any moment leaves either the previous complete ``last.pt`` or the new one, never a torn file.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError
+from .diagnostics import NoiseScale
+
+FORMAT = 2
+# What a resume must keep: the data order is a function of (seed, batch), and the rest is the run itself.
+# micro_batch, the number of ranks, threads, the logger and max_steps may change.
+IDENTITY = ("global_batch", "seed", "optimizer", "model", "dataset")
+
+
+def identity(cfg) -> dict:
+    return {"global_batch": cfg.batch, "seed": cfg.seed, "optimizer": cfg.optim.target, "model": cfg.model.name,
+            "dataset": cfg.data.name}
+
+
+@dataclass
+class RunState:
+    """Everything about a run that is not the model's or optimizer's own state."""
+    step: int = 0               # optimizer steps done
+    images: int = 0             # training images seen, over the whole run (all ranks, all resumes)
+    train_time: float = 0.0     # seconds in training steps of this process (evaluation excluded)
+    steps_this_process: int = 0
+    train_loss: float = math.nan
+    diverged: bool = False
+    stopped_by: str | None = None  # a signal's name when preempted
+    last_eval: dict = field(default_factory=dict)
+    last_eval_step: int = -1
+    noise_scale: NoiseScale = field(default_factory=NoiseScale)
+    wandb_id: str | None = None
+
+    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int) -> None:
+        raw = getattr(model, "module", model)
+        raw = getattr(raw, "_orig_mod", raw)
+        save_atomic({"format": FORMAT, "identity": identity(cfg), "model": raw.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
+                     "epoch": epoch, "images": self.images, "rng": rng_state(),
+                     "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id}, path)
+
+    def restore(self, ckpt: dict, *, model, optimizer, scaler) -> None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step, self.images = ckpt["step"], ckpt["images"]
+        self.noise_scale.load_state_dict(ckpt["noise_scale"])
+        self.wandb_id = ckpt.get("wandb_id")
+
+
+def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:
+    """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
+    holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.resume is None:
+        if last.exists():
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt): pass resume=auto to continue "
+                              f"it, or choose another hydra.run.dir")
+        return None
+    path = last if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not last.exists():
+        return None
+    ckpt = load(path)
+    check_resumable(ckpt, cfg, path)
+    return ckpt, path
+
+
+def check_resumable(ckpt: dict, cfg, path) -> None:
+    """Refuse, with one line naming the setting and both values, a resume that would continue a different run."""
+    if ckpt.get("format") != FORMAT:
+        raise ConfigError(f"resume={path}: checkpoint format {ckpt.get('format', 1)} is not this version's "
+                          f"({FORMAT}) and cannot be continued: start a new run, or resume with the version "
+                          f"that wrote it")
+    for key, now in identity(cfg).items():
+        then = ckpt["identity"][key]
+        if then != now:
+            setting = {"global_batch": "batch", "optimizer": "optim", "model": "model", "dataset": "data"}.get(key, key)
+            raise ConfigError(f"resume={path}: {setting} was {then} in the checkpoint and is {now} now; a resume "
+                              f"keeps {', '.join(IDENTITY)} (micro_batch, ranks, threads, logger and max_steps may "
+                              f"change): start a new run dir to change it")
 
 
 def rng_state() -> dict:
@@ -30,11 +111,15 @@ def set_rng_state(state: dict) -> None:
 def save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill mid-write leaves no partial file behind
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -2,15 +2,17 @@
 before any run dir exists, so nothing is created or overwritten."""
 from __future__ import annotations
 
+import difflib
 import itertools
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, reject_unknown_keys, validate_values
+from .config import ConfigError, load_config
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from .compose import CONF_DIR
 MAX_CHECKED_JOBS = 256
 
 
@@ -19,9 +21,35 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def group_options(group: str) -> list[str]:
-    folder = CONF_DIR / group
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    folder = conf_dir / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+_NOT_IN_STRUCT = re.compile(r"Could not override '([\w.]+)'")
+
+
+def _unknown_key(exc: Exception, overrides: list[str]) -> str | None:
+    """Hydra's 'Could not override X ... not in struct' as one line, with a did-you-mean from the keys the
+    selected options do have."""
+    m = _NOT_IN_STRUCT.search(str(exc))
+    if m is None:
+        return None
+    key = m.group(1)
+    parent, _, leaf = key.rpartition(".")
+    from hydra import compose
+    try:
+        cfg = compose("config", overrides=[o for o in overrides if not o.startswith(f"{key}=")])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = [str(k) for k in node.keys()] if node is not None else []
+    except Exception:
+        known = []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
+    where = f"'{parent}' as selected" if parent else "the config"
+    advice = (f"a keyword of the optimizer class that its file lacks is added with +{key}=VALUE"
+              if parent == "optim" else "the settings of each option are the keys of its file in conf/")
+    return f"{key} is not a setting of {where}{hint}: {advice}"
 
 
 def condense(exc: Exception) -> str:
@@ -61,27 +89,31 @@ def _jobs(args: list[str]) -> list[list[str]] | None:
     return [list(j) for j in jobs]
 
 
-def _check_group_options(args: list[str]) -> None:
+def _check_group_options(args: list[str], conf_dir: Path) -> None:
     for a in args:
         key, _, value = a.partition("=")
         key = key.lstrip("+~")
-        if "." in key or not value or not (CONF_DIR / key).is_dir():
+        if "." in key or not value or not (conf_dir / key).is_dir():
             continue
+        options = group_options(key, conf_dir)
         for v in value.split(","):
-            if v not in group_options(key) and v != "null":
-                fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(group_options(key))}")
+            if v not in options and v != "null":
+                fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(options)}")
 
 
-def preflight(argv: list[str], check_files: bool = True) -> None:
+def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> None:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
     with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither)."""
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version",
                  "--shell-completion", "-sc") or a.startswith("--cfg") for a in argv):
         return
     args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    _check_group_options(args)
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    if any(a in ("-m", "--multirun") for a in argv):
+        run_dir = None  # each job's folder is decided by the sweep
+    _check_group_options(args, conf_dir)
     from hydra import compose, initialize_config_dir
-    from . import checkpoint
+    from .checkpoint import to_resume
     from .data import check_data_available, train_size_of
     from .distributed import env_world_size, resolve_device
     from .plan import make_plan
@@ -91,21 +123,18 @@ def preflight(argv: list[str], check_files: bool = True) -> None:
         fail(condense(e))
     if jobs is None:
         return
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
         for overrides in jobs:
             try:
-                cfg = compose("config", overrides=overrides)
-                reject_unknown_keys(cfg)
-                cfg = OmegaConf.to_object(cfg)
-                validate_values(cfg)
+                cfg = load_config(compose("config", overrides=overrides))
                 make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 if not check_files:
                     continue
-                resolve_device(cfg.device.value)
+                resolve_device(cfg.device)
                 check_data_available(cfg.data)
-                if cfg.resume not in (None, "auto"):
-                    checkpoint.load(Path(cfg.resume))  # a missing or corrupt file fails here, not in a run dir
+                if run_dir is not None or cfg.resume not in (None, "auto"):
+                    to_resume(cfg, Path(run_dir or "."))  # refusals happen here, before Hydra writes .hydra/
             except ConfigError as e:
                 fail(str(e) + (f" [job: {' '.join(overrides)}]" if len(jobs) > 1 else ""))
             except Exception as e:
-                fail(condense(e))
+                fail(_unknown_key(e, overrides) or condense(e))

@@ -1,232 +1,202 @@
-"""Typed config schema (Hydra structured configs) and the checks that run before any work starts.
+"""The settings' types and allowed ranges, checked over the composed config before any work starts.
 
-The dataclasses mirror conf/: Hydra merges each group's YAML into them, so a misspelt key or a wrong type fails at
-composition. Value ranges and cross-field rules (batch divisibility, warmup shorter than the run) are checked by
-``validate()``, which raises ``ConfigError`` with one line naming the value and what is allowed.
+The YAML files under conf/ hold every default; this module holds none of them. It declares, next to each setting,
+its type and range (pydantic field constraints), so a setting cannot be added without one. Names of options come
+from the code that implements them (the registries ``optim.WARMUPS``, ``optim.DECAYS``, ``optim.RULES``,
+``engine.models.MODELS``, ``engine.data.DATASETS``) and from conf/'s file names, which a test keeps equal.
+A setting an option does not use is None here ("not set by this option"), never a second default.
+
+The optimizer group is the constructor: ``_target_`` names any ``torch.optim.Optimizer`` class and every key other
+than the plan's (``lr`` at ``ref_batch``, ``weight_decay``) is a keyword of that class, checked by building it.
 """
 from __future__ import annotations
 
-import enum
-import math
+import difflib
 import re
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from optim import DECAYS, RULES, WARMUPS
 
 
 class ConfigError(ValueError):
     """Invalid user input; the message is one line: what was wrong and what is allowed."""
 
 
-class OptimName(enum.Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-    lars = "lars"
-    lamb = "lamb"
+Pos = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Unit = Annotated[float, Field(ge=0, le=1)]          # a fraction, ends included
+UnitOpen = Annotated[float, Field(ge=0, lt=1)]      # momentum-like: 1 excluded
 
 
-class WarmupName(enum.Enum):
-    none = "none"
-    constant = "constant"
-    linear = "linear"
-    exponential = "exponential"
-    cosine = "cosine"
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
 
 
-class ScheduleName(enum.Enum):
-    constant = "constant"
-    cosine = "cosine"
-    step = "step"
-    poly = "poly"
-    inverse_sqrt = "inverse_sqrt"
-    onecycle = "onecycle"
+def _one_of(group: str, value: str, options) -> str:
+    if value not in options:
+        raise ValueError(f"{group}={value!r} is not an option: choose one of {', '.join(options)}")
+    return value
 
 
-class ScalingRule(enum.Enum):
-    none = "none"
-    linear = "linear"
-    sqrt = "sqrt"
-    adam_sde = "adam_sde"
+class OptimConfig(BaseModel):
+    """``_target_`` plus the plan's keys; the other keys (``model_extra``) go to the constructor."""
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    target: str = Field(alias="_target_", min_length=1)
+    lr: PosFloat                                   # base LR at ref_batch (or the global LR under scaling=none)
+    ref_batch: Pos = 256                           # SPEC: optional in an optimizer file
+    weight_decay: NonNegFloat = 0.0                # SPEC: optional; on tensors with ndim > 1 only
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.model_extra or {})
 
 
-class DataName(enum.Enum):
-    fashion_mnist = "fashion_mnist"
-    cifar10 = "cifar10"
-    cifar100 = "cifar100"
-    imagenet = "imagenet"
-    synthetic = "synthetic"
+class WarmupConfig(Group):
+    name: str
+    epochs: Optional[NonNegFloat] = None           # length in epochs (fractions allowed) ...
+    steps: Optional[NonNeg] = None                 # ... or in optimizer steps (wins when both are set)
+    start_factor: Optional[Unit] = None            # linear: LR at the start as a fraction of the peak
+    start_at_ref_lr: Optional[bool] = None         # linear starts at / constant stays at the unscaled base LR
+    factor: Optional[Annotated[float, Field(gt=0, le=1)]] = None  # constant: the flat fraction of the peak
+    ratio: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None  # exponential: starts at peak/r
+    scale_with_batch: Optional[bool] = None        # lengthen the warmup by batch / ref_batch (MLPerf LARS)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return _one_of("warmup", v, WARMUPS)
 
 
-class ModelName(enum.Enum):
-    resnet_small = "resnet_small"
-    resnet18 = "resnet18"
-    resnet50 = "resnet50"
-    vit_tiny = "vit_tiny"
-    vit_small = "vit_small"
-    vit_b16 = "vit_b16"
+class ScheduleConfig(Group):
+    name: str
+    min_factor: Optional[Unit] = None              # cosine/poly floor as a fraction of the peak
+    milestones: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = None  # step: fractions of the run ...
+    milestone_epochs: Optional[list[PosFloat]] = None  # ... or epochs (wins when set)
+    gamma: Optional[Annotated[float, Field(gt=0, le=1)]] = None
+    power: Optional[PosFloat] = None
+    pct_start: Optional[Annotated[float, Field(gt=0, lt=1)]] = None
+    div_factor: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None
+    final_div_factor: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None
+    cycle_momentum: Optional[bool] = None
+    base_momentum: Optional[UnitOpen] = None
+    max_momentum: Optional[UnitOpen] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return _one_of("schedule", v, DECAYS)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        for key in ("milestones", "milestone_epochs"):
+            v = getattr(self, key)
+            if v is not None and list(v) != sorted(v):
+                raise ValueError(f"schedule.{key}={list(v)} must be increasing")
+        if self.base_momentum is not None and self.max_momentum is not None and self.base_momentum > self.max_momentum:
+            raise ValueError(f"schedule.base_momentum={self.base_momentum} must be <= schedule.max_momentum="
+                             f"{self.max_momentum}")
+        return self
 
 
-class LoggerName(enum.Enum):
-    wandb = "wandb"
-    csv = "csv"
-    none = "none"
+class ScalingConfig(Group):
+    rule: str
+    ref_batch: Pos
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v):
+        return _one_of("scaling", v, RULES)
 
 
-class Device(enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+class ModelConfig(Group):
+    name: str
+    width: Optional[Pos] = None                    # resnet_small: channels of the first stage
+    zero_init_residual: Optional[bool] = None
+    sync_bn: Optional[bool] = None
+    patch_size: Optional[Pos] = None               # ViT: null = 4 for images <= 64 px, else 16
+    dropout: Optional[UnitOpen] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        from .models import MODELS
+        return _one_of("model", v, MODELS)
 
 
-class Precision(enum.Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-@dataclass
-class OptimConfig:
-    name: OptimName = OptimName.sgd
-    lr: float = 0.1                 # base LR at the reference batch (scaling.ref_batch); the rule scales it
-    ref_batch: int = 256            # the batch `lr` was tuned at; scaling.ref_batch defaults to it
-    weight_decay: float = 0.0       # on tensors with ndim > 1 only (biases and norm layers get none)
-    momentum: float = 0.9           # sgd, lars
-    nesterov: bool = False          # sgd, lars
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
-    eps: float = 1e-8
-    eta: float = 0.001              # lars trust coefficient
-    trust_clip: bool = False        # lars: LARC clipping, layer LR = min(lr * trust, lr)
-    trust_bounds: Optional[list[float]] = None  # lamb: clamp of the trust ratio, [lo, hi]
-    variant: str = "paper"          # lars: paper | seed
-    lr_in_momentum: bool = True     # lars: the paper's Algorithm 1 (LR inside the momentum buffer)
-    bias_correction: bool = True    # lamb
-
-
-@dataclass
-class WarmupConfig:
-    name: WarmupName = WarmupName.linear
-    epochs: Optional[float] = None  # length in epochs (fractions allowed) ...
-    steps: Optional[int] = None     # ... or in optimizer steps; steps wins when both are set
-    start_factor: float = 0.0       # linear: LR at step 0 as a fraction of the peak
-    start_at_ref_lr: bool = False   # linear starts at / constant stays at the unscaled base LR (Goyal et al.)
-    factor: float = 0.1             # constant: the flat fraction of the peak
-    ratio: float = 100.0            # exponential: r, the LR starts at peak / r
-    scale_with_batch: bool = False  # lengthen the warmup (in epochs) by batch / ref_batch, as MLPerf LARS runs do
-
-
-@dataclass
-class ScheduleConfig:
-    name: ScheduleName = ScheduleName.cosine
-    min_factor: float = 0.0         # cosine/poly floor as a fraction of the peak LR
-    milestones: Optional[list[float]] = None  # step: fractions of the run (0..1) ...
-    milestone_epochs: Optional[list[float]] = None  # ... or epochs (wins when set)
-    gamma: float = 0.1
-    power: float = 2.0
-    pct_start: float = 0.3
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
-    cycle_momentum: bool = False    # onecycle: momentum / beta1 from max_momentum down to base_momentum and back
-    base_momentum: float = 0.85
-    max_momentum: float = 0.95
-
-
-@dataclass
-class ScalingConfig:
-    rule: ScalingRule = ScalingRule.linear
-    ref_batch: int = 256
-
-
-@dataclass
-class ModelConfig:
-    name: ModelName = ModelName.resnet_small
-    width: int = 16                 # resnet_small: channels of the first stage (x2 per stage)
-    zero_init_residual: bool = True  # last BN gamma of each residual block = 0 (Goyal et al. 2017)
-    sync_bn: bool = False           # SyncBatchNorm under DDP
-    patch_size: Optional[int] = None  # ViT: null = 4 for images <= 64 px, else 16
-    dropout: float = 0.0
-
-
-@dataclass
-class DataConfig:
-    name: DataName = DataName.fashion_mnist
+class DataConfig(Group):
+    name: str
     root: Optional[str] = None
-    augment: bool = True            # random crop with padding + horizontal flip, per batch on the device
-    crop_padding: int = 2
-    hflip: bool = True
-    num_workers: int = 4            # imagenet only: DataLoader workers
-    # synthetic only
-    train_size: int = 4096
-    test_size: int = 1024
-    image_size: int = 28
-    channels: int = 1
-    num_classes: int = 10
+    augment: Optional[bool] = None                 # random crop with padding + flip, per batch on the device
+    crop_padding: Optional[NonNeg] = None
+    hflip: Optional[bool] = None
+    num_workers: Optional[NonNeg] = None           # imagenet: DataLoader workers
+    train_size: Optional[Pos] = None               # synthetic only
+    test_size: Optional[Pos] = None
+    image_size: Optional[Annotated[int, Field(ge=4)]] = None
+    channels: Optional[Pos] = None
+    num_classes: Optional[Annotated[int, Field(ge=2)]] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        from .data import DATASETS
+        return _one_of("data", v, DATASETS)
 
 
-@dataclass
-class LoggerConfig:
-    name: LoggerName = LoggerName.wandb
-    mode: str = "offline"           # wandb: offline | online | disabled
-    project: str = "large-batch"
+class LoggerConfig(Group):
+    name: Literal["wandb", "csv", "none"]
+    every_steps: Pos                               # train metrics every N optimizer steps
+    mode: Optional[Literal["offline", "online", "disabled"]] = None  # wandb
+    project: Optional[str] = None
     group: Optional[str] = None
-    every_steps: int = 10           # log train metrics every N optimizer steps
 
 
-@dataclass
-class CheckpointConfig:
-    enabled: bool = True
-    every_steps: Optional[int] = None  # null = at epoch ends only
+class CheckpointConfig(Group):
+    enabled: bool
+    every_steps: Optional[Pos] = None              # null = at epoch ends only
 
 
-@dataclass
-class DiagnosticsConfig:
-    every: int = 50                 # log trust ratios and update ratios every N optimizer steps; 0 = off
-    noise_scale: bool = True        # gradient noise scale from micro-batch vs global gradients (needs accum >= 2)
-    noise_ema: float = 0.99         # EMA decay of the noise-scale estimates (each step's estimate is very noisy)
+class DiagnosticsConfig(Group):
+    every: NonNeg                                  # trust / update ratios every N steps; 0 = off
+    noise_scale: bool
+    noise_ema: UnitOpen
 
 
-@dataclass
-class Config:
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    recipe: Optional[Any] = None    # the selected recipe file's name lands here only as a record
-    hparams_search: Optional[Any] = None
-    batch: Any = 256                # global batch: 256, 4k (= 4096), 32k, 32768
-    micro_batch: Optional[int] = None
-    seed: int = 0
-    epochs: float = 10
-    max_steps: Optional[int] = None
-    label_smoothing: float = 0.0
-    device: Device = Device.auto
-    precision: Precision = Precision.fp32
-    compile: bool = False
-    channels_last: bool = False
-    grad_clip: Optional[float] = None
+class Config(Group):
+    optim: OptimConfig
+    warmup: WarmupConfig
+    schedule: ScheduleConfig
+    scaling: ScalingConfig
+    model: ModelConfig
+    data: DataConfig
+    logger: LoggerConfig
+    checkpoint: CheckpointConfig
+    diagnostics: DiagnosticsConfig
+    recipe: Any = None                             # the selected recipe's name lands here only as a record
+    hparams_search: Any = None
+    batch: int                                     # the global batch, parsed from 256 / 4k / 32k
+    micro_batch: Optional[Pos] = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)]
+    epochs: PosFloat
+    max_steps: Optional[Pos] = None
+    label_smoothing: UnitOpen
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["fp32", "bf16", "fp16"]
+    compile: bool
+    channels_last: bool
+    grad_clip: Optional[PosFloat] = None
     resume: Optional[str] = None
-    threads: Optional[int] = None   # CPU threads (null = all cores)
+    threads: Optional[Pos] = None
 
-
-def register_schema() -> None:
-    ConfigStore.instance().store(name="schema", node=Config)
-
-
-def reject_unknown_keys(cfg) -> None:
-    """``+key=value`` adds keys that the schema lacks (Hydra opens the struct for it); a typo there would be
-    silently ignored, so every key must be one the schema knows."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
-    try:
-        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
-    except ConfigKeyError as e:
-        raise ConfigError(f"{e.full_key} is not a setting of this project: check the spelling against conf/ "
-                          f"(python train.py --cfg job prints every setting)") from None
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch(cls, v):
+        return parse_batch(v)
 
 
 _BATCH = re.compile(r"^\s*([0-9]+)\s*([kK]?)\s*$")
@@ -241,50 +211,33 @@ def parse_batch(value: Any) -> int:
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if value is None or not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{name}={value} is invalid: it must be {'>= 0' if allow_zero else '> 0'}")
+def load_config(cfg) -> Config:
+    """The composed Hydra config, typed and range-checked; the first problem becomes one ConfigError line."""
+    data = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    data.pop("hydra", None)
+    try:
+        return Config.model_validate(data)
+    except ConfigError:
+        raise
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, data)) from None
 
 
-def validate_values(cfg) -> None:
-    """Range checks that need no data sizes (the plan checks the rest)."""
-    _positive("optim.lr", cfg.optim.lr)
-    _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _positive("optim.eps", cfg.optim.eps, allow_zero=True)
-    _positive("optim.eta", cfg.optim.eta)
-    _positive("epochs", cfg.epochs)
-    _positive("scaling.ref_batch", cfg.scaling.ref_batch)
-    if not 0 <= cfg.optim.momentum < 1:
-        raise ConfigError(f"optim.momentum={cfg.optim.momentum} is invalid: it must be in [0, 1)")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} is invalid: two values in [0, 1)")
-    if cfg.optim.variant not in ("paper", "seed"):
-        raise ConfigError(f"optim.variant={cfg.optim.variant!r} is invalid: use paper or seed")
-    sc = cfg.schedule
-    if not 0 <= sc.base_momentum <= sc.max_momentum < 1:
-        raise ConfigError(f"schedule.base_momentum={sc.base_momentum}, schedule.max_momentum={sc.max_momentum} are "
-                          f"invalid: they need 0 <= base_momentum <= max_momentum < 1")
-    if cfg.max_steps is not None:
-        _positive("max_steps", cfg.max_steps)
-    if cfg.threads is not None:
-        _positive("threads", cfg.threads)
-    if cfg.micro_batch is not None:
-        _positive("micro_batch", cfg.micro_batch)
-    if cfg.grad_clip is not None:
-        _positive("grad_clip", cfg.grad_clip)
-    if cfg.checkpoint.every_steps is not None:
-        _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
-    if cfg.warmup.epochs is not None:
-        _positive("warmup.epochs", cfg.warmup.epochs, allow_zero=True)
-    if cfg.warmup.steps is not None:
-        _positive("warmup.steps", cfg.warmup.steps, allow_zero=True)
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ConfigError(f"label_smoothing={cfg.label_smoothing} is invalid: it must be in [0, 1)")
-    if cfg.logger.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid: use offline, online or disabled")
-    _positive("logger.every_steps", cfg.logger.every_steps)
-    _positive("diagnostics.every", cfg.diagnostics.every, allow_zero=True)
-    if not 0 <= cfg.diagnostics.noise_ema < 1:
-        raise ConfigError(f"diagnostics.noise_ema={cfg.diagnostics.noise_ema} is invalid: it must be in [0, 1)")
-    parse_batch(cfg.batch)
+def _one_line(e: ValidationError, data: dict) -> str:
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent = data
+        for p in loc[:-1]:
+            parent = parent.get(p, {}) if isinstance(parent, dict) else {}
+        known = list(parent) if isinstance(parent, dict) else []
+        close = difflib.get_close_matches(loc[-1], [k for k in known if k != loc[-1]], n=1)
+        hint = f" (did you mean {'.'.join(loc[:-1] + close)}?)" if close else ""
+        return f"{key} is not a setting of this project{hint}: check the spelling against conf/"
+    if err["type"] == "missing":
+        return f"{key} is missing: the option's YAML file must set it"
+    msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(tuple(f"{k}=" for k in ("warmup", "schedule", "scaling", "model", "data", "schedule."))):
+        return msg
+    return f"{key}={err.get('input')!r} is invalid: {msg[0].lower()}{msg[1:]}"

@@ -11,6 +11,7 @@ a pure function of (seed, step) drawn for the whole global batch, then sliced: s
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -213,20 +214,32 @@ def make_synthetic(train_size: int, test_size: int, image_size: int, channels: i
                       std=(0.3,) * channels, source="synthetic")
 
 
+# The dataset registry: name -> (loader, training-set size without loading). Adding a dataset is an entry here
+# and a conf/data/NAME.yaml (a test keeps them equal).
+def _disk(name):
+    def load(cfg_data):
+        from . import datasets_disk  # CIFAR / ImageNet readers
+        return datasets_disk.load(name, cfg_data)
+    return load
+
+
+DATASETS = {
+    "fashion_mnist": (lambda c: load_fashion_mnist(c.root), lambda c: 60_000),
+    "cifar10": (_disk("cifar10"), lambda c: 50_000),
+    "cifar100": (_disk("cifar100"), lambda c: 50_000),
+    "imagenet": (_disk("imagenet"), lambda c: 1_281_167),
+    "synthetic": (lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, c.channels, c.num_classes),
+                  lambda c: c.train_size),
+}
+
+
 def load_data(cfg_data) -> TensorData:
-    name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)
-    if name == "fashion_mnist":
-        return load_fashion_mnist(cfg_data.root)
-    if name == "synthetic":
-        return make_synthetic(cfg_data.train_size, cfg_data.test_size, cfg_data.image_size, cfg_data.channels,
-                              cfg_data.num_classes)
-    from . import datasets_disk  # CIFAR / ImageNet readers
-    return datasets_disk.load(name, cfg_data)
+    return DATASETS[cfg_data.name][0](cfg_data)
 
 
 def check_data_available(cfg_data) -> None:
     """Cheap presence check (no reading) so a missing dataset is reported before any run dir exists."""
-    name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)
+    name = cfg_data.name
     if name == "fashion_mnist" and cfg_data.root is not None and _find_idx(Path(cfg_data.root)) is None:
         load_fashion_mnist(cfg_data.root)  # raises the one-line error
     if name in ("cifar10", "cifar100", "imagenet"):
@@ -236,6 +249,22 @@ def check_data_available(cfg_data) -> None:
 
 def train_size_of(cfg_data) -> int:
     """Training-set size without loading the data, for the plan and the schedule preview."""
-    name = cfg_data.name.value if hasattr(cfg_data.name, "value") else str(cfg_data.name)
-    return {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167,
-            "synthetic": cfg_data.train_size}[name]
+    return DATASETS[cfg_data.name][1](cfg_data)
+
+
+def training_steps(data, plan, cfg, rank: int, device, start_step: int):
+    """``(epoch, step, micro_batches)`` for every optimizer step from ``start_step`` to the run's last.
+
+    ``micro_batches`` yields this rank's ``accum_steps`` (x, y) pairs of that step, normalised, augmented (a pure
+    function of (seed, step)) and in the memory format the model wants: the loop sees only ready tensors.
+    """
+    augment = Augment(cfg.data.crop_padding or 0, bool(cfg.data.hflip)) if cfg.data.augment else None
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    step = start_step
+    while step < plan.run_steps:
+        epoch, first = divmod(step, plan.steps_per_epoch)
+        stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device)
+        for step in range(step, min((epoch + 1) * plan.steps_per_epoch, plan.run_steps)):
+            yield epoch, step, ((x.contiguous(memory_format=memory_format), y)
+                                for x, y in itertools.islice(stream, plan.accum_steps))
+        step += 1

@@ -17,9 +17,10 @@ import math
 import torch
 
 
-def sq_norm(tensors) -> float:
+def sq_norm(tensors) -> torch.Tensor:
+    """Squared L2 norm of all tensors together, as a float64 tensor on their device (no host sync)."""
     ts = [t for t in tensors if t is not None]
-    return float(torch.stack(torch._foreach_norm(ts)).double().pow(2).sum()) if ts else 0.0
+    return torch.stack(torch._foreach_norm(ts)).double().pow(2).sum()
 
 
 class NoiseScale:

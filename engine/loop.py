@@ -1,11 +1,14 @@
-"""The training loop: global batches split into micro-batches (and ranks), one optimizer step per global batch.
+"""The training loop: one optimizer step per global batch, accumulated over micro-batches (and ranks).
 
-Per optimizer step t (the only unit every schedule, log and checkpoint counts in):
-  1. the global batch t is fixed by (seed, batch) alone; this rank takes its contiguous slice;
-  2. each micro-batch's loss is scaled by 1/accum_steps and back-propagated (DDP all-reduces, averaging over ranks,
-     only on the last micro-batch: ``no_sync``), so the gradient is the exact mean over the global batch;
-  3. the LR for step t is set from the schedule, gradients are unscaled (fp16), optionally clipped, checked for
-     NaN/inf, and the optimizer steps.
+Per optimizer step (the only unit every schedule, log and checkpoint counts in):
+  1. the data code hands over this rank's micro-batches of the step, ready (a pure function of seed, batch, step);
+  2. each micro-batch's loss is scaled by 1/accum_steps and back-propagated; DDP all-reduces (averaging over
+     ranks) only on the last micro-batch (``no_sync``), so the gradient is the exact mean over the global batch;
+  3. the LR for the step is set from the schedule, gradients are unscaled (fp16), their norm taken, optionally
+     clipped; loss, norm (and the noise scale's small-batch norm) are read to the host together: the one host
+     sync of the step, which is also the finiteness check; then the optimizer steps;
+  4. the per-step duties: log, layer diagnostics, evaluate and checkpoint at epoch ends or every N steps, stop
+     cleanly on SIGTERM / SIGINT.
 BatchNorm statistics are per micro-batch ("ghost batch", as Goyal et al.'s 32 images per worker).
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,23 +25,170 @@ import torch.nn.functional as F
 
 from optim import apply_lr
 
-from . import checkpoint as ckpt
 from . import diagnostics as diag
-from .data import Augment
+from .checkpoint import RunState
+from .data import training_steps
 from .distributed import DistContext, all_reduce_sum
 
 
 @dataclass
-class LoopState:
-    step: int = 0               # optimizer steps done
-    images: int = 0             # training images processed by all ranks in this process's lifetime
-    train_time: float = 0.0     # seconds spent in training steps (evaluation excluded)
-    train_loss: float = math.nan
-    diverged: bool = False
-    stopped_by: str | None = None  # a signal's name when preempted
-    last_eval: dict = field(default_factory=dict)
-    last_eval_step: int = -1
-    noise_scale: diag.NoiseScale = field(default_factory=diag.NoiseScale)
+class Run:
+    """What the loop works on, built by train.py."""
+    model: torch.nn.Module          # possibly DDP- and compile-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler    # enabled only for fp16
+    data: object
+    plan: object
+    cfg: object
+    device: torch.device
+    dist: DistContext
+    logger: object
+    progress: object
+    state: RunState
+    run_dir: Path
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def fit(run: Run) -> RunState:
+    plan, state = run.plan, run.state
+    with StopFlag() as stop:
+        for epoch, step, micro_batches in training_steps(run.data, plan, run.cfg, run.dist.rank, run.device,
+                                                         state.step):
+            t0 = time.perf_counter()
+            inspect = _inspecting(run, step)
+            before = [p.detach().clone() for p in run.params] if inspect else None
+            lr = plan.schedule(step)
+            stats = train_step(run, micro_batches, lr, plan.schedule.momentum(step))
+            if stats is None:  # diverged: the weights are those before this step
+                break
+            state.step += 1
+            state.steps_this_process += 1
+            state.images += plan.global_batch
+            state.train_time += time.perf_counter() - t0
+            state.train_loss = stats["loss"]
+            log_step(run, stats, lr, time.perf_counter() - t0)
+            if inspect:
+                log_layers(run, before)
+            end_of_epoch = state.step % plan.steps_per_epoch == 0
+            if end_of_epoch or state.step == plan.run_steps:
+                run_eval(run)
+            if end_of_epoch or _every(run.cfg.checkpoint.every_steps, state.step) or state.step == plan.run_steps:
+                save(run, epoch + end_of_epoch)
+            if stop.signal_name is not None:
+                preempt(run, stop.signal_name, epoch + end_of_epoch)
+                break
+    return state
+
+
+def train_step(run: Run, micro_batches, lr: float, momentum: float | None) -> dict | None:
+    """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
+    numbers, or None when the loss or gradient is not finite (the optimizer does not step then)."""
+    plan, model, params = run.plan, run.model, run.params
+    track_noise = run.cfg.diagnostics.noise_scale and plan.accum_steps > 1 and not run.scaler.is_enabled()
+    loss_sum = torch.zeros((), device=run.device)
+    small_sq = torch.zeros((), device=run.device, dtype=torch.float64)
+    for k, (x, y) in enumerate(micro_batches):
+        last = k == plan.accum_steps - 1
+        with contextlib.nullcontext() if (last or not run.dist.enabled) else model.no_sync():
+            with autocast(run.device, run.cfg.precision):
+                loss = F.cross_entropy(model(x), y, label_smoothing=run.cfg.label_smoothing)
+            scaled = loss / plan.accum_steps
+            run.scaler.scale(scaled).backward()
+        loss_sum += scaled.detach().float()
+        if track_noise and k == 0:  # this rank's first micro-batch alone: the small-batch gradient
+            small_sq = diag.sq_norm(p.grad for p in params) * plan.accum_steps ** 2
+    apply_lr(run.optimizer, lr, momentum)
+    run.scaler.unscale_(run.optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
+    gnorm = grad_norm(params)
+    if run.cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
+    loss_mean = all_reduce_sum(loss_sum) / run.dist.world_size
+    loss, gnorm_value, small = torch.stack([loss_mean.double(), gnorm.double(), small_sq]).tolist()  # one sync
+    # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
+    if not math.isfinite(loss) or (not run.scaler.is_enabled() and not math.isfinite(gnorm_value)):
+        run.optimizer.zero_grad(set_to_none=True)
+        diverge(run, loss, gnorm_value, lr)
+        return None
+    if track_noise:
+        run.state.noise_scale.update(plan.micro_batch, small, plan.global_batch, gnorm_value ** 2)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": gnorm_value}
+
+
+# --- the per-step duties ---------------------------------------------------------------------------------------
+
+def log_step(run: Run, stats: dict, lr: float, seconds: float) -> None:
+    state, plan = run.state, run.plan
+    if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or state.step == plan.run_steps):
+        row = {**stats, "lr": lr, "batch": plan.global_batch, "epoch": state.step / plan.steps_per_epoch,
+               "images_per_s": plan.global_batch / seconds}
+        if state.noise_scale.updates:
+            row["noise_scale/b_simple"] = state.noise_scale.b_simple
+        run.logger.log(state.step, row)
+    per_step = state.train_time / state.steps_this_process
+    run.progress.update(state.step, f"loss {stats['loss']:.4f} lr {lr:.4g}", plan.global_batch / per_step, per_step)
+
+
+def log_layers(run: Run, before: list[torch.Tensor]) -> None:
+    """Per-layer update ratios ||dw||/||w|| and (LARS/LAMB) trust ratios of the adapted tensors."""
+    ratios = diag.update_ratios(before, run.params)
+    run.logger.log(run.state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(run.optimizer)})
+    run.logger.histogram(run.state.step, "update_ratio/layers", ratios)
+    if (trust := diag.trust_ratios(run.optimizer)) is not None:
+        run.logger.histogram(run.state.step, "trust_ratio/layers", trust)
+
+
+def run_eval(run: Run) -> None:
+    state = run.state
+    state.last_eval = evaluate(run.model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+    state.last_eval_step = state.step
+    if run.dist.is_main:
+        run.logger.log(state.step, {**state.last_eval, "epoch": state.step / run.plan.steps_per_epoch})
+    run.progress.write(f"epoch {state.step / run.plan.steps_per_epoch:.4g} step {state.step}: train loss "
+                       f"{state.train_loss:.4f} test acc {state.last_eval['val_acc']:.4f} test loss "
+                       f"{state.last_eval['val_loss']:.4f}")
+
+
+def save(run: Run, epoch: int) -> bool:
+    """Checkpoint (rank 0; every rank holds the same weights). Returns whether a checkpoint was written."""
+    if not run.cfg.checkpoint.enabled:
+        return False
+    if run.dist.is_main:
+        run.state.save(run.run_dir / "checkpoints" / "last.pt", model=run.model, optimizer=run.optimizer,
+                       scaler=run.scaler, cfg=run.cfg, epoch=epoch)
+    return True
+
+
+def preempt(run: Run, signal_name: str, epoch: int) -> None:
+    run.state.stopped_by = signal_name
+    saved = save(run, epoch)
+    run.progress.write(f"{signal_name}: " + (f"checkpoint saved at step {run.state.step}, exiting" if saved else
+                                             f"stopping at step {run.state.step}; checkpoint.enabled=false, so "
+                                             f"nothing is saved to resume from"))
+
+
+def diverge(run: Run, loss: float, gnorm: float, lr: float) -> None:
+    state = run.state
+    state.diverged = True
+    run.progress.write(f"diverged at step {state.step}: loss {loss}, grad norm {gnorm}")
+    if run.dist.is_main:
+        run.logger.log(state.step, {"loss": loss, "grad_norm": gnorm, "lr": lr, "diverged": 1})
+    run_eval(run)  # the weights as they are now, so the summary has numbers (likely poor ones)
+
+
+# --- pieces ----------------------------------------------------------------------------------------------------
+
+def _every(n: int | None, step: int) -> bool:
+    return bool(n) and step % n == 0
+
+
+def _inspecting(run: Run, step: int) -> bool:
+    return bool(run.cfg.diagnostics.every) and (step + 1) % run.cfg.diagnostics.every == 0 and run.dist.is_main
 
 
 class StopFlag:
@@ -79,11 +229,10 @@ def evaluate(model, data, device, precision: str, dist: DistContext, channels_la
     """Test loss and accuracy over the whole test split (each rank a strided share, summed across ranks)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in data.test_batches(dist.rank, dist.world_size, device):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            logits = model(x)
+            logits = model(x.contiguous(memory_format=memory_format))
         totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)
@@ -96,129 +245,3 @@ def evaluate(model, data, device, precision: str, dist: DistContext, channels_la
 def grad_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-
-
-def fit(**kwargs) -> LoopState:
-    with StopFlag() as stop:
-        return _fit(stop=stop, **kwargs)
-
-
-def _fit(*, stop: StopFlag, model, optimizer, data, plan, cfg, device: torch.device, run_dir: Path, logger, dist,
-        progress, resume_from: dict | None = None, scaler=None) -> LoopState:
-    state = LoopState(noise_scale=diag.NoiseScale(cfg.diagnostics.noise_ema))
-    if resume_from is not None:
-        state.step = resume_from["step"]
-        state.noise_scale.load_state_dict(resume_from.get("noise_scale") or {})
-    precision = cfg.precision.value if hasattr(cfg.precision, "value") else str(cfg.precision)
-    augment = Augment(cfg.data.crop_padding, cfg.data.hflip) if cfg.data.augment else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-
-    def save(epoch: int):
-        if dist.is_main and cfg.checkpoint.enabled:
-            raw = model.module if hasattr(model, "module") else model
-            ckpt.save_atomic({"model": getattr(raw, "_orig_mod", raw).state_dict(),
-                              "optimizer": optimizer.state_dict(), "scheduler": plan.schedule.state_dict(),
-                              "scaler": scaler.state_dict() if scaler is not None else None,
-                              "step": state.step, "epoch": epoch, "rng": ckpt.rng_state(),
-                              "global_batch": plan.global_batch, "seed": cfg.seed,
-                              "noise_scale": state.noise_scale.state_dict()}, ckpt_path)
-
-    def run_eval():
-        state.last_eval = evaluate(model, data, device, precision, dist, channels_last=cfg.channels_last)
-        state.last_eval_step = state.step
-        if dist.is_main:
-            logger.log(state.step, {**state.last_eval, "epoch": state.step / plan.steps_per_epoch})
-
-    first_epoch = state.step // plan.steps_per_epoch
-    total_epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
-    for epoch in range(first_epoch, total_epochs):
-        first = state.step - epoch * plan.steps_per_epoch
-        micro_batches = data.train_micro_batches(epoch, first, plan, dist.rank, cfg.seed, augment, device)
-        for _ in range(first, plan.steps_per_epoch):
-            if state.step >= plan.run_steps:
-                break
-            t0 = time.perf_counter()
-            inspect = cfg.diagnostics.every and (state.step + 1) % cfg.diagnostics.every == 0 and dist.is_main
-            track_noise = cfg.diagnostics.noise_scale and plan.accum_steps > 1 and scaler is None
-            loss_sum = torch.zeros((), device=device)
-            for k in range(plan.accum_steps):
-                x, y = next(micro_batches)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                last = k == plan.accum_steps - 1
-                sync = contextlib.nullcontext() if (last or not dist.enabled) else model.no_sync()
-                with sync:
-                    with autocast(device, precision):
-                        loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-                    scaled = loss / plan.accum_steps
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += scaled.detach().float()
-                if track_noise and k == 0:  # this rank's first micro-batch alone: the small-batch gradient
-                    small_sq = diag.sq_norm(p.grad for p in params) * plan.accum_steps ** 2
-            lr = plan.schedule(state.step)
-            apply_lr(optimizer, lr, plan.schedule.momentum(state.step))
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
-            gnorm = grad_norm(params)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            loss_value = all_reduce_sum(loss_sum).item() / dist.world_size
-            # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
-            if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(gnorm.item())):
-                state.diverged = True  # the weights are still those before this step; the checkpoint too
-                optimizer.zero_grad(set_to_none=True)
-                progress.write(f"diverged at step {state.step}: loss {loss_value}, grad norm {gnorm.item()}")
-                logger.log(state.step, {"loss": loss_value, "grad_norm": gnorm.item(), "lr": lr, "diverged": 1})
-                run_eval()  # the weights as they are now, so the summary has numbers (likely poor ones)
-                return state
-            if track_noise:
-                state.noise_scale.update(plan.micro_batch, small_sq, plan.global_batch, gnorm.item() ** 2)
-            before = [p.detach().clone() for p in params] if inspect else None
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            state.step += 1
-            state.train_time += dt
-            state.images += plan.global_batch
-            state.train_loss = loss_value
-            if inspect:
-                ratios = diag.update_ratios(before, params)
-                logger.log(state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(optimizer)})
-                logger.histogram(state.step, "update_ratio/layers", ratios)
-                if (trust := diag.trust_ratios(optimizer)) is not None:
-                    logger.histogram(state.step, "trust_ratio/layers", trust)
-                del before
-            if state.step % cfg.logger.every_steps == 0 or state.step == plan.run_steps:
-                if dist.is_main:
-                    row = {"loss": loss_value, "lr": lr, "grad_norm": gnorm.item(),
-                           "epoch": state.step / plan.steps_per_epoch, "images_per_s": plan.global_batch / dt}
-                    if state.noise_scale.updates:
-                        row["noise_scale/b_simple"] = state.noise_scale.b_simple
-                    logger.log(state.step, row)
-            progress.update(state.step, f"loss {loss_value:.4f} lr {lr:.4g}")
-            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
-                save(epoch)
-            if stop.signal_name is not None:
-                state.stopped_by = stop.signal_name
-                save(epoch)
-                progress.write(f"{stop.signal_name}: checkpoint saved at step {state.step}, exiting")
-                return state
-        if state.step % plan.steps_per_epoch:
-            break  # stopped mid-epoch by max_steps
-        run_eval()
-        progress.write(f"epoch {epoch + 1}/{total_epochs} step {state.step}: train loss {state.train_loss:.4f} "
-                       f"test acc {state.last_eval['val_acc']:.4f} test loss {state.last_eval['val_loss']:.4f}")
-        save(epoch + 1)
-        if state.step >= plan.run_steps:
-            break
-    if state.last_eval_step != state.step:  # ended mid-epoch: evaluate and checkpoint where it stopped
-        run_eval()
-        save(state.step // plan.steps_per_epoch)
-    return state

@@ -118,12 +118,13 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, text: str) -> None:
+    def update(self, step: int, text: str, images_per_s: float = 0.0, seconds_per_step: float = 0.0) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
         elif self.enabled and (step % self.every == 0 or step == self.total):
-            print(f"step {step}/{self.total} {text}", flush=True)
+            eta = f", ETA {_duration(seconds_per_step * (self.total - step))}" if seconds_per_step else ""
+            print(f"step {step}/{self.total} {text}, {images_per_s:,.0f} images/s{eta}", flush=True)
 
     def write(self, text: str) -> None:
         if self.enabled:
@@ -132,3 +133,10 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

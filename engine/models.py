@@ -12,7 +12,6 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import VisionTransformer
 
-from .config import ConfigError
 
 
 class SmallResNet(nn.Module):
@@ -81,20 +80,26 @@ class ViT(nn.Module):
 VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_b16": (768, 12, 12)}
 
 
-def build_model(cfg_model, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    name = cfg_model.name.value if hasattr(cfg_model.name, "value") else str(cfg_model.name)
-    channels, size, _ = image_shape
-    if name == "resnet_small":
-        model = SmallResNet(channels, num_classes, cfg_model.width)
-    elif name in ("resnet18", "resnet50"):
-        model = _torchvision_resnet(resnet18 if name == "resnet18" else resnet50, channels, size, num_classes)
-    elif name in VIT_SIZES:
+def _vit(name):
+    def build(cfg_model, channels, size, num_classes):
         width, depth, heads = VIT_SIZES[name]
         patch = cfg_model.patch_size or (16 if name == "vit_b16" or size > 64 else 4)
-        model = ViT(channels, size, num_classes, patch, width, depth, heads, cfg_model.dropout)
-    else:
-        raise ConfigError(f"model.name={name!r} is unknown: use resnet_small, resnet18, resnet50, vit_tiny, "
-                          f"vit_small or vit_b16")
+        return ViT(channels, size, num_classes, patch, width, depth, heads, cfg_model.dropout or 0.0)
+    return build
+
+
+# The model registry: adding a model is an entry here and a conf/model/NAME.yaml (a test keeps them equal).
+MODELS = {
+    "resnet_small": lambda cfg, channels, size, num_classes: SmallResNet(channels, num_classes, cfg.width),
+    "resnet18": lambda cfg, channels, size, num_classes: _torchvision_resnet(resnet18, channels, size, num_classes),
+    "resnet50": lambda cfg, channels, size, num_classes: _torchvision_resnet(resnet50, channels, size, num_classes),
+    **{name: _vit(name) for name in VIT_SIZES},
+}
+
+
+def build_model(cfg_model, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    channels, size, _ = image_shape
+    model = MODELS[cfg_model.name](cfg_model, channels, size, num_classes)
     if cfg_model.zero_init_residual:
         _zero_init_last_bn(model)
     return model

@@ -1,10 +1,9 @@
 """Large-batch optimizers, schedules and scaling rules in plain PyTorch (no Hydra imports)."""
-from ._helpers import param_groups
-from .factory import OPTIMIZERS, create_optimizer
+from ._helpers import LayerwiseOptimizer, param_groups
 from .lamb import LAMB
 from .lars import LARS
 from .scaling import RULES, lr_multiplier, scale_adam
 from .schedules import DECAYS, WARMUPS, LRSchedule, apply_lr
 
-__all__ = ["LARS", "LAMB", "param_groups", "create_optimizer", "OPTIMIZERS", "LRSchedule", "apply_lr", "WARMUPS",
-           "DECAYS", "RULES", "lr_multiplier", "scale_adam"]
+__all__ = ["LARS", "LAMB", "LayerwiseOptimizer", "param_groups", "LRSchedule", "apply_lr", "WARMUPS", "DECAYS",
+           "RULES", "lr_multiplier", "scale_adam"]

@@ -27,7 +27,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-WARMUPS = ("none", "constant", "linear", "exponential", "cosine")
+# Warmup shapes: x = t / W in [0, 1) -> the LR as a fraction of the peak. Adding a warmup is an entry here and a
+# conf/warmup/NAME.yaml (a test keeps the two lists equal).
+WARMUP_SHAPES = {
+    "constant": lambda s, x: s.constant_factor,
+    "linear": lambda s, x: s.start_factor + (1 - s.start_factor) * x,
+    "exponential": lambda s, x: math.exp((x - 1) * math.log(s.exp_ratio)),
+    "cosine": lambda s, x: (1 - math.cos(math.pi * x)) / 2,
+}
+WARMUPS = ("none", *WARMUP_SHAPES)
 DECAYS = ("constant", "cosine", "step", "poly", "inverse_sqrt", "onecycle")
 OWN_RAMP = ("inverse_sqrt", "onecycle")
 
@@ -105,13 +113,7 @@ class LRSchedule:
         return 1.0  # constant
 
     def _warmup(self, x: float) -> float:
-        if self.warmup == "constant":
-            return self.constant_factor
-        if self.warmup == "linear":
-            return self.start_factor + (1 - self.start_factor) * x
-        if self.warmup == "exponential":
-            return math.exp((x - 1) * math.log(self.exp_ratio))
-        return (1 - math.cos(math.pi * x)) / 2  # cosine
+        return WARMUP_SHAPES[self.warmup](self, x)
 
     def _onecycle_phase(self, t: int) -> tuple[bool, float]:
         """(rising?, progress through the phase) at step t, with torch OneCycleLR's phase boundaries."""

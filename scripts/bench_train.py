@@ -17,18 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import train as train_script  # noqa: E402
-from engine.config import ModelConfig, ModelName  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
 from engine.data import Augment, make_synthetic  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.plan import make_plan  # noqa: E402
-from tests.helpers import compose_cfg  # noqa: E402
+from engine.compose import compose_cfg, load_cfg  # noqa: E402
 
 
 def overrides(args):
@@ -50,7 +49,7 @@ DIAG_OFF = ["diagnostics.every=0", "diagnostics.noise_scale=false"]
 
 def bare(args, data) -> float:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=ModelName(args.model)), data.image_shape, data.num_classes)
+    model = build_model(ModelConfig(name=args.model, width=16, zero_init_residual=True), data.image_shape, data.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     aug = Augment(padding=4, hflip=True)
     mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255
@@ -67,7 +66,7 @@ def bare(args, data) -> float:
 
 
 def pipeline_only(args, data) -> float:
-    cfg = OmegaConf.to_object(compose_cfg(overrides(args)))
+    cfg = load_cfg(overrides(args))
     plan = make_plan(cfg, data.train_size)
     aug = Augment(padding=4, hflip=True)
     t0 = time.perf_counter()
@@ -77,7 +76,7 @@ def pipeline_only(args, data) -> float:
 
 def model_only(args, data) -> float:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=ModelName(args.model)), data.image_shape, data.num_classes)
+    model = build_model(ModelConfig(name=args.model, width=16, zero_init_residual=True), data.image_shape, data.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x = torch.randn(args.batch, *data.image_shape)
     y = torch.randint(0, data.num_classes, (args.batch,))

@@ -3,8 +3,8 @@
     python scripts/lr_schedule.py optim=lars batch=32k --out lars32k
     python scripts/lr_schedule.py batch=8k --vs batch=8k warmup=constant --vs batch=8k warmup=none --out goyal
 
-Writes FILE.csv (`step,lr`, step 0 = the LR of the first optimizer step; with --vs, one `lr_<i>` column per
-override set) and FILE.png. The numbers come from engine.plan.make_plan, the same code train.py uses.
+Writes FILE.csv (`step,lr,batch`, step 0 = the LR of the first optimizer step; with --vs, `lr_<i>,batch_<i>`
+columns per override set) and FILE.png. The numbers come from engine.plan.make_plan, the same code train.py uses.
 """
 from __future__ import annotations
 
@@ -12,28 +12,25 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omegaconf import OmegaConf  # noqa: E402
+from engine.cli import fail, preflight
+from engine.compose import load_cfg
+from engine.config import ConfigError
+from engine.data import train_size_of
+from engine.distributed import env_world_size
+from engine.plan import make_plan
 
-from engine.cli import fail, preflight  # noqa: E402
-from engine.config import ConfigError, register_schema, validate_values  # noqa: E402
-from engine.data import train_size_of  # noqa: E402
-from engine.distributed import env_world_size  # noqa: E402
-from engine.plan import make_plan  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the conf/ beside this script's train.py
 
 
 def plan_for(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from engine.cli import CONF_DIR
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-    validate_values(cfg)
+    cfg = load_cfg(overrides, CONF_DIR)
     return cfg, make_plan(cfg, train_size_of(cfg.data), env_world_size())
 
 
 def label(cfg, plan) -> str:
-    return (f"{cfg.optim.name.value}, batch {plan.global_batch}, {plan.rule} rule, peak {plan.peak_lr:.4g}, "
+    return (f"{plan.optimizer_name}, batch {plan.global_batch}, {plan.rule} rule, peak {plan.peak_lr:.4g}, "
             f"{plan.schedule.warmup if plan.schedule.uses_warmup else 'no'} warmup, {plan.schedule.decay}")
 
 
@@ -49,10 +46,9 @@ def main(argv: list[str]) -> None:
         else:
             current.append(a)
     sets.append(current)
-    register_schema()
     runs = []
     for overrides in sets:
-        preflight(overrides, check_files=False)
+        preflight(overrides, check_files=False, conf_dir=CONF_DIR)
         try:
             cfg, plan = plan_for(overrides)
         except ConfigError as e:
@@ -63,9 +59,11 @@ def main(argv: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     longest = max(len(lrs) for _, _, lrs in runs)
     with open(out.with_suffix(".csv"), "w") as f:
-        f.write("step," + ",".join("lr" if len(runs) == 1 else f"lr_{i}" for i in range(len(runs))) + "\n")
+        cols = ["lr", "batch"] if len(runs) == 1 else [f"{c}_{i}" for i in range(len(runs)) for c in ("lr", "batch")]
+        f.write("step," + ",".join(cols) + "\n")
         for t in range(longest):
-            f.write(f"{t}," + ",".join(f"{lrs[t]:.10g}" if t < len(lrs) else "" for _, _, lrs in runs) + "\n")
+            f.write(f"{t}," + ",".join(f"{lrs[t]:.10g},{plan.global_batch}" if t < len(lrs) else ","
+                                       for _, plan, lrs in runs) + "\n")
 
     import matplotlib
     matplotlib.use("Agg")

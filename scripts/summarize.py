@@ -19,7 +19,6 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import parse_batch  # noqa: E402
 

@@ -1,6 +1,6 @@
 import torch
 
-from engine.config import ModelConfig, ModelName
+from engine.config import ModelConfig
 from engine.models import build_model
 from optim import param_groups
 
@@ -19,7 +19,7 @@ def check_groups(model, wd):
 
 
 def test_resnet_groups_by_shape():
-    model = build_model(ModelConfig(name=ModelName.resnet18), (3, 32, 32), 10)
+    model = build_model(ModelConfig(name="resnet18", zero_init_residual=True), (3, 32, 32), 10)
     groups = check_groups(model, 1e-4)
     plain = {id(p) for p in groups[1]["params"]}
     for m in model.modules():
@@ -29,7 +29,7 @@ def test_resnet_groups_by_shape():
 
 
 def test_vit_groups_by_shape():
-    model = build_model(ModelConfig(name=ModelName.vit_tiny), (3, 32, 32), 10)
+    model = build_model(ModelConfig(name="vit_tiny"), (3, 32, 32), 10)
     groups = check_groups(model, 0.05)
     plain = {id(p) for p in groups[1]["params"]}
     for m in model.modules():

@@ -7,13 +7,13 @@ from omegaconf import OmegaConf
 from engine.cli import group_options
 from engine.data import train_size_of
 from engine.plan import make_plan
-from tests.helpers import CONF, compose_cfg
+from tests.helpers import CONF, compose_cfg, load_cfg
 
 IMAGENET = 1_281_167
 
 
 def plan_of(recipe, *extra):
-    cfg = OmegaConf.to_object(compose_cfg([f"recipe={recipe}", *extra]))
+    cfg = load_cfg([f"recipe={recipe}", *extra])
     return cfg, make_plan(cfg, train_size_of(cfg.data))
 
 
@@ -37,7 +37,7 @@ def test_every_recipe_composes_and_plans(recipe):
 def test_goyal_8k_is_the_papers_recipe():
     cfg, p = plan_of("goyal2017_resnet50_8k")
     steps_per_epoch = IMAGENET // 8192
-    assert (cfg.data.name.value, cfg.model.name.value, cfg.optim.name.value) == ("imagenet", "resnet50", "sgd")
+    assert (cfg.data.name, cfg.model.name, cfg.optim.target) == ("imagenet", "resnet50", "torch.optim.SGD")
     assert cfg.optim.nesterov and cfg.optim.weight_decay == 1e-4 and cfg.label_smoothing == 0.0
     assert p.micro_batch == 32  # BN over 32 images, as the paper's workers
     assert p.peak_lr == pytest.approx(3.2) and p.schedule(0) == pytest.approx(0.1)  # 0.1 -> 0.1 * 32
@@ -56,7 +56,7 @@ def test_goyal_256_baseline():
 def test_lars_recipes_follow_table_4(recipe, batch, lr, warmup_epochs, epochs):
     cfg, p = plan_of(recipe)
     spe = IMAGENET // batch
-    assert cfg.optim.name.value == "lars" and cfg.optim.eta == 0.001 and cfg.optim.weight_decay == 5e-4
+    assert cfg.optim.target == "optim.LARS" and cfg.optim.eta == 0.001 and cfg.optim.weight_decay == 5e-4
     assert (p.global_batch, p.peak_lr, p.warmup_steps, p.total_steps) == (batch, lr, warmup_epochs * spe, epochs * spe)
     assert p.schedule.decay == "poly" and p.schedule.power == 2.0
     assert p.schedule(p.total_steps - 1) < 1e-3 * lr  # poly(2) to zero
