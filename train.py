@@ -21,9 +21,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from engine import distributed
-from engine.checkpoint import RunState, to_resume
-from engine.cli import fail, preflight
-from engine.config import ConfigError, load_config
+from engine.checkpoint import RunState, already_done, to_resume
+from engine.cli import preflight, register_resolvers
+from engine.config import ConfigError, RunError, load_config
 from engine.data import load_data
 from engine.diagnostics import NoiseScale
 from engine.loop import Run, fit
@@ -43,6 +43,11 @@ def train(cfg, run_dir: Path) -> dict:
     resume = to_resume(cfg, run_dir)
     data = load_data(cfg.data)
     plan = make_plan(cfg, data.train_size, dist.world_size)
+    if resume is not None and (done := already_done(run_dir, resume[0], plan.run_steps)):
+        if dist.is_main:
+            print(done, flush=True)  # a sweep re-run with resume=auto skips its finished and diverged jobs
+        summary_path = run_dir / "summary.json"
+        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.image_shape, data.num_classes).to(device)
@@ -68,7 +73,9 @@ def train(cfg, run_dir: Path) -> dict:
             print(f"resuming from step {state.step} of {plan.run_steps} ({resume[1]})", flush=True)
     logger = RunLogger(run_dir, cfg.logger.name if dist.is_main else None,
                        config=cfg.model_dump(mode="json", by_alias=True), mode=cfg.logger.mode,
-                       project=cfg.logger.project, group=cfg.logger.group, name=run_dir.name)
+                       project=cfg.logger.project, group=cfg.logger.group, name=run_dir.name,
+                       run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
+    state.wandb_id = logger.wandb_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
     progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
     run = Run(train_model, optimizer, scaler, data, plan, cfg, device, dist, logger, progress, state, run_dir)
     try:
@@ -113,24 +120,35 @@ def write_summary(run: Run, started: float) -> dict:
     return summary
 
 
+register_resolvers()
+FAILED_JOBS: list[str] = []  # sweep jobs that ended in an error (divergence is a result, not a failure)
+
+
+def job_failed(run_dir: Path, error: str) -> dict:
+    """Record a sweep job's error in its summary.json (keeping what the run wrote there) and go on."""
+    path = run_dir / "summary.json"
+    summary = {**(json.loads(path.read_text()) if path.exists() else {"diverged": False}), "error": error}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"error in job {run_dir}: {error}", file=sys.stderr, flush=True)
+    FAILED_JOBS.append(str(run_dir))
+    return summary
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg, run_dir)
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         if not multirun:
-            fail(str(e))
-        summary = {"error": str(e), "diverged": False}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
+        summary = job_failed(run_dir, str(e))
     except Exception as e:  # in a sweep one failing job must not stop the others
         if not multirun:
             raise
-        summary = {"error": f"{type(e).__name__}: {e}", "diverged": False}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"error in job {run_dir}: {summary['error']}", file=sys.stderr)
+        summary = job_failed(run_dir, f"{type(e).__name__}: {e}")
     finally:
         distributed.cleanup()
     if not multirun and summary.get("diverged"):
@@ -144,3 +162,7 @@ if __name__ == "__main__":
         sys.argv.append(f"hydra.run.dir={distributed.shared_run_dir()}")
     preflight(sys.argv[1:], conf_dir=Path(__file__).resolve().parent / "conf")
     main()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (their summary.json has the error): "
+              f"{', '.join(FAILED_JOBS)}", file=sys.stderr)
+        sys.exit(1)

@@ -7,6 +7,7 @@ at any moment leaves either the previous complete ``last.pt`` or the new one, ne
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -67,9 +68,10 @@ def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
     if cfg.resume is None:
-        if last.exists():
-            raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt): pass resume=auto to continue "
-                              f"it, or choose another hydra.run.dir")
+        held = [f for f in ("checkpoints/last.pt", "summary.json", "metrics.jsonl") if (run_dir / f).exists()]
+        if held:
+            raise ConfigError(f"{run_dir} already holds a run ({held[0]}): pass resume=auto to continue it, or "
+                              f"choose another hydra.run.dir")
         return None
     path = last if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume == "auto" and not last.exists():
@@ -77,6 +79,17 @@ def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:
     ckpt = load(path)
     check_resumable(ckpt, cfg, path)
     return ckpt, path
+
+
+def already_done(run_dir: Path, ckpt: dict, run_steps: int) -> str | None:
+    """Why resuming this run dir has nothing to do (finished or diverged), or None."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("diverged"):
+        return f"{run_dir} diverged at step {summary.get('steps')}; nothing to resume (start a new run to retry)"
+    if ckpt["step"] >= run_steps:
+        return f"{run_dir} is finished (step {ckpt['step']} of {run_steps}); nothing to do"
+    return None
 
 
 def check_resumable(ckpt: dict, cfg, path) -> None:

@@ -16,6 +16,23 @@ from .compose import CONF_DIR
 MAX_CHECKED_JOBS = 256
 
 
+def register_resolvers() -> None:
+    """The two resolvers conf/config.yaml uses for run folders (see its hydra: section)."""
+    def resume_subdir(output_dir: str) -> str:
+        record = Path(output_dir) / ".hydra"
+        if not (record / "config.yaml").exists():
+            return ".hydra"
+        n = 1 + sum(1 for p in record.glob("resume-*") if p.is_dir())
+        return f".hydra/resume-{n}"
+
+    def safe_name(text: str) -> str:
+        return re.sub(r"[^\w.,=+\-\[\]]", "_", text)[:200]
+
+    for name, fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -101,6 +118,45 @@ def _check_group_options(args: list[str], conf_dir: Path) -> None:
                 fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(options)}")
 
 
+def check_threads(threads: int | None) -> None:
+    """More threads than this process may run on is a 100x slowdown from oversubscription, not a speedup."""
+    import os
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads is not None and threads > allowed:
+        raise ConfigError(f"threads={threads} is more than the {allowed} CPUs this process may use: use 1..{allowed} "
+                          f"(or null = all of them)")
+
+
+_LOCKS = []  # open lock files: held for the life of the process
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """One run per folder: a second run started into a folder another process is using is refused. Also
+    refuses a folder (or the nearest existing parent) this process cannot write to, and removes checkpoint
+    temporaries a killed run left behind."""
+    import errno
+    import fcntl
+    import os
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"hydra.run.dir={run_dir}: {existing} is not writable; choose a folder you can write to")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "w")
+    except OSError as e:
+        raise ConfigError(f"hydra.run.dir={run_dir}: cannot write there ({e.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ConfigError(f"hydra.run.dir={run_dir} is in use by another running train.py; wait for it, or "
+                              f"choose another folder") from None
+        raise
+    _LOCKS.append(handle)
+    for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> None:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
     with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither)."""
@@ -113,9 +169,9 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         run_dir = None  # each job's folder is decided by the sweep
     _check_group_options(args, conf_dir)
     from hydra import compose, initialize_config_dir
-    from .checkpoint import to_resume
+    from .checkpoint import already_done, to_resume
     from .data import check_data_available, train_size_of
-    from .distributed import env_world_size, resolve_device
+    from .distributed import env_rank, env_world_size, resolve_device
     from .plan import make_plan
     try:
         jobs = _jobs(args)
@@ -127,13 +183,20 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         for overrides in jobs:
             try:
                 cfg = load_config(compose("config", overrides=overrides))
-                make_plan(cfg, train_size_of(cfg.data), env_world_size())
+                plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 if not check_files:
                     continue
                 resolve_device(cfg.device)
+                check_threads(cfg.threads)
                 check_data_available(cfg.data)
                 if run_dir is not None or cfg.resume not in (None, "auto"):
-                    to_resume(cfg, Path(run_dir or "."))  # refusals happen here, before Hydra writes .hydra/
+                    resume = to_resume(cfg, Path(run_dir or "."))  # refusals happen here, before Hydra writes
+                    done = resume and run_dir and already_done(Path(run_dir), resume[0], plan.run_steps)
+                    if done:
+                        print(done, flush=True)
+                        sys.exit(0)  # a finished run stays exactly as it was
+                if run_dir is not None and env_rank() == 0:
+                    lock_run_dir(Path(run_dir))
             except ConfigError as e:
                 fail(str(e) + (f" [job: {' '.join(overrides)}]" if len(jobs) > 1 else ""))
             except Exception as e:

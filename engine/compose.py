@@ -17,6 +17,8 @@ TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=n
 
 def compose_cfg(overrides=(), conf_dir: Path = CONF_DIR):
     """The composed (untyped) Hydra config for these command-line overrides."""
+    from .cli import register_resolvers
+    register_resolvers()
     with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
         return compose("config", overrides=list(overrides))
 

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """Invalid user input; the message is one line: what was wrong and what is allowed."""
 
 
+class RunError(RuntimeError):
+    """A fault met during a run (a full disk, an unreadable image); the message is one line: what and where."""
+
+
 Pos = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]

@@ -38,6 +38,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def env_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

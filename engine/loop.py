@@ -14,6 +14,7 @@ BatchNorm statistics are per micro-batch ("ghost batch", as Goyal et al.'s 32 im
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import signal
 import time
@@ -27,6 +28,7 @@ from optim import apply_lr
 
 from . import diagnostics as diag
 from .checkpoint import RunState
+from .config import RunError
 from .data import training_steps
 from .distributed import DistContext, all_reduce_sum
 
@@ -61,7 +63,7 @@ def fit(run: Run) -> RunState:
             inspect = _inspecting(run, step)
             before = [p.detach().clone() for p in run.params] if inspect else None
             lr = plan.schedule(step)
-            stats = train_step(run, micro_batches, lr, plan.schedule.momentum(step))
+            stats = train_step(run, micro_batches, lr, plan.schedule.momentum(step), stop.signal_name is not None)
             if stats is None:  # diverged: the weights are those before this step
                 break
             state.step += 1
@@ -77,15 +79,16 @@ def fit(run: Run) -> RunState:
                 run_eval(run)
             if end_of_epoch or _every(run.cfg.checkpoint.every_steps, state.step) or state.step == plan.run_steps:
                 save(run, epoch + end_of_epoch)
-            if stop.signal_name is not None:
-                preempt(run, stop.signal_name, epoch + end_of_epoch)
+            if stats["stop"]:  # a signal reached this rank or another one: all ranks stop after the same step
+                preempt(run, stop.signal_name or "SIGTERM", epoch + end_of_epoch)
                 break
     return state
 
 
-def train_step(run: Run, micro_batches, lr: float, momentum: float | None) -> dict | None:
+def train_step(run: Run, micro_batches, lr: float, momentum: float | None, stop: bool = False) -> dict | None:
     """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
-    numbers, or None when the loss or gradient is not finite (the optimizer does not step then)."""
+    numbers (and whether any rank was asked to stop), or None when the loss or gradient is not finite (the
+    optimizer does not step then)."""
     plan, model, params = run.plan, run.model, run.params
     track_noise = run.cfg.diagnostics.noise_scale and plan.accum_steps > 1 and not run.scaler.is_enabled()
     loss_sum = torch.zeros((), device=run.device)
@@ -105,8 +108,11 @@ def train_step(run: Run, micro_batches, lr: float, momentum: float | None) -> di
     gnorm = grad_norm(params)
     if run.cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
-    loss_mean = all_reduce_sum(loss_sum) / run.dist.world_size
-    loss, gnorm_value, small = torch.stack([loss_mean.double(), gnorm.double(), small_sq]).tolist()  # one sync
+    # the loss and every rank's stop request in one all-reduce; everything the host needs in one read
+    loss_and_stop = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop), device=run.device)]))
+    loss, stops, gnorm_value, small = torch.cat([loss_and_stop.double(), gnorm.double().view(1),
+                                                 small_sq.view(1)]).tolist()
+    loss /= run.dist.world_size
     # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
     if not math.isfinite(loss) or (not run.scaler.is_enabled() and not math.isfinite(gnorm_value)):
         run.optimizer.zero_grad(set_to_none=True)
@@ -117,7 +123,7 @@ def train_step(run: Run, micro_batches, lr: float, momentum: float | None) -> di
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": gnorm_value}
+    return {"loss": loss, "grad_norm": gnorm_value, "stop": stops > 0}
 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
@@ -125,7 +131,7 @@ def train_step(run: Run, micro_batches, lr: float, momentum: float | None) -> di
 def log_step(run: Run, stats: dict, lr: float, seconds: float) -> None:
     state, plan = run.state, run.plan
     if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or state.step == plan.run_steps):
-        row = {**stats, "lr": lr, "batch": plan.global_batch, "epoch": state.step / plan.steps_per_epoch,
+        row = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": lr, "batch": plan.global_batch, "epoch": state.step / plan.steps_per_epoch,
                "images_per_s": plan.global_batch / seconds}
         if state.noise_scale.updates:
             row["noise_scale/b_simple"] = state.noise_scale.b_simple
@@ -159,13 +165,20 @@ def save(run: Run, epoch: int) -> bool:
     if not run.cfg.checkpoint.enabled:
         return False
     if run.dist.is_main:
-        run.state.save(run.run_dir / "checkpoints" / "last.pt", model=run.model, optimizer=run.optimizer,
-                       scaler=run.scaler, cfg=run.cfg, epoch=epoch)
+        path = run.run_dir / "checkpoints" / "last.pt"
+        try:
+            run.state.save(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler, cfg=run.cfg,
+                           epoch=epoch)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
+            full = "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e)
+            raise RunError(f"checkpoint at step {run.state.step} could not be written to {path}: "
+                           f"{'the disk is full' if full else e}; the previous last.pt, if any, is intact") from None
     return True
 
 
 def preempt(run: Run, signal_name: str, epoch: int) -> None:
     run.state.stopped_by = signal_name
+    run.logger.mark_preempting()
     saved = save(run, epoch)
     run.progress.write(f"{signal_name}: " + (f"checkpoint saved at step {run.state.step}, exiting" if saved else
                                              f"stopping at step {run.state.step}; checkpoint.enabled=false, so "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -21,29 +22,50 @@ def _jsonable(v):
 
 
 class RunLogger:
-    """``backend=None`` (ranks other than 0) writes nothing at all."""
+    """``backend=None`` (ranks other than 0) writes nothing at all.
+
+    ``metrics.jsonl`` is the authoritative record. On resume from step N its rows after N (steps a killed run
+    logged past its last checkpoint, which the resumed run replays) are dropped, so every step appears once; wandb
+    cannot rewind, so a resumed wandb run keeps what it had and ignores replayed steps. ``metrics.csv`` is a view
+    of ``metrics.jsonl``, rewritten from it whenever a new column appears, so no row is ever lost.
+    """
 
     def __init__(self, run_dir: Path, backend: str | None = "none", config: dict | None = None, *,
                  mode: str = "offline", project: str = "large-batch", group: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, run_id: str | None = None, resume_step: int | None = None):
         self.run_dir = run_dir
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if backend is not None else None
-        self.csv_file = self.csv_writer = None
+        self.jsonl = None
+        self.csv_path = run_dir / "metrics.csv" if backend == "csv" else None
         self.csv_keys: list[str] = []
         self.wandb_run = None
-        if backend == "csv":
-            self.csv_file = open(run_dir / "metrics.csv", "a", newline="")
-        elif backend == "wandb":
-            self._start_wandb(config, mode, project, group, name)
+        if backend is None:
+            return
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and (resume_step is not None and json.loads(ln)["step"] <= resume_step)]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
+        self.jsonl = open(path, "a")
+        if self.csv_path is not None:
+            self._rewrite_csv()
+        if backend == "wandb":
+            self._start_wandb(config, mode, project, group, name, run_id)
 
-    def _start_wandb(self, config, mode, project, group, name):
+    def _start_wandb(self, config, mode, project, group, name, run_id):
         try:
             import wandb
             self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode,
-                                        dir=str(self.run_dir), reinit="finish_previous",
+                                        dir=str(self.run_dir), reinit="finish_previous", id=run_id,
+                                        resume="allow" if run_id else None,
                                         settings=wandb.Settings(silent=True, console="off"))
         except Exception as e:
             self._warn(f"wandb could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
 
     @staticmethod
     def _warn(msg: str) -> None:
@@ -55,7 +77,7 @@ class RunLogger:
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        if self.csv_file is not None:
+        if self.csv_path is not None:
             self._log_csv(row)
         if self.wandb_run is not None:
             try:
@@ -74,18 +96,28 @@ class RunLogger:
                 self._warn(f"wandb histogram failed ({type(e).__name__}: {e})")
 
     def _log_csv(self, row: dict) -> None:
-        new = [k for k in row if k not in self.csv_keys]
-        if new:  # rows may carry different keys (train vs eval): rewrite the header as columns appear
-            self.csv_keys += new
-            self.csv_file.seek(0)
-            old = list(csv.DictReader(self.csv_file)) if self.csv_file.tell() else []
-            self.csv_file.seek(0)
-            self.csv_file.truncate()
-            self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=self.csv_keys)
-            self.csv_writer.writeheader()
-            self.csv_writer.writerows(old)
-        self.csv_writer.writerow(row)
-        self.csv_file.flush()
+        if any(k not in self.csv_keys for k in row):
+            self._rewrite_csv()  # a new column: the whole file again, from metrics.jsonl (which holds this row)
+            return
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.csv_keys).writerow(row)
+
+    def _rewrite_csv(self) -> None:
+        rows = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        self.csv_keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
+        tmp = self.csv_path.with_name(".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.csv_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.csv_path)
+
+    def mark_preempting(self) -> None:
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.mark_preempting()
+            except Exception as e:
+                self._warn(f"wandb mark_preempting failed ({type(e).__name__}: {e})")
 
     def summary(self, values: dict) -> None:
         if self.wandb_run is not None:
@@ -98,8 +130,6 @@ class RunLogger:
     def finish(self, exit_code: int = 0) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.csv_file is not None:
-            self.csv_file.close()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish(exit_code=exit_code)

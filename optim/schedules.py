@@ -4,7 +4,9 @@
 update). Every length is in optimizer steps, never micro-batches, and nothing is stateful, so a resumed run
 continues the curve exactly from its saved step and the preview script shows exactly what training uses.
 
-Warmup shapes for t < W (W = warmup_steps, peak = peak LR), from the user's notes (shared/seeds):
+Warmup shapes for t < W (W = warmup_steps, peak = peak LR), from the user's notes (shared/seeds). A ramp that
+starts at 0 (cosine; linear with start_factor 0; inverse_sqrt) is evaluated at t + 1 for step t, so no optimizer
+step is wasted at LR 0 and the last warmup step reaches the peak (the notes' inverse-sqrt code does the same):
   none         -
   constant     factor * peak                          (Goyal et al.: hurts at 8k; kept for comparison)
   linear       peak * (s + (1 - s) * t / W)           (s = start_factor; torch LinearLR; s = 1/k is Goyal's
@@ -17,7 +19,7 @@ Decays for t >= W, with progress p = (t - W) / (T - W) in [0, 1), T = total_step
   step         peak * gamma ** (number of milestones <= t)          (milestones in absolute steps)
   poly         peak * (f + (1 - f) * (1 - p) ** power)             (LARS / MLPerf use power 2)
 Schedules that carry their own ramp (the warmup shape is not applied):
-  inverse_sqrt t = 0: ~0 (1e-8); t <= W: t / W; t > W: sqrt(W / t)  (the notes' LambdaLR, Transformer style)
+  inverse_sqrt with u = t + 1: u <= W: u / W; u > W: sqrt(W / u)  (the notes' LambdaLR, Transformer style)
   onecycle     torch.optim.lr_scheduler.OneCycleLR (cosine anneal): peak/div_factor -> peak over pct_start * T,
                then -> peak / (div_factor * final_div_factor); with cycle_momentum, momentum (beta1 for Adam)
                goes max_momentum -> base_momentum -> max_momentum inversely to the LR, as torch's
@@ -96,12 +98,11 @@ class LRSchedule:
         W, T = self.warmup_steps, self.total_steps
         if self.decay == "onecycle":
             return self._onecycle(t)
-        if self.decay == "inverse_sqrt":
-            if t == 0:
-                return 1e-8
-            return t / W if t <= W else math.sqrt(W / t)
+        if self.decay == "inverse_sqrt":  # a ramp from 0: evaluated at t + 1, so step 0 is not wasted at LR 0
+            return (t + 1) / W if t + 1 <= W else math.sqrt(W / (t + 1))
         if self.uses_warmup and t < W:
-            return self._warmup(t / W)
+            starts_at_zero = self._warmup(0.0) == 0.0
+            return self._warmup((t + 1 if starts_at_zero else t) / W)
         if self.decay == "step":
             return self.gamma ** sum(t >= m for m in self.milestones)
         p = min(max(t - W if self.uses_warmup else t, 0) / max(T - (W if self.uses_warmup else 0), 1), 1.0)

@@ -50,10 +50,12 @@ def test_inverse_sqrt_equals_the_notes_lambda_lr():
             return step / warmup
         return (warmup ** 0.5) / (step ** 0.5)
 
-    theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda), total, 1e-3)
+    theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda), total + 1, 1e-3)
     ours = LRSchedule(peak_lr=1e-3, total_steps=total, warmup="linear", warmup_steps=warmup, decay="inverse_sqrt")
-    for t, lr in enumerate(theirs):
-        assert ours(t) == pytest.approx(lr, rel=1e-12), t
+    # the notes' step 0 is a (near-)zero LR, a wasted step; our optimizer step k uses the notes' step k + 1
+    for t in range(total):
+        assert ours(t) == pytest.approx(theirs[t + 1], rel=1e-12), t
+    assert ours(0) == 1e-3 / warmup
 
 
 def test_step_decay_equals_multistep_lr():
@@ -72,14 +74,16 @@ def test_poly_equals_polynomial_lr():
 
 
 @pytest.mark.parametrize("warmup,expected", [
-    # (shape, LR at t = 0, W/2, W-1 as a fraction of peak), from the notes' formulas with W = 10
+    # (shape, LR at t = 0, W/2, W-1 as a fraction of peak), from the notes' formulas with W = 10; the shapes that
+    # start at 0 (linear from 0, cosine) are evaluated at t + 1 (SPEC: no optimizer step at LR 0)
     ("constant", [0.1, 0.1, 0.1]),
-    ("linear", [0.0, 0.5, 0.9]),
+    ("linear", [0.1, 0.6, 1.0]),
     ("exponential", [0.01, math.exp(-0.5 * math.log(100)), math.exp(-0.1 * math.log(100))]),
-    ("cosine", [0.0, 0.5, (1 - math.cos(math.pi * 0.9)) / 2]),
+    ("cosine", [(1 - math.cos(math.pi * 0.1)) / 2, (1 - math.cos(math.pi * 0.6)) / 2, 1.0]),
 ])
 def test_warmup_shapes_follow_the_notes(warmup, expected):
-    s = LRSchedule(peak_lr=2.0, total_steps=100, warmup=warmup, warmup_steps=10, decay="constant")
+    s = LRSchedule(peak_lr=2.0, total_steps=100, warmup=warmup, warmup_steps=10, decay="constant",
+                   start_factor=0.0)
     assert [s.factor(t) for t in (0, 5, 9)] == pytest.approx(expected)
     assert s(10) == 2.0 and s(99) == 2.0
 
