@@ -18,7 +18,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from engine import distributed
 from engine.checkpoint import RunState, already_done, to_resume
@@ -138,6 +138,9 @@ def job_failed(run_dir: Path, error: str) -> dict:
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and cfg.logger.name == "wandb" and not cfg.logger.get("group"):
+        with open_dict(cfg):  # one wandb group per sweep: its folder; each job is named by its own folder
+            cfg.logger.group = Path(HydraConfig.get().sweep.dir).name
     try:
         summary = train(cfg, run_dir)
     except (ConfigError, RunError) as e:

@@ -17,7 +17,7 @@ MAX_CHECKED_JOBS = 256
 
 
 def register_resolvers() -> None:
-    """The two resolvers conf/config.yaml uses for run folders (see its hydra: section)."""
+    """The resolvers conf/ uses for run folders (config.yaml's hydra: section, hparams_search's study file)."""
     def resume_subdir(output_dir: str) -> str:
         record = Path(output_dir) / ".hydra"
         if not (record / "config.yaml").exists():
@@ -28,7 +28,11 @@ def register_resolvers() -> None:
     def safe_name(text: str) -> str:
         return re.sub(r"[^\w.,=+\-\[\]]", "_", text)[:200]
 
-    for name, fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name)):
+    def made_dir(path: str) -> str:  # the optuna study's sqlite file lives in the sweep folder, made first
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return path
+
+    for name, fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name), ("made_dir", made_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -189,14 +193,14 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 resolve_device(cfg.device)
                 check_threads(cfg.threads)
                 check_data_available(cfg.data)
+                resume = None
                 if run_dir is not None or cfg.resume not in (None, "auto"):
                     resume = to_resume(cfg, Path(run_dir or "."))  # refusals happen here, before Hydra writes
-                    done = resume and run_dir and already_done(Path(run_dir), resume[0], plan.run_steps)
-                    if done:
-                        print(done, flush=True)
-                        sys.exit(0)  # a finished run stays exactly as it was
                 if run_dir is not None and env_rank() == 0:
                     lock_run_dir(Path(run_dir))
+                if resume and run_dir and (done := already_done(Path(run_dir), resume[0], plan.run_steps)):
+                    print(done, flush=True)
+                    sys.exit(0)  # a finished run stays exactly as it was
             except ConfigError as e:
                 fail(str(e) + (f" [job: {' '.join(overrides)}]" if len(jobs) > 1 else ""))
             except Exception as e:

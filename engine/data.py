@@ -10,6 +10,7 @@ a pure function of (seed, step) drawn for the whole global batch, then sliced: s
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import os
@@ -130,8 +131,12 @@ def normalize(x: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file (optionally .gz): the format of MNIST and Fashion-MNIST."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:  # a truncated or non-gzip .gz, an unreadable file
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}); replace it (apt-get install "
+                          f"--reinstall dataset-fashion-mnist for the Debian copy)") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ConfigError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
@@ -161,9 +166,12 @@ def _fashion_from(files: dict[str, Path], source: str) -> TensorData:
     t = {k: read_idx(p) for k, p in files.items()}
     for split in ("train", "test"):
         x, y = t[f"{split}_x"], t[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
             raise ConfigError(f"Fashion-MNIST {split} files in {source} disagree: images {tuple(x.shape)}, "
                               f"labels {tuple(y.shape)}")
+        if x.shape[1:] != t["train_x"].shape[1:]:
+            raise ConfigError(f"Fashion-MNIST test images in {source} are {tuple(x.shape[1:])}, training images "
+                              f"{tuple(t['train_x'].shape[1:])}: both splits must have one image size")
         if int(y.max()) >= 10:
             raise ConfigError(f"Fashion-MNIST {split} labels in {source} go up to {int(y.max())}; expected 0..9")
     return TensorData(t["train_x"].unsqueeze(1), t["train_y"].long(), t["test_x"].unsqueeze(1), t["test_y"].long(),
@@ -240,11 +248,16 @@ def load_data(cfg_data) -> TensorData:
 def check_data_available(cfg_data) -> None:
     """Cheap presence check (no reading) so a missing dataset is reported before any run dir exists."""
     name = cfg_data.name
-    if name == "fashion_mnist" and cfg_data.root is not None and _find_idx(Path(cfg_data.root)) is None:
-        load_fashion_mnist(cfg_data.root)  # raises the one-line error
+    if name == "fashion_mnist":
+        _fashion_readable(cfg_data.root)  # reads it (about 0.5 s): a corrupt file is refused before any run dir
     if name in ("cifar10", "cifar100", "imagenet"):
         from . import datasets_disk
         datasets_disk.check(name, cfg_data)
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_readable(root: str | None) -> None:
+    load_fashion_mnist(root)
 
 
 def train_size_of(cfg_data) -> int:

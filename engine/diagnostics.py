@@ -74,6 +74,14 @@ def trust_ratios(optimizer) -> torch.Tensor | None:
     return torch.stack([torch.as_tensor(r, dtype=torch.float64).cpu() for r in ratios.values()])
 
 
+def trust_ratios_by_name(model, optimizer) -> dict[str, float]:
+    """Each adapted tensor's last trust ratio under its parameter name (e.g. ``layer1.0.conv1.weight``), so a
+    user sees which layer is throttled."""
+    ratios = getattr(optimizer, "trust_ratios", None) or {}
+    return {name.removeprefix("module.").removeprefix("_orig_mod."): float(ratios[p])
+            for name, p in model.named_parameters() if p in ratios}
+
+
 def trust_ratio_stats(optimizer) -> dict:
     """Summary of the last per-tensor trust ratios of LARS/LAMB over the adapted tensors ({} for other optimizers)."""
     ratios = trust_ratios(optimizer)

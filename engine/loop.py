@@ -147,6 +147,7 @@ def log_layers(run: Run, before: list[torch.Tensor]) -> None:
     run.logger.histogram(run.state.step, "update_ratio/layers", ratios)
     if (trust := diag.trust_ratios(run.optimizer)) is not None:
         run.logger.histogram(run.state.step, "trust_ratio/layers", trust)
+        run.logger.per_layer(run.state.step, "trust_ratio", diag.trust_ratios_by_name(run.model, run.optimizer))
 
 
 def run_eval(run: Run) -> None:

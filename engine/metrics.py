@@ -95,6 +95,14 @@ class RunLogger:
             except Exception as e:
                 self._warn(f"wandb histogram failed ({type(e).__name__}: {e})")
 
+    def per_layer(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        """One wandb metric per layer (``prefix/<parameter name>``); metrics.jsonl keeps the summary statistics."""
+        if self.wandb_run is not None and values:
+            try:
+                self.wandb_run.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+            except Exception as e:
+                self._warn(f"wandb per-layer log failed ({type(e).__name__}: {e})")
+
     def _log_csv(self, row: dict) -> None:
         if any(k not in self.csv_keys for k in row):
             self._rewrite_csv()  # a new column: the whole file again, from metrics.jsonl (which holds this row)

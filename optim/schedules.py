@@ -75,6 +75,15 @@ class LRSchedule:
                              f"({self.total_steps} steps)")
         if self.decay == "inverse_sqrt" and self.warmup_steps < 1:
             raise ValueError("schedule inverse_sqrt needs warmup steps >= 1 (its ramp length)")
+        if self.decay == "onecycle":
+            up = self.pct_start * self.total_steps - 1  # torch OneCycleLR's phase boundaries
+            if not 1 <= up < self.total_steps - 1:
+                raise ValueError(f"schedule=onecycle: pct_start={self.pct_start} of {self.total_steps} steps leaves "
+                                 f"{max(up, 0):g} steps to ramp up and {self.total_steps - 1 - max(up, 0):g} to "
+                                 f"anneal; each needs at least 1: change pct_start or lengthen the run")
+        if self.decay == "step" and any(not 0 < m < self.total_steps for m in self.milestones):
+            raise ValueError(f"schedule=step: milestones {list(self.milestones)} (in steps) must lie inside the run "
+                             f"(1..{self.total_steps - 1}): move them, or lengthen the run")
 
     @property
     def uses_warmup(self) -> bool:

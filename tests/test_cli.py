@@ -108,4 +108,5 @@ def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = (sweep / "optimization_results.yaml").read_text()
     assert "optim.lr" in results and "best_value" in results
+    assert (sweep / "optuna.db").stat().st_size > 0  # the study, so an interrupted search continues
     assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2

@@ -67,3 +67,31 @@ def test_noise_scale_state_round_trips():
     b.update(16, 3.0, 256, 1.0)
     a.update(16, 3.0, 256, 1.0)
     assert a.b_simple == b.b_simple and b.updates == 6
+
+
+def test_trust_ratios_are_the_adapted_tensors_only_and_named(tmp_path):
+    """The histogram and the statistics describe the same set: the adapted tensors (ndim > 1), not the BN/bias
+    tensors whose ratio is 1 by definition; wandb gets one metric per layer under its parameter name."""
+    from engine.diagnostics import trust_ratios, trust_ratios_by_name
+    from engine.models import build_model
+    from engine.config import ModelConfig
+    from optim import LARS, param_groups
+    model = build_model(ModelConfig(name="resnet_small", width=8, zero_init_residual=True), (1, 28, 28), 10)
+    opt = LARS(param_groups(model, 1e-4), lr=1.0)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    adapted = [n for n, p in model.named_parameters() if p.ndim > 1]
+    named = trust_ratios_by_name(model, opt)
+    assert sorted(named) == sorted(adapted) and len(trust_ratios(opt)) == len(adapted)
+    assert sorted(named.values()) == sorted(trust_ratios(opt).tolist())
+
+    summary, run_dir = run_train(tmp_path, TINY + ["optim=lars", "batch=128", "micro_batch=32", "epochs=1",
+                                                   "diagnostics.every=2", "logger=wandb"])
+    from tests.wandb_records import records
+    keys = set()
+    for rec in records(next((run_dir / "wandb").glob("offline-run-*/*.wandb"))):
+        if rec.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    per_layer = {k.removeprefix("trust_ratio/") for k in keys if k.startswith("trust_ratio/")
+                 and not k.startswith("trust_ratio/layers")} - {"mean", "min", "max", "median"}
+    assert per_layer == set(adapted), sorted(keys)

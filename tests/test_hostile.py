@@ -1,0 +1,162 @@
+"""Hostile input, class by class: every value that cannot work is one `error:` line and exit 2 before any run dir
+exists; faults on disk keep what exists and leave no debris; diverged runs exit 1."""
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.cli import preflight
+from tests.helpers import TINY, run_train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REFUSED = [  # (overrides, what the one line must say)
+    (["warmup.start_factor=-1"], "warmup.start_factor=-1 is invalid: input should be greater than or equal to 0"),
+    (["warmup=constant", "warmup.factor=-0.5"], "warmup.factor=-0.5 is invalid"),
+    (["schedule.min_factor=2"], "schedule.min_factor=2 is invalid: input should be less than or equal to 1"),
+    (["schedule=poly", "schedule.power=-1"], "schedule.power=-1 is invalid"),
+    (["schedule=step", "schedule.milestone_epochs=[20]"], "must lie inside the run"),
+    (["schedule=step", "schedule.milestones=[0.5,1.5]"], "schedule.milestones.1=1.5 is invalid"),
+    (["schedule=step", "schedule.milestones=[0.6,0.3]"], "must be increasing"),
+    (["schedule=onecycle", "schedule.pct_start=0"], "schedule.pct_start=0 is invalid"),
+    (["schedule=onecycle", "schedule.pct_start=1.5"], "schedule.pct_start=1.5 is invalid"),
+    (["schedule=onecycle", "schedule.pct_start=0.1", "data.train_size=8192", "batch=4k", "epochs=1.4"],
+     "schedule=onecycle: pct_start=0.1 of 3 steps"),
+    (["schedule=onecycle", "schedule.div_factor=0"], "schedule.div_factor=0 is invalid"),
+    (["warmup=exponential", "warmup.ratio=0"], "warmup.ratio=0 is invalid"),
+    (["model=vit_tiny", "model.dropout=1.5"], "model.dropout=1.5 is invalid"),
+    (["model.width=0"], "model.width=0 is invalid"),
+    (["data.crop_padding=-1"], "data.crop_padding=-1 is invalid"),
+    (["optim=lamb", "optim.trust_bounds=[2,1]"], "LAMB: trust_bounds must be [lo, hi] with 0 <= lo <= hi"),
+    (["data.num_classes=0"], "data.num_classes=0 is invalid"),
+    (["seed=99999999999999999999"], "seed=99999999999999999999 is invalid"),
+    (["seed=-1"], "seed=-1 is invalid"),
+    (["threads=4096"], "threads=4096 is more than the"),
+    (["label_smoothing=1"], "label_smoothing=1 is invalid"),
+    (["optim=lars", "optim.momentum=1.5"], "LARS: momentum must be in [0, 1), got 1.5"),
+    (["optim=adamw", "optim.betas=[0.9,1.5]"], "AdamW rejects its settings: Invalid beta parameter at index 1"),
+    (["logger.every_steps=0"], "logger.every_steps=0 is invalid"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_values_that_cannot_work_are_one_line(tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        preflight([*TINY, *overrides, f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0], err[0]
+    assert not run_dir.exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from engine import checkpoint
+    from engine.config import RunError
+    summary, run_dir = run_train(tmp_path, [*TINY, "max_steps=2"])
+    last = run_dir / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(1000)}, f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(RunError, match="the disk is full; the previous last.pt, if any, is intact"):
+        run_train(tmp_path, [*TINY, "max_steps=4", "resume=auto"])
+    assert last.read_bytes() == good
+    assert not list(last.parent.glob(".*tmp*"))  # the partial file is gone
+
+
+def test_stale_temporaries_are_cleaned_at_start(tmp_path):
+    summary, run_dir = run_train(tmp_path, [*TINY, "max_steps=2"])
+    stale = run_dir / "checkpoints" / ".last.pt.tmp-424242"
+    stale.write_bytes(b"x" * 1000)  # what a kill -9 during a save leaves
+    with pytest.raises(SystemExit):
+        preflight([*TINY, "max_steps=2", "resume=auto", f"hydra.run.dir={run_dir}"])  # finished: exits 0
+    assert not stale.exists()
+
+
+def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(SystemExit):
+        preflight([*TINY, f"hydra.run.dir={ro / 'run'}"])
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "threads=1", "data.train_size=4096", "epochs=3",
+           f"hydra.run.dir={tmp_path}"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # started together: whichever takes the folder first runs, the other is refused
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    (rc_ok, _), (rc_refused, err) = results
+    assert (rc_ok, rc_refused) == (0, 2) and len(err.strip().splitlines()) == 1
+    assert "in use by another running train.py" in err or "already holds a run" in err
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # one run's rows, not two interleaved
+
+
+def test_a_diverged_single_run_exits_1_after_its_summary(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "optim.lr=1e30", "warmup=none",
+                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "DIVERGED" in r.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"] is True
+
+
+def test_checkpointing_off_and_sigterm_says_so(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "threads=1", "data.train_size=4096",
+                             "epochs=5", "batch=32", "checkpoint.enabled=false", "logger.every_steps=1",
+                             f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "checkpoint saved" not in out and "nothing is saved to resume from" in out
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def _fashion_copy(tmp_path):
+    import shutil
+    root = tmp_path / "fm"
+    shutil.copytree("/usr/share/datasets/fashion-mnist", root)
+    return root
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: f.write_bytes(f.read_bytes()[:1000]), "cannot be read (EOFError"),
+    (lambda f: f.write_bytes(b"not gzip at all"), "cannot be read (BadGzipFile"),
+])
+def test_corrupt_fashion_mnist_is_one_line_naming_the_file(tmp_path, capsys, damage, message):
+    root = _fashion_copy(tmp_path)
+    bad = root / "train-images-idx3-ubyte.gz"
+    damage(bad)
+    with pytest.raises(SystemExit):
+        preflight([f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad} {message}") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_test_images_of_another_size_are_refused(tmp_path):
+    import gzip
+    import struct
+    from engine.config import ConfigError
+    from engine.data import load_fashion_mnist
+    root = _fashion_copy(tmp_path)
+    with gzip.open(root / "t10k-images-idx3-ubyte.gz", "wb") as f:  # 10,000 images of 32x32 instead of 28x28
+        f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 10_000, 32, 32) + bytes(10_000 * 32 * 32))
+    with pytest.raises(ConfigError, match="must have one image size"):
+        load_fashion_mnist(str(root))

@@ -1,0 +1,102 @@
+"""A run's record: one wandb run across resumes (read back from the .wandb files), .hydra/ kept as first written,
+metrics.jsonl holding every step once, metrics.csv holding every row, resumable sweeps, finished runs untouched."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import TINY
+from tests.wandb_records import runs as wandb_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+RUN = [*TINY, "threads=1", "batch=32", "epochs=1", "logger.every_steps=1", "checkpoint.every_steps=2"]
+
+
+def train(args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_csv_logger_keeps_every_row(tmp_path):
+    r = train([*RUN, "logger=csv", "max_steps=9", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    jsonl = rows(tmp_path)
+    table = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(table) == len(jsonl) > 9  # train rows every step, plus the evaluation row
+    for a, b in zip(jsonl, table):
+        assert all(str(v) == b[k] for k, v in a.items())
+
+
+def test_resume_is_one_record(tmp_path):
+    """SIGTERM mid-run, then resume=auto: the same wandb run id, marked preempting and non-zero exit when
+    stopped; .hydra/ as first written and .hydra/resume-1/ beside it; every step once in metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, "logger=wandb", "epochs=4",
+                             f"hydra.run.dir={run_dir}"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints" / "last.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + 15 and "checkpoint saved" in out
+    first_record = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    stopped_at = json.loads((run_dir / "summary.json").read_text())["steps"]
+    with open(run_dir / "metrics.jsonl", "a") as f:  # as if a kill -9 had logged steps past the checkpoint
+        f.write(json.dumps({"step": stopped_at + 1, "loss": 123.0}) + "\n")
+
+    r = train([*RUN, "logger=wandb", "epochs=4", "seed=0", "resume=auto", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from step {stopped_at} of 64" in r.stdout
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == first_record
+    assert "resume=auto" in (run_dir / ".hydra" / "resume-1" / "overrides.yaml").read_text()
+    train_steps = [x["step"] for x in rows(run_dir) if "loss" in x]
+    assert train_steps == list(range(1, 65)) and 123.0 not in [x.get("loss") for x in rows(run_dir)]
+
+    first, second = wandb_runs(run_dir)
+    assert first["run_id"] == second["run_id"]
+    assert first["preempting"] and first["exit_code"] != 0 and second["exit_code"] == 0
+    assert max(first["history_steps"]) <= stopped_at < min(second["history_steps"])
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    r = train([*RUN, "max_steps=3", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = train([*RUN, "max_steps=3", "resume=auto", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0 and "is finished (step 3 of 3); nothing to do" in r.stdout
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    r = train([*RUN, "max_steps=5", "resume=auto", f"hydra.run.dir={tmp_path}"])  # a longer max_steps continues
+    assert r.returncode == 0 and "resuming from step 3 of 5" in r.stdout
+
+
+def test_an_interrupted_sweep_resumes_in_place(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RUN, "batch=32,64", "max_steps=4", f"hydra.sweep.dir={sweep}"]
+    r = train(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    interrupted = sweep / jobs[1]  # as if the sweep had been killed during job 1, before its first checkpoint
+    for f in ("summary.json", "checkpoints/last.pt"):
+        (interrupted / f).unlink()
+    r = train([*args, "resume=auto"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == jobs  # same folders, no new ones
+    assert "is finished (step 4 of 4)" in r.stdout  # job 0 skipped
+    assert json.loads((interrupted / "summary.json").read_text())["steps"] == 4
+
+
+def test_sweep_job_folders_are_safe_for_any_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = train(["-m", *RUN, "max_steps=1", "logger=wandb", "logger.group=a/b,c", f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2

@@ -1,0 +1,50 @@
+"""Read back an offline run's .wandb file as `wandb sync` does: the LevelDB-log framing (32 KiB blocks, 7-byte
+record headers) around wandb's own protobuf Records (wandb.proto.wandb_internal_pb2)."""
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path):
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        parts = chunk if kind in (FULL, FIRST) else parts + chunk
+        if kind in (FULL, LAST):
+            record = pb.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+def runs(run_dir: Path) -> list[dict]:
+    """One dict per offline wandb run in run_dir/wandb: its id, group, name, history steps, exit code."""
+    out = []
+    for f in sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb")):
+        info = {"history_steps": [], "exit_code": None, "preempting": False}
+        for r in records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                info.update(run_id=r.run.run_id, group=r.run.run_group, name=r.run.display_name)
+            elif kind == "history":
+                info["history_steps"].append(r.history.step.num)
+            elif kind == "exit":
+                info["exit_code"] = r.exit.exit_code
+            elif kind == "preempting":
+                info["preempting"] = True
+        out.append(info)
+    return out
