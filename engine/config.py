@@ -163,6 +163,11 @@ class LoggerConfig(Group):
 class CheckpointConfig(Group):
     enabled: bool
     every_steps: Optional[Pos] = None              # null = at epoch ends only
+    keep_steps: list[Pos]                          # kept beside last.pt as checkpoints/step-N.pt
+
+
+class EvalConfig(Group):
+    every_steps: Optional[Pos] = None              # null = at epoch ends only
 
 
 class DiagnosticsConfig(Group):
@@ -180,6 +185,7 @@ class Config(Group):
     data: DataConfig
     logger: LoggerConfig
     checkpoint: CheckpointConfig
+    eval: EvalConfig
     diagnostics: DiagnosticsConfig
     recipe: Any = None                             # the selected recipe's name lands here only as a record
     hparams_search: Any = None

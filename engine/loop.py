@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -74,10 +75,11 @@ def fit(run: Run) -> RunState:
             log_step(run, stats, lr, time.perf_counter() - t0)
             if inspect:
                 log_layers(run, before)
-            end_of_epoch = state.step % plan.steps_per_epoch == 0
-            if end_of_epoch or state.step == plan.run_steps:
+            end_of_epoch, last = state.step % plan.steps_per_epoch == 0, state.step == plan.run_steps
+            if end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step):
                 run_eval(run)
-            if end_of_epoch or _every(run.cfg.checkpoint.every_steps, state.step) or state.step == plan.run_steps:
+            ckpt = run.cfg.checkpoint
+            if end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps:
                 save(run, epoch + end_of_epoch)
             if stats["stop"]:  # a signal reached this rank or another one: all ranks stop after the same step
                 preempt(run, stop.signal_name or "SIGTERM", epoch + end_of_epoch)
@@ -170,6 +172,8 @@ def save(run: Run, epoch: int) -> bool:
         try:
             run.state.save(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler, cfg=run.cfg,
                            epoch=epoch)
+            if run.state.step in run.cfg.checkpoint.keep_steps:  # fixed points for later measurement
+                shutil.copyfile(path, path.with_name(f"step-{run.state.step}.pt"))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
             full = "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e)
             raise RunError(f"checkpoint at step {run.state.step} could not be written to {path}: "

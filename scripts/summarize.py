@@ -71,15 +71,30 @@ def fmt(v, digits=4):
     return str(v)
 
 
+def ended(job: dict) -> str:
+    """How the job ended: finished, diverged, stopped by a signal (resumable), or failed with an error."""
+    if job.get("error"):
+        return "failed: " + job["error"]
+    if job.get("diverged"):
+        return "diverged"
+    if job.get("stopped_by"):
+        return f"stopped by {job['stopped_by']}"
+    return "finished"
+
+
 def table(jobs: list[dict], seeds_mean: bool) -> str:
-    lines = ["| job | overrides | val_acc | val_loss | steps | wall_s | diverged |", "|---|---|---|---|---|---|---|"]
+    common = shared_overrides(jobs)
+    lines = [f"Shared by every job: {' '.join(sorted(common))}\n" if common else "",
+             "| job | overrides | val_acc | val_loss | peak LR | steps | images/s | B_simple | wall_s | ended |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if not seeds_mean:
         for j in jobs:
-            status = "error: " + j["error"] if j.get("error") else fmt(j.get("diverged"))
-            lines.append(f"| {j['dir'].split('_', 1)[0]} | {' '.join(j['overrides']) or '(defaults)'} | "
-                         f"{fmt(j.get('val_acc'))} | {fmt(j.get('val_loss'))} | {fmt(j.get('steps'))} | "
-                         f"{fmt(j.get('wall_s'), 3)} | {status} |")
-        return "\n".join(lines)
+            rest = " ".join(o for o in j["overrides"] if o not in common) or "(defaults)"
+            lines.append(f"| {j['dir'].split('_', 1)[0]} | {rest} | {fmt(j.get('val_acc'))} | "
+                         f"{fmt(j.get('val_loss'))} | {fmt(j.get('peak_lr'))} | {fmt(j.get('steps'))} | "
+                         f"{fmt(j.get('images_per_s'), 3)} | {fmt(j.get('noise_scale_b_simple'), 3)} | "
+                         f"{fmt(j.get('wall_s'), 3)} | {ended(j)} |")
+        return "\n".join(ln for ln in lines if ln)
     groups = defaultdict(list)
     for j in jobs:
         groups[series_key(j, drop=("seed",))].append(j)
@@ -87,9 +102,10 @@ def table(jobs: list[dict], seeds_mean: bool) -> str:
         accs = [j["val_acc"] for j in js if isinstance(j.get("val_acc"), float) and not j.get("diverged")]
         acc = (f"{statistics.mean(accs):.4f} +- {statistics.stdev(accs):.4f} (n={len(accs)})" if len(accs) > 1
                else fmt(accs[0]) if accs else "-")
-        lines.append(f"| {len(js)} seeds | {key} | {acc} | - | {fmt(js[0].get('steps'))} | - | "
-                     f"{sum(bool(j.get('diverged')) for j in js)} of {len(js)} |")
-    return "\n".join(lines)
+        lines.append(f"| {len(js)} seeds | {key} | {acc} | - | {fmt(js[0].get('peak_lr'))} | "
+                     f"{fmt(js[0].get('steps'))} | - | - | - | {sum(bool(j.get('diverged')) for j in js)} of "
+                     f"{len(js)} diverged |")
+    return "\n".join(ln for ln in lines if ln)
 
 
 def plot(jobs: list[dict], out: Path) -> None:

@@ -44,3 +44,53 @@ def test_batch_must_divide_over_ranks(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "does not divide over 2 ranks" in r.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
+
+
+def _worker_with_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process whose RANK is ``rank`` (read from /proc)."""
+    import time
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == launcher_pid:  # field 4 of /proc/PID/stat: the parent's pid
+                children.append(stat.parent.name)
+        for pid in children:
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("no worker found")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import time
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    replaced = {"logger", "logger.mode", "max_steps", "epochs", "batch"}
+    args = [a for a in COMMON if a.split("=")[0] not in replaced] + [
+        "logger=none", "max_steps=200", "epochs=30", "batch=32", "micro_batch=16", "logger.every_steps=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    os.kill(_worker_with_rank(proc.pid, 1), signal.SIGTERM)  # rank 1 only, as a node's local preemption would
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert out.count("SIGTERM: checkpoint saved at step") == 1, out[-2000:] + err[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["stopped_by"] == "SIGTERM" and ckpt["step"] == summary["steps"] < 200
+    assert "Connection closed by peer" not in err

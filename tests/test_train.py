@@ -135,3 +135,14 @@ def test_wandb_failing_to_start_falls_back_to_local_logs(tmp_path, monkeypatch, 
     assert summary["steps"] == 2 and (run_dir / "metrics.jsonl").read_text()
     err = capsys.readouterr().err
     assert err.count("warning: wandb could not start") == 1
+
+
+def test_eval_every_steps_and_kept_checkpoints(tmp_path):
+    summary, run_dir = run_train(tmp_path, TINY + ["batch=32", "max_steps=7", "eval.every_steps=3",
+                                                   "checkpoint.keep_steps=[2,6]"])
+    evals = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "val_acc" in json.loads(x)]
+    assert evals == [3, 6, 7]
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-2.pt", "step-6.pt"]
+    assert torch.load(run_dir / "checkpoints" / "step-2.pt", weights_only=False)["step"] == 2
