@@ -26,6 +26,7 @@ from engine.cli import preflight, register_resolvers
 from engine.config import ConfigError, RunError, load_config
 from engine.data import load_data
 from engine.diagnostics import NoiseScale
+from engine.ema import make_ema
 from engine.loop import Run, fit
 from engine.metrics import Progress, RunLogger
 from engine.models import build_model
@@ -57,9 +58,10 @@ def train(cfg, run_dir: Path) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = plan.build_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    ema = make_ema(model, cfg, plan)
     state = RunState(noise_scale=NoiseScale(cfg.diagnostics.noise_ema))
     if resume is not None:
-        state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler)
+        state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler, ema=ema)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -69,6 +71,9 @@ def train(cfg, run_dir: Path) -> dict:
         print(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
               f"device {device}, {cfg.precision}", flush=True)
         print(plan.describe(), flush=True)
+        if ema is not None:
+            print(f"      EMA of the weights: decay {ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
+                  f"{cfg.ema.decay:g} x batch {plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
         if resume is not None:
             print(f"resuming from step {state.step} of {plan.run_steps} ({resume[1]})", flush=True)
     logger = RunLogger(run_dir, cfg.logger.name if dist.is_main else None,
@@ -77,7 +82,7 @@ def train(cfg, run_dir: Path) -> dict:
                        run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
     state.wandb_id = logger.wandb_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
     progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
-    run = Run(train_model, optimizer, scaler, data, plan, cfg, device, dist, logger, progress, state, run_dir)
+    run = Run(train_model, optimizer, scaler, data, plan, cfg, device, dist, logger, progress, state, run_dir, ema)
     try:
         fit(run)
     finally:

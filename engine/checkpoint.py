@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,16 +45,24 @@ class RunState:
     last_eval_step: int = -1
     noise_scale: NoiseScale = field(default_factory=NoiseScale)
     wandb_id: str | None = None
+    best_val_acc: float = -1.0  # the best evaluation so far: checkpoints/best.pt holds that step
+    improved: bool = False      # the last evaluation beat it: the next save also writes best.pt
 
-    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int) -> None:
+    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None) -> None:
         raw = getattr(model, "module", model)
         raw = getattr(raw, "_orig_mod", raw)
         save_atomic({"format": FORMAT, "identity": identity(cfg), "model": raw.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
                      "epoch": epoch, "images": self.images, "rng": rng_state(),
-                     "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id}, path)
+                     "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id,
+                     "best_val_acc": self.best_val_acc, "ema": ema.state_dict() if ema is not None else None}, path)
+        if self.improved:  # best.pt: the same checkpoint, replaced atomically
+            tmp = path.with_name(f".best.pt.tmp-{os.getpid()}")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, path.with_name("best.pt"))
+            self.improved = False
 
-    def restore(self, ckpt: dict, *, model, optimizer, scaler) -> None:
+    def restore(self, ckpt: dict, *, model, optimizer, scaler, ema=None) -> None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -61,6 +70,12 @@ class RunState:
         self.step, self.images = ckpt["step"], ckpt["images"]
         self.noise_scale.load_state_dict(ckpt["noise_scale"])
         self.wandb_id = ckpt.get("wandb_id")
+        self.best_val_acc = ckpt.get("best_val_acc", -1.0)
+        if ema is not None:
+            if ckpt.get("ema") is None:
+                raise ConfigError("ema.enabled=true, but the checkpoint holds no EMA weights (the run was started "
+                                  "without EMA): resume with ema.enabled=false, or start a new run")
+            ema.load_state_dict(ckpt["ema"])
 
 
 def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:

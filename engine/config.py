@@ -170,6 +170,12 @@ class EvalConfig(Group):
     every_steps: Optional[Pos] = None              # null = at epoch ends only
 
 
+class EmaConfig(Group):
+    enabled: bool
+    decay: Annotated[float, Field(gt=0, lt=1)]
+    every_steps: Pos
+
+
 class DiagnosticsConfig(Group):
     every: NonNeg                                  # trust / update ratios every N steps; 0 = off
     noise_scale: bool
@@ -186,6 +192,7 @@ class Config(Group):
     logger: LoggerConfig
     checkpoint: CheckpointConfig
     eval: EvalConfig
+    ema: EmaConfig
     diagnostics: DiagnosticsConfig
     recipe: Any = None                             # the selected recipe's name lands here only as a record
     hparams_search: Any = None

@@ -31,6 +31,7 @@ from . import diagnostics as diag
 from .checkpoint import RunState
 from .config import RunError
 from .data import training_steps
+from .ema import update_ema
 from .distributed import DistContext, all_reduce_sum
 
 
@@ -49,6 +50,7 @@ class Run:
     progress: object
     state: RunState
     run_dir: Path
+    ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when ema.enabled
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -72,6 +74,7 @@ def fit(run: Run) -> RunState:
             state.images += plan.global_batch
             state.train_time += time.perf_counter() - t0
             state.train_loss = stats["loss"]
+            update_ema(run.ema, run.model, state.step, run.cfg, plan)
             log_step(run, stats, lr, time.perf_counter() - t0)
             if inspect:
                 log_layers(run, before)
@@ -79,7 +82,8 @@ def fit(run: Run) -> RunState:
             if end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step):
                 run_eval(run)
             ckpt = run.cfg.checkpoint
-            if end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps:
+            if (end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps
+                    or state.improved):
                 save(run, epoch + end_of_epoch)
             if stats["stop"]:  # a signal reached this rank or another one: all ranks stop after the same step
                 preempt(run, stop.signal_name or "SIGTERM", epoch + end_of_epoch)
@@ -155,7 +159,12 @@ def log_layers(run: Run, before: list[torch.Tensor]) -> None:
 def run_eval(run: Run) -> None:
     state = run.state
     state.last_eval = evaluate(run.model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+    if run.ema is not None:
+        ema_eval = evaluate(run.ema, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+        state.last_eval.update({f"{k}_ema": v for k, v in ema_eval.items()})
     state.last_eval_step = state.step
+    if state.last_eval["val_acc"] > state.best_val_acc:
+        state.best_val_acc, state.improved = state.last_eval["val_acc"], True
     if run.dist.is_main:
         run.logger.log(state.step, {**state.last_eval, "epoch": state.step / run.plan.steps_per_epoch})
     run.progress.write(f"epoch {state.step / run.plan.steps_per_epoch:.4g} step {state.step}: train loss "
@@ -171,7 +180,7 @@ def save(run: Run, epoch: int) -> bool:
         path = run.run_dir / "checkpoints" / "last.pt"
         try:
             run.state.save(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler, cfg=run.cfg,
-                           epoch=epoch)
+                           epoch=epoch, ema=run.ema)
             if run.state.step in run.cfg.checkpoint.keep_steps:  # fixed points for later measurement
                 shutil.copyfile(path, path.with_name(f"step-{run.state.step}.pt"))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
