@@ -22,12 +22,13 @@ from omegaconf import DictConfig, open_dict
 
 from engine import distributed
 from engine.checkpoint import RunState, already_done, to_resume
+from engine.checkpoint import load as load_checkpoint
 from engine.cli import preflight, register_resolvers
 from engine.config import ConfigError, RunError, load_config
 from engine.data import load_data
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
-from engine.loop import Run, fit
+from engine.loop import Run, evaluate, fit
 from engine.metrics import Progress, RunLogger
 from engine.models import build_model
 from engine.plan import make_plan
@@ -41,6 +42,8 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(device.type)
+    if cfg.eval_only:
+        return evaluate_checkpoint(cfg, run_dir, device, dist)
     resume = to_resume(cfg, run_dir)
     data = load_data(cfg.data)
     plan = make_plan(cfg, data.train_size, dist.world_size)
@@ -51,11 +54,7 @@ def train(cfg, run_dir: Path) -> dict:
         return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.image_shape, data.num_classes).to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if dist.enabled and cfg.model.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
     optimizer = plan.build_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(model, cfg, plan)
@@ -65,42 +64,87 @@ def train(cfg, run_dir: Path) -> dict:
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     if cfg.compile:
         train_model = torch.compile(train_model)
-    data = data.to(device)
-
-    if dist.is_main:
-        print(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
-              f"device {device}, {cfg.precision}", flush=True)
-        print(plan.describe(), flush=True)
-        if ema is not None:
-            print(f"      EMA of the weights: decay {ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
-                  f"{cfg.ema.decay:g} x batch {plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
-        if resume is not None:
-            print(f"resuming from step {state.step} of {plan.run_steps} ({resume[1]})", flush=True)
     logger = RunLogger(run_dir, cfg.logger.name if dist.is_main else None,
                        config=cfg.model_dump(mode="json", by_alias=True), mode=cfg.logger.mode,
                        project=cfg.logger.project, group=cfg.logger.group, name=run_dir.name,
                        run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
     state.wandb_id = logger.wandb_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
     progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
-    run = Run(train_model, optimizer, scaler, data, plan, cfg, device, dist, logger, progress, state, run_dir, ema)
+    run = Run(train_model, optimizer, scaler, data.to(device), plan, cfg, device, dist, logger, progress, state,
+              run_dir, ema)
+    announce(run, resume)
     try:
         fit(run)
     finally:
         progress.close()
         summary = write_summary(run, started)
         logger.finish(exit_code=0 if not state.diverged and state.stopped_by is None else 1)
-    if dist.is_main:
-        if state.stopped_by is not None:
-            status = f"stopped by {state.stopped_by} at step {state.step}" + (
-                " (resume=auto continues)" if cfg.checkpoint.enabled else " (no checkpoint: checkpoint.enabled=false)")
-        elif state.diverged:
-            status = f"DIVERGED at step {state.step}"
-        else:
-            status = f"final test accuracy {summary['val_acc']:.4f}"
-        print(f"{status} ({summary['steps']} steps, {summary['wall_s']:.0f} s, "
-              f"{summary['images_per_s']:.0f} images/s) -> {run_dir}", flush=True)
+    report(run, summary)
     if state.stopped_by is not None:
         sys.exit(128 + {"SIGTERM": 15, "SIGINT": 2}[state.stopped_by])  # checkpoint is saved; resume=auto goes on
+    return summary
+
+
+def build_model_on(cfg, data, device, sync_bn: bool = False) -> torch.nn.Module:
+    model = build_model(cfg.model, data.image_shape, data.num_classes).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
+
+
+def announce(run: Run, resume) -> None:
+    if not run.dist.is_main:
+        return
+    data, cfg = run.data, run.cfg
+    print(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
+          f"device {run.device}, {cfg.precision}", flush=True)
+    print(run.plan.describe(), flush=True)
+    if run.ema is not None:
+        print(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
+              f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
+    if resume is not None:
+        print(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume[1]})", flush=True)
+
+
+def report(run: Run, summary: dict) -> None:
+    state = run.state
+    if not run.dist.is_main:
+        return
+    if state.stopped_by is not None:
+        status = f"stopped by {state.stopped_by} at step {state.step}" + (
+            " (resume=auto continues)" if run.cfg.checkpoint.enabled else " (no checkpoint: checkpoint.enabled=false)")
+    elif state.diverged:
+        status = f"DIVERGED at step {state.step}"
+    else:
+        status = f"final test accuracy {summary['val_acc']:.4f}"
+    print(f"{status} ({summary['steps']} steps, {summary['wall_s']:.0f} s, "
+          f"{summary['images_per_s']:.0f} images/s) -> {run.run_dir}", flush=True)
+
+
+def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
+    """eval_only=true resume=PATH: the checkpoint's model (and EMA) with the model and data settings stored in it
+    (data.root from the command line where given: paths differ between machines); a summary in this run dir."""
+    path = Path(cfg.resume)
+    ckpt = load_checkpoint(path)
+    stored = load_config(ckpt["config"])
+    if cfg.data.root is not None:
+        stored.data.root = cfg.data.root
+    stored.channels_last, stored.precision = cfg.channels_last, cfg.precision
+    data = load_data(stored.data)
+    model = build_model_on(stored, data, device)
+    model.load_state_dict(ckpt["model"])
+    data = data.to(device)
+    summary = {**evaluate(model, data, device, cfg.precision, dist, cfg.channels_last), "checkpoint": str(path),
+               "steps": ckpt["step"], "global_batch": ckpt["identity"]["global_batch"]}
+    if ckpt.get("ema") is not None:
+        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(ckpt["ema"])
+        ema_eval = evaluate(ema, data, device, cfg.precision, dist, cfg.channels_last)
+        summary.update({f"{k}_ema": v for k, v in ema_eval.items()})
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"evaluated {path} (step {ckpt['step']}): test accuracy {summary['val_acc']:.4f}"
+              + (f", EMA {summary['val_acc_ema']:.4f}" if "val_acc_ema" in summary else "") + f" -> {run_dir}")
     return summary
 
 

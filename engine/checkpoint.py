@@ -55,7 +55,8 @@ class RunState:
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
                      "epoch": epoch, "images": self.images, "rng": rng_state(),
                      "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id,
-                     "best_val_acc": self.best_val_acc, "ema": ema.state_dict() if ema is not None else None}, path)
+                     "best_val_acc": self.best_val_acc, "ema": ema.state_dict() if ema is not None else None,
+                     "config": cfg.model_dump(mode="json", by_alias=True)}, path)
         if self.improved:  # best.pt: the same checkpoint, replaced atomically
             tmp = path.with_name(f".best.pt.tmp-{os.getpid()}")
             shutil.copyfile(path, tmp)
@@ -82,6 +83,16 @@ def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:
     """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
+    if cfg.eval_only:  # evaluates a checkpoint into a new run dir: none of the resume rules apply
+        if cfg.resume in (None, "auto"):
+            raise ConfigError(f"eval_only=true needs resume=PATH, the checkpoint to evaluate (got resume={cfg.resume})")
+        ckpt = load(Path(cfg.resume))
+        if "config" not in ckpt or ckpt.get("format") != FORMAT:
+            raise ConfigError(f"resume={cfg.resume}: this checkpoint does not record its settings (an older "
+                              f"format), so eval_only cannot rebuild its model")
+        if (run_dir / "summary.json").exists():
+            raise ConfigError(f"{run_dir} already holds a result: choose a new hydra.run.dir for the evaluation")
+        return None
     if cfg.resume is None:
         held = [f for f in ("checkpoints/last.pt", "summary.json", "metrics.jsonl") if (run_dir / f).exists()]
         if held:

@@ -208,6 +208,7 @@ class Config(Group):
     channels_last: bool
     grad_clip: Optional[PosFloat] = None
     resume: Optional[str] = None
+    eval_only: bool
     threads: Optional[Pos] = None
 
     @field_validator("batch", mode="before")

@@ -58,3 +58,24 @@ def test_ema_resumes_bit_for_bit_and_is_recorded(tmp_path):
     best = torch.load(whole_dir / "checkpoints" / "best.pt", weights_only=False)
     best_eval = max(evals, key=lambda r: r["val_acc"])
     assert best["step"] == best_eval["step"] and best["best_val_acc"] == best_eval["val_acc"]
+
+
+def test_eval_only_evaluates_a_checkpoint_with_its_own_settings(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    summary, run_dir = run_train(tmp_path, [*EMA_RUN, "max_steps=4", "model.width=8"], "trained")
+    out = tmp_path / "eval"
+    # the command line's model and batch are ignored: the checkpoint's own settings rebuild the model
+    r = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "eval_only=true", "batch=128",
+                        f"resume={run_dir / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={out}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    evaluated = json.loads((out / "summary.json").read_text())
+    assert evaluated["val_acc"] == summary["val_acc"] and evaluated["val_acc_ema"] == summary["val_acc_ema"]
+    assert evaluated["steps"] == 4 and not (out / "checkpoints").exists()
+    r = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "eval_only=true",
+                        f"hydra.run.dir={tmp_path / 'none'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: eval_only=true needs resume=PATH, the checkpoint to "
+                                                      "evaluate (got resume=None)")
