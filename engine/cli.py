@@ -38,7 +38,11 @@ def register_resolvers() -> None:
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """One line on stderr and exit 2. Under torchrun every rank runs the same checks: only rank 0 prints, so the
+    line appears once, before torchrun's own report of the failed workers."""
+    import os
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 

@@ -42,7 +42,8 @@ def test_batch_must_divide_over_ranks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "train.py"), "data=synthetic", "batch=63", "logger=none"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "does not divide over 2 ranks" in r.stderr
+    assert r.returncode != 0 and r.stderr.count("does not divide over 2 ranks") == 1  # rank 0's line only
+    assert r.stderr.lstrip().startswith("error: batch=63 does not divide over 2 ranks")  # before torchrun's report
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
 
 
