@@ -25,7 +25,7 @@ from engine.checkpoint import RunState, already_done, to_resume
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import preflight, register_resolvers
 from engine.config import ConfigError, RunError, load_config
-from engine.data import load_data
+from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
 from engine.loop import Run, evaluate, fit
@@ -75,6 +75,8 @@ def train(cfg, run_dir: Path) -> dict:
     announce(run, resume)
     try:
         fit(run)
+        if (test := load_test_split(cfg.data)) is not None and state.stopped_by is None:
+            evaluate_test_split(run, test)
     finally:
         progress.close()
         summary = write_summary(run, started)
@@ -83,6 +85,14 @@ def train(cfg, run_dir: Path) -> dict:
     if state.stopped_by is not None:
         sys.exit(128 + {"SIGTERM": 15, "SIGINT": 2}[state.stopped_by])  # checkpoint is saved; resume=auto goes on
     return summary
+
+
+def evaluate_test_split(run: Run, test) -> None:
+    """With data.val_split, val_* came from held-out training images; the test split is measured once, at the end."""
+    result = evaluate(run.model, test.to(run.device), run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+    run.state.test_eval = {"test_acc": result["val_acc"], "test_loss": result["val_loss"]}
+    if run.dist.is_main:
+        run.logger.log(run.state.step, run.state.test_eval)
 
 
 def build_model_on(cfg, data, device, sync_bn: bool = False) -> torch.nn.Module:
@@ -116,7 +126,8 @@ def report(run: Run, summary: dict) -> None:
     elif state.diverged:
         status = f"DIVERGED at step {state.step}"
     else:
-        status = f"final test accuracy {summary['val_acc']:.4f}"
+        status = (f"final test accuracy {summary['test_acc']:.4f} (validation {summary['val_acc']:.4f})"
+                  if "test_acc" in summary else f"final test accuracy {summary['val_acc']:.4f}")
     print(f"{status} ({summary['steps']} steps, {summary['wall_s']:.0f} s, "
           f"{summary['images_per_s']:.0f} images/s) -> {run.run_dir}", flush=True)
 
@@ -130,6 +141,7 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
     if cfg.data.root is not None:
         stored.data.root = cfg.data.root
     stored.channels_last, stored.precision = cfg.channels_last, cfg.precision
+    stored.data.val_split = 0  # evaluate on the test split
     data = load_data(stored.data)
     model = build_model_on(stored, data, device)
     model.load_state_dict(ckpt["model"])
@@ -150,7 +162,7 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
 
 def write_summary(run: Run, started: float) -> dict:
     state, plan = run.state, run.plan
-    summary = {**state.last_eval, "train_loss": state.train_loss, "epochs": state.step / plan.steps_per_epoch,
+    summary = {**state.last_eval, **state.test_eval, "train_loss": state.train_loss, "epochs": state.step / plan.steps_per_epoch,
                "steps": state.step, "images": state.images, "global_batch": plan.global_batch,
                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps, "world_size": plan.world_size,
                "peak_lr": plan.peak_lr, "base_lr": plan.base_lr, "scaling_rule": plan.rule,

@@ -42,6 +42,7 @@ class RunState:
     diverged: bool = False
     stopped_by: str | None = None  # a signal's name when preempted
     last_eval: dict = field(default_factory=dict)
+    test_eval: dict = field(default_factory=dict)  # with data.val_split: the test split, once, at the end
     last_eval_step: int = -1
     noise_scale: NoiseScale = field(default_factory=NoiseScale)
     wandb_id: str | None = None

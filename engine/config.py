@@ -144,6 +144,7 @@ class DataConfig(Group):
     image_size: Optional[Annotated[int, Field(ge=4)]] = None
     channels: Optional[Pos] = None
     num_classes: Optional[Annotated[int, Field(ge=2)]] = None
+    val_split: NonNeg                              # training images held out for val_*; 0 = the test split
 
     @field_validator("name")
     @classmethod

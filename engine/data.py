@@ -52,6 +52,18 @@ class TensorData:
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
         return TensorData(**move, num_classes=self.num_classes, mean=self.mean, std=self.std, source=self.source)
 
+    def split_validation(self, n: int) -> "TensorData":
+        """The same data with ``n`` training images held out as the evaluation split (in place of the test split).
+        The held-out images are fixed (a seed of their own), so every run, seed and batch validates on the same
+        ones; the test split stays for the final ``test_*`` numbers."""
+        if not 0 < n < self.train_size:
+            raise ConfigError(f"data.val_split={n} must be below the training set's {self.train_size} images")
+        order = torch.randperm(self.train_size, generator=torch.Generator().manual_seed(2_718_281))
+        val, train = order[:n].sort().values, order[n:].sort().values
+        return TensorData(self.train_x[train], self.train_y[train], self.train_x[val], self.train_y[val],
+                          num_classes=self.num_classes, mean=self.mean, std=self.std,
+                          source=f"{self.source}, {n} training images held out for validation")
+
     def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment: "Augment | None",
                             device):
         """(x, y) of this rank's micro-batches, step after step, from ``first_step`` of ``epoch`` to its end.
@@ -242,12 +254,22 @@ DATASETS = {
 
 
 def load_data(cfg_data) -> TensorData:
-    return DATASETS[cfg_data.name][0](cfg_data)
+    """The dataset as configured: with ``data.val_split`` images held out of training for validation."""
+    data = DATASETS[cfg_data.name][0](cfg_data)
+    return data.split_validation(cfg_data.val_split) if cfg_data.val_split else data
+
+
+def load_test_split(cfg_data) -> TensorData | None:
+    """The untouched test split, when ``data.val_split`` moved evaluation during training to held-out images."""
+    return DATASETS[cfg_data.name][0](cfg_data) if cfg_data.val_split else None
 
 
 def check_data_available(cfg_data) -> None:
     """Cheap presence check (no reading) so a missing dataset is reported before any run dir exists."""
     name = cfg_data.name
+    if cfg_data.val_split and name == "imagenet":
+        raise ConfigError("data.val_split is for the in-memory datasets; for imagenet, point data.root at folders "
+                          "whose val/ is your held-out split")
     if name == "fashion_mnist":
         _fashion_readable(cfg_data.root)  # reads it (about 0.5 s): a corrupt file is refused before any run dir
     if name in ("cifar10", "cifar100", "imagenet"):
@@ -261,8 +283,12 @@ def _fashion_readable(root: str | None) -> None:
 
 
 def train_size_of(cfg_data) -> int:
-    """Training-set size without loading the data, for the plan and the schedule preview."""
-    return DATASETS[cfg_data.name][1](cfg_data)
+    """Training-set size without loading the data (held-out validation images excluded), for the plan and the
+    schedule preview."""
+    size = DATASETS[cfg_data.name][1](cfg_data)
+    if cfg_data.val_split and cfg_data.val_split >= size:
+        raise ConfigError(f"data.val_split={cfg_data.val_split} must be below the training set's {size} images")
+    return size - (cfg_data.val_split or 0)
 
 
 def training_steps(data, plan, cfg, rank: int, device, start_step: int):

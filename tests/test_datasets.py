@@ -34,7 +34,7 @@ def write_cifar(root, name="cifar10", n_train=40, n_test=20, bad_label=False):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_pickles_load_exactly(tmp_path, name):
     truth = write_cifar(tmp_path, name)
-    data = load_data(DataConfig(name=name, root=str(tmp_path)))
+    data = load_data(DataConfig(name=name, val_split=0, root=str(tmp_path)))
     assert data.train_x.shape == (40, 3, 32, 32) and data.train_x.dtype == torch.uint8
     assert data.num_classes == (10 if name == "cifar10" else 100)
     first = "data_batch_1" if name == "cifar10" else "train"
@@ -46,9 +46,9 @@ def test_cifar_pickles_load_exactly(tmp_path, name):
 def test_cifar_bad_labels_and_missing_folder(tmp_path):
     write_cifar(tmp_path / "a", bad_label=True)
     with pytest.raises(ConfigError, match="labels must lie in 0..9"):
-        load_data(DataConfig(name="cifar10", root=str(tmp_path / "a")))
+        load_data(DataConfig(name="cifar10", val_split=0, root=str(tmp_path / "a")))
     with pytest.raises(ConfigError, match="holds no cifar-10-batches-py"):
-        load_data(DataConfig(name="cifar10", root=str(tmp_path / "nothing")))
+        load_data(DataConfig(name="cifar10", val_split=0, root=str(tmp_path / "nothing")))
 
 
 @pytest.mark.parametrize("model", ["resnet18", "vit_tiny"])
@@ -84,7 +84,7 @@ def test_imagenet_missing_split_is_named(tmp_path):
     (tmp_path / "train" / "n01").mkdir(parents=True)
     from engine.datasets_disk import check
     with pytest.raises(ConfigError, match="no val/ folder"):
-        check("imagenet", DataConfig(name="imagenet", num_workers=0, root=str(tmp_path)))
+        check("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path)))
 
 
 def write_idx(path, tensor):

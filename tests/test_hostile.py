@@ -41,6 +41,8 @@ REFUSED = [  # (overrides, what the one line must say)
     (["optim=lars", "optim.momentum=1.5"], "LARS: momentum must be in [0, 1), got 1.5"),
     (["optim=adamw", "optim.betas=[0.9,1.5]"], "AdamW rejects its settings: Invalid beta parameter at index 1"),
     (["logger.every_steps=0"], "logger.every_steps=0 is invalid"),
+    (["data.val_split=512"], "data.val_split=512 must be below the training set's 512 images"),
+    (["data.val_split=-1"], "data.val_split=-1 is invalid"),
 ]
 
 

@@ -100,3 +100,23 @@ def test_sweep_job_folders_are_safe_for_any_value(tmp_path):
     r = train(["-m", *RUN, "max_steps=1", "logger=wandb", "logger.group=a/b,c", f"hydra.sweep.dir={sweep}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2
+
+
+def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):
+    """The launcher README's Slurm command uses (hydra-submitit-launcher), with submitit's local executor: the same
+    launcher code and job pickling as on a cluster, jobs as separate processes."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *RUN, "batch=32,64",
+            "max_steps=2", f"hydra.sweep.dir={sweep}"]
+    r = train(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "summary.json").exists())
+    assert [json.loads((j / "summary.json").read_text())["global_batch"] for j in jobs] == [32, 64]
+    for f in ("summary.json", "checkpoints/last.pt"):  # job 1 interrupted before its first checkpoint
+        (jobs[1] / f).unlink()
+    finished = (jobs[0] / "summary.json").read_bytes()
+    r = train([*args, "resume=auto"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()) == jobs
+    assert (jobs[0] / "summary.json").read_bytes() == finished  # the finished job is left alone
+    assert json.loads((jobs[1] / "summary.json").read_text())["steps"] == 2

@@ -146,3 +146,18 @@ def test_eval_every_steps_and_kept_checkpoints(tmp_path):
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
     assert kept == ["step-2.pt", "step-6.pt"]
     assert torch.load(run_dir / "checkpoints" / "step-2.pt", weights_only=False)["step"] == 2
+
+
+def test_val_split_holds_out_training_images_and_reports_the_test_split_at_the_end(tmp_path):
+    from engine.data import load_data
+    cfg = load_cfg([*TINY, "data.val_split=128"])
+    data, full = load_data(cfg.data), load_data(load_cfg(TINY).data)
+    assert data.train_size == 512 - 128 and len(data.test_y) == 128
+    held = {tuple(x.flatten().tolist()) for x in data.test_x}
+    assert held <= {tuple(x.flatten().tolist()) for x in full.train_x}  # validation images come from training
+    assert not held & {tuple(x.flatten().tolist()) for x in data.train_x}
+    assert torch.equal(load_data(cfg.data).test_y, data.test_y)  # the same held-out images every time
+    summary, run_dir = run_train(tmp_path, [*TINY, "data.val_split=128", "batch=64", "max_steps=3"])
+    assert {"test_acc", "test_loss", "val_acc"} <= set(summary)
+    _, plain = run_train(tmp_path, [*TINY, "max_steps=3"], "plain")
+    assert "test_acc" not in json.loads((plain / "summary.json").read_text())
