@@ -16,7 +16,7 @@ import re
 from typing import Annotated, Any, Literal, Optional
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optim import DECAYS, RULES, WARMUPS
 
@@ -41,10 +41,24 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
-def _one_of(group: str, value: str, options) -> str:
-    if value not in options:
-        raise ValueError(f"{group}={value!r} is not an option: choose one of {', '.join(options)}")
-    return value
+def Option(group: str, registry):
+    """A setting whose value must name an entry of ``registry()`` (the code that implements the options)."""
+    def check(value: str) -> str:
+        options = registry()
+        if value not in options:
+            raise ValueError(f"{group}={value!r} is not an option: choose one of {', '.join(options)}")
+        return value
+    return Annotated[str, AfterValidator(check)]
+
+
+def _models():
+    from .models import MODELS  # imported late: the registries' modules import this one
+    return MODELS
+
+
+def _datasets():
+    from .data import DATASETS
+    return DATASETS
 
 
 class OptimConfig(BaseModel):
@@ -61,7 +75,7 @@ class OptimConfig(BaseModel):
 
 
 class WarmupConfig(Group):
-    name: str
+    name: Option("warmup", lambda: WARMUPS)
     epochs: Optional[NonNegFloat] = None           # length in epochs (fractions allowed) ...
     steps: Optional[NonNeg] = None                 # ... or in optimizer steps (wins when both are set)
     start_factor: Optional[Unit] = None            # linear: LR at the start as a fraction of the peak
@@ -70,14 +84,9 @@ class WarmupConfig(Group):
     ratio: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None  # exponential: starts at peak/r
     scale_with_batch: Optional[bool] = None        # lengthen the warmup by batch / ref_batch (MLPerf LARS)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v):
-        return _one_of("warmup", v, WARMUPS)
-
 
 class ScheduleConfig(Group):
-    name: str
+    name: Option("schedule", lambda: DECAYS)
     min_factor: Optional[Unit] = None              # cosine/poly floor as a fraction of the peak
     milestones: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = None  # step: fractions of the run ...
     milestone_epochs: Optional[list[PosFloat]] = None  # ... or epochs (wins when set)
@@ -89,11 +98,6 @@ class ScheduleConfig(Group):
     cycle_momentum: Optional[bool] = None
     base_momentum: Optional[UnitOpen] = None
     max_momentum: Optional[UnitOpen] = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v):
-        return _one_of("schedule", v, DECAYS)
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -108,32 +112,21 @@ class ScheduleConfig(Group):
 
 
 class ScalingConfig(Group):
-    rule: str
+    rule: Option("scaling", lambda: RULES)
     ref_batch: Pos
-
-    @field_validator("rule")
-    @classmethod
-    def _rule(cls, v):
-        return _one_of("scaling", v, RULES)
 
 
 class ModelConfig(Group):
-    name: str
+    name: Option("model", _models)
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
     zero_init_residual: Optional[bool] = None
     sync_bn: Optional[bool] = None
     patch_size: Optional[Pos] = None               # ViT: null = 4 for images <= 64 px, else 16
     dropout: Optional[UnitOpen] = None
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v):
-        from .models import MODELS
-        return _one_of("model", v, MODELS)
-
 
 class DataConfig(Group):
-    name: str
+    name: Option("data", _datasets)
     root: Optional[str] = None
     augment: Optional[bool] = None                 # random crop with padding + flip, per batch on the device
     crop_padding: Optional[NonNeg] = None
@@ -145,12 +138,6 @@ class DataConfig(Group):
     channels: Optional[Pos] = None
     num_classes: Optional[Annotated[int, Field(ge=2)]] = None
     val_split: NonNeg                              # training images held out for val_*; 0 = the test split
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v):
-        from .data import DATASETS
-        return _one_of("data", v, DATASETS)
 
 
 class LoggerConfig(Group):
