@@ -44,10 +44,10 @@ def train(cfg, run_dir: Path) -> dict:
     dist = distributed.init(device.type)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, run_dir, device, dist)
-    resume = to_resume(cfg, run_dir)
     data = load_data(cfg.data)
     plan = make_plan(cfg, data.train_size, dist.world_size)
-    if resume is not None and (done := already_done(run_dir, resume[0], plan.run_steps)):
+    resume = to_resume(cfg, run_dir, plan)
+    if resume is not None and (done := already_done(run_dir, resume[0], plan)):
         if dist.is_main:
             print(done, flush=True)  # a sweep re-run with resume=auto skips its finished and diverged jobs
         summary_path = run_dir / "summary.json"
@@ -162,14 +162,16 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
 
 def write_summary(run: Run, started: float) -> dict:
     state, plan = run.state, run.plan
-    summary = {**state.last_eval, **state.test_eval, "train_loss": state.train_loss, "epochs": state.step / plan.steps_per_epoch,
-               "steps": state.step, "images": state.images, "global_batch": plan.global_batch,
+    summary = {**state.last_eval, **state.test_eval, "train_loss": state.train_loss,
+               "epochs": plan.epoch_of(state.step, state.images), "steps": state.step, "images": state.images,
+               "global_batch": plan.global_batch, "batch_schedule": plan.batches.kind,
                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps, "world_size": plan.world_size,
                "peak_lr": plan.peak_lr, "base_lr": plan.base_lr, "scaling_rule": plan.rule,
                "optimizer": plan.optimizer_name, "diverged": state.diverged, "stopped_by": state.stopped_by,
                "noise_scale_b_simple": state.noise_scale.b_simple, "wall_s": time.time() - started,
-               "images_per_s": plan.global_batch * state.steps_this_process / state.train_time
-               if state.train_time else 0.0}
+               "images_per_s": state.images_this_process / state.train_time if state.train_time else 0.0}
+    if plan.rule == "adascale":
+        summary.update(adascale_tau=state.tau, adascale_gain=state.gain)
     if run.device.type == "cuda":
         summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

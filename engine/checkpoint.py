@@ -20,15 +20,26 @@ import torch
 from .config import ConfigError
 from .diagnostics import NoiseScale
 
-FORMAT = 2
-# What a resume must keep: the data order is a function of (seed, batch), and the rest is the run itself.
-# micro_batch, the number of ranks, threads, the logger and max_steps may change.
-IDENTITY = ("global_batch", "seed", "optimizer", "model", "dataset")
+FORMAT = 3  # 3: batch schedules (identity and state); a format-2 checkpoint is a constant-batch run and loads
+# What a resume must keep: the data order is a function of (seed, batch schedule), and the rest is the run itself.
+# micro_batch, the number of ranks, threads, the logger and max_steps may change, except under batch_schedule=
+# adaptive and scaling=adascale, whose decisions depend on gradients measured per micro-batch and rank.
+IDENTITY = ("global_batch", "batch_schedule", "seed", "optimizer", "model", "dataset")
+MEASURED = ("micro_batch", "world_size")
 
 
-def identity(cfg) -> dict:
-    return {"global_batch": cfg.batch, "seed": cfg.seed, "optimizer": cfg.optim.target, "model": cfg.model.name,
-            "dataset": cfg.data.name}
+def identity(cfg, plan=None) -> dict:
+    schedule = {k: v for k, v in cfg.batch_schedule.model_dump().items() if v is not None}
+    ident = {"global_batch": cfg.batch, "batch_schedule": schedule, "seed": cfg.seed, "optimizer": cfg.optim.target,
+             "model": cfg.model.name, "dataset": cfg.data.name}
+    if plan is not None:
+        ident.update(micro_batch=plan.micro_batch, world_size=plan.world_size)
+    return ident
+
+
+def measured(cfg) -> bool:
+    """Whether the run's decisions depend on gradients measured per micro-batch and rank."""
+    return cfg.batch_schedule.name == "adaptive" or cfg.scaling.rule == "adascale"
 
 
 @dataclass
@@ -38,6 +49,7 @@ class RunState:
     images: int = 0             # training images seen, over the whole run (all ranks, all resumes)
     train_time: float = 0.0     # seconds in training steps of this process (evaluation excluded)
     steps_this_process: int = 0
+    images_this_process: int = 0
     train_loss: float = math.nan
     diverged: bool = False
     stopped_by: str | None = None  # a signal's name when preempted
@@ -48,11 +60,15 @@ class RunState:
     wandb_id: str | None = None
     best_val_acc: float = -1.0  # the best evaluation so far: checkpoints/best.pt holds that step
     improved: bool = False      # the last evaluation beat it: the next save also writes best.pt
+    batch: int | None = None    # batch_schedule=adaptive: the batch of the next step (its last decision)
+    tau: float = 0.0            # scaling=adascale: the scale-invariant iteration (sum of the gains)
+    gain: float = 1.0           # scaling=adascale: the last step's gain
 
-    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None) -> None:
+    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None) -> None:
         raw = getattr(model, "module", model)
         raw = getattr(raw, "_orig_mod", raw)
-        save_atomic({"format": FORMAT, "identity": identity(cfg), "model": raw.state_dict(),
+        save_atomic({"format": FORMAT, "identity": identity(cfg, plan), "model": raw.state_dict(),
+                     "batch_state": {"batch": self.batch, "tau": self.tau, "gain": self.gain},
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
                      "epoch": epoch, "images": self.images, "rng": rng_state(),
                      "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id,
@@ -70,6 +86,9 @@ class RunState:
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.step, self.images = ckpt["step"], ckpt["images"]
+        batch_state = ckpt.get("batch_state") or {}
+        self.batch, self.tau = batch_state.get("batch"), batch_state.get("tau", 0.0)
+        self.gain = batch_state.get("gain", 1.0)
         self.noise_scale.load_state_dict(ckpt["noise_scale"])
         self.wandb_id = ckpt.get("wandb_id")
         self.best_val_acc = ckpt.get("best_val_acc", -1.0)
@@ -80,14 +99,14 @@ class RunState:
             ema.load_state_dict(ckpt["ema"])
 
 
-def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:
+def to_resume(cfg, run_dir: Path, plan=None) -> tuple[dict, Path] | None:
     """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
     if cfg.eval_only:  # evaluates a checkpoint into a new run dir: none of the resume rules apply
         if cfg.resume in (None, "auto"):
             raise ConfigError(f"eval_only=true needs resume=PATH, the checkpoint to evaluate (got resume={cfg.resume})")
-        ckpt = load(Path(cfg.resume))
+        ckpt = migrate(load(Path(cfg.resume)))
         if "config" not in ckpt or ckpt.get("format") != FORMAT:
             raise ConfigError(f"resume={cfg.resume}: this checkpoint does not record its settings (an older "
                               f"format), so eval_only cannot rebuild its model")
@@ -103,32 +122,50 @@ def to_resume(cfg, run_dir: Path) -> tuple[dict, Path] | None:
     path = last if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume == "auto" and not last.exists():
         return None
-    ckpt = load(path)
-    check_resumable(ckpt, cfg, path)
+    ckpt = migrate(load(path))
+    check_resumable(ckpt, cfg, path, plan)
     return ckpt, path
 
 
-def already_done(run_dir: Path, ckpt: dict, run_steps: int) -> str | None:
+def already_done(run_dir: Path, ckpt: dict, plan) -> str | None:
     """Why resuming this run dir has nothing to do (finished or diverged), or None."""
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary.get("diverged"):
         return f"{run_dir} diverged at step {summary.get('steps')}; nothing to resume (start a new run to retry)"
-    if ckpt["step"] >= run_steps:
-        return f"{run_dir} is finished (step {ckpt['step']} of {run_steps}); nothing to do"
+    tau = (ckpt.get("batch_state") or {}).get("tau", 0.0)
+    if plan.finished(ckpt["step"], ckpt.get("images", 0), tau):
+        of = f" of {plan.run_steps}" if plan.fixed else f", {ckpt.get('images', 0):,} images"
+        return f"{run_dir} is finished (step {ckpt['step']}{of}); nothing to do"
     return None
 
 
-def check_resumable(ckpt: dict, cfg, path) -> None:
+def migrate(ckpt: dict) -> dict:
+    """A format-2 checkpoint is a constant-batch run: it gains format 3's batch-schedule fields."""
+    if ckpt.get("format") == 2 and isinstance(ckpt.get("identity"), dict):
+        ckpt["identity"].setdefault("batch_schedule", {"name": "constant"})
+        ckpt["format"] = 3
+    return ckpt
+
+
+def check_resumable(ckpt: dict, cfg, path, plan=None) -> None:
     """Refuse, with one line naming the setting and both values, a resume that would continue a different run."""
+    ckpt = migrate(ckpt)
     if ckpt.get("format") != FORMAT:
         raise ConfigError(f"resume={path}: checkpoint format {ckpt.get('format', 1)} is not this version's "
                           f"({FORMAT}) and cannot be continued: start a new run, or resume with the version "
                           f"that wrote it")
-    for key, now in identity(cfg).items():
-        then = ckpt["identity"][key]
-        if then != now:
-            setting = {"global_batch": "batch", "optimizer": "optim", "model": "model", "dataset": "data"}.get(key, key)
+    now_identity = identity(cfg, plan)
+    keys = IDENTITY + (MEASURED if plan is not None and measured(cfg) else ())
+    for key in keys:
+        then, now = ckpt["identity"].get(key), now_identity[key]
+        if then is not None and then != now:
+            setting = {"global_batch": "batch", "optimizer": "optim", "model": "model", "dataset": "data",
+                       "world_size": "ranks"}.get(key, key)
+            if key in MEASURED:
+                raise ConfigError(f"resume={path}: {setting} was {then} in the checkpoint and is {now} now; under "
+                                  f"batch_schedule=adaptive and scaling=adascale the run's decisions depend on "
+                                  f"gradients measured per micro-batch and rank, so a resume keeps both")
             raise ConfigError(f"resume={path}: {setting} was {then} in the checkpoint and is {now} now; a resume "
                               f"keeps {', '.join(IDENTITY)} (micro_batch, ranks, threads, logger and max_steps may "
                               f"change): start a new run dir to change it")

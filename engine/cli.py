@@ -199,10 +199,10 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 check_data_available(cfg.data)
                 resume = None
                 if run_dir is not None or cfg.resume not in (None, "auto"):
-                    resume = to_resume(cfg, Path(run_dir or "."))  # refusals happen here, before Hydra writes
+                    resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
                 if run_dir is not None and env_rank() == 0:
                     lock_run_dir(Path(run_dir))
-                if resume and run_dir and (done := already_done(Path(run_dir), resume[0], plan.run_steps)):
+                if resume and run_dir and (done := already_done(Path(run_dir), resume[0], plan)):
                     print(done, flush=True)
                     sys.exit(0)  # a finished run stays exactly as it was
             except ConfigError as e:

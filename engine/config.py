@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Optional
 from omegaconf import OmegaConf
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from optim import DECAYS, RULES, WARMUPS
+from optim import BATCH_SCHEDULES, DECAYS, RULES, WARMUPS
 
 
 class ConfigError(ValueError):
@@ -116,6 +116,25 @@ class ScalingConfig(Group):
     ref_batch: Pos
 
 
+class BatchScheduleConfig(Group):
+    name: Option("batch_schedule", lambda: BATCH_SCHEDULES)
+    start: Optional[Pos] = None                    # the first global batch (ramp, step, adaptive)
+    increment: Optional[Pos] = None                # ramp: batch increment per stage; null = start
+    epochs: Optional[NonNegFloat] = None           # ramp: its length in epochs of images
+    factor: Optional[Annotated[float, Field(gt=1, allow_inf_nan=False)]] = None  # step: batch x factor per milestone
+    milestones: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = None  # step: fractions of the run's images
+    k: Optional[PosFloat] = None                   # adaptive: B = k * B_simple
+    every: Optional[Pos] = None                    # adaptive: steps between decisions
+    multiple: Optional[Pos] = None                 # adaptive: batches are multiples of this
+    probe: Optional[Pos] = None                    # adaptive: images per rank in the small-batch gradient
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.milestones is not None and list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"batch_schedule.milestones={list(self.milestones)} must be increasing")
+        return self
+
+
 class ModelConfig(Group):
     name: Option("model", _models)
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
@@ -175,6 +194,7 @@ class Config(Group):
     warmup: WarmupConfig
     schedule: ScheduleConfig
     scaling: ScalingConfig
+    batch_schedule: BatchScheduleConfig
     model: ModelConfig
     data: DataConfig
     logger: LoggerConfig
@@ -244,6 +264,6 @@ def _one_line(e: ValidationError, data: dict) -> str:
     if err["type"] == "missing":
         return f"{key} is missing: the option's YAML file must set it"
     msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith(tuple(f"{k}=" for k in ("warmup", "schedule", "scaling", "model", "data", "schedule."))):
+    if msg.startswith(("warmup", "schedule", "scaling", "model", "data", "batch_schedule")):  # already one line
         return msg
     return f"{key}={err.get('input')!r} is invalid: {msg[0].lower()}{msg[1:]}"

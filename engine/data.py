@@ -70,16 +70,23 @@ class TensorData:
 
         Generated lazily: nothing proportional to the global batch is held beyond one index tensor.
         """
-        per_rank = plan.micro_batch * plan.accum_steps
         for i, index in enumerate(global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]):
             step = epoch * plan.steps_per_epoch + first_step + i
-            mine = index[rank * per_rank:(rank + 1) * per_rank]
-            aug = augment.draw(plan.global_batch, seed, step)[rank * per_rank:(rank + 1) * per_rank] if augment else None
-            for k, part in enumerate(mine.split(plan.micro_batch)):
-                x = self.train_x[part].to(device, non_blocking=True)
-                if augment is not None:
-                    x = augment.apply(x, aug[k * plan.micro_batch:(k + 1) * plan.micro_batch])
-                yield normalize(x, self.mean, self.std), self.train_y[part].to(device, non_blocking=True)
+            yield from self.step_micro_batches(index, step, plan.micro_batch, plan.world_size, rank, seed, augment,
+                                               device)
+
+    def step_micro_batches(self, index: torch.Tensor, step: int, micro_batch: int, world_size: int, rank: int,
+                           seed: int, augment: "Augment | None", device):
+        """This rank's micro-batches of one step, whose global batch is the images ``index``. Augmentation is drawn
+        for the whole global batch (a pure function of seed and step), then sliced."""
+        per_rank = len(index) // world_size
+        mine = index[rank * per_rank:(rank + 1) * per_rank]
+        aug = augment.draw(len(index), seed, step)[rank * per_rank:(rank + 1) * per_rank] if augment else None
+        for k, part in enumerate(mine.split(micro_batch)):
+            x = self.train_x[part].to(device, non_blocking=True)
+            if augment is not None:
+                x = augment.apply(x, aug[k * micro_batch:(k + 1) * micro_batch])
+            yield normalize(x, self.mean, self.std), self.train_y[part].to(device, non_blocking=True)
 
     def test_batches(self, rank: int, world_size: int, device, chunk: int = 1024):
         """The test split in chunks, each rank a strided share."""
@@ -89,10 +96,24 @@ class TensorData:
             yield x, self.test_y[part].to(device, non_blocking=True)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of the training set used in ``epoch`` (CPU, int64)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> torch.Tensor:
+    """Images ``start .. start + count`` of the run's image stream: the epochs' permutations one after another
+    (a batch may straddle two epochs). Used when the batch changes during a run, so the images a run sees are a
+    pure function of (seed, batch schedule), whatever the micro-batch or number of ranks."""
+    parts = []
+    while count > 0:
+        epoch, offset = divmod(start, n)
+        take = min(count, n - offset)
+        parts.append(epoch_order(n, seed, epoch)[offset:offset + take])
+        start, count = start + take, count - take
+    return torch.cat(parts)
 
 
 def global_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -291,19 +312,33 @@ def train_size_of(cfg_data) -> int:
     return size - (cfg_data.val_split or 0)
 
 
-def training_steps(data, plan, cfg, rank: int, device, start_step: int):
-    """``(epoch, step, micro_batches)`` for every optimizer step from ``start_step`` to the run's last.
+def training_steps(data, plan, cfg, rank: int, device, state):
+    """``(step, batch, micro_batches)`` for every optimizer step from ``state``'s to the run's last.
 
-    ``micro_batches`` yields this rank's ``accum_steps`` (x, y) pairs of that step, normalised, augmented (a pure
-    function of (seed, step)) and in the memory format the model wants: the loop sees only ready tensors.
+    ``micro_batches`` yields this rank's (x, y) pairs of that step, normalised, augmented (a pure function of
+    (seed, step)) and in the memory format the model wants: the loop sees only ready tensors. Under a constant
+    batch the steps walk the epochs' global batches (the last partial one dropped); under a batch schedule they
+    walk the image stream (``stream_indices``), reading ``state`` before each step, so an adaptive batch decided
+    after step t sizes step t + 1.
     """
     augment = Augment(cfg.data.crop_padding or 0, bool(cfg.data.hflip)) if cfg.data.augment else None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    step = start_step
-    while step < plan.run_steps:
-        epoch, first = divmod(step, plan.steps_per_epoch)
-        stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device)
-        for step in range(step, min((epoch + 1) * plan.steps_per_epoch, plan.run_steps)):
-            yield epoch, step, ((x.contiguous(memory_format=memory_format), y)
-                                for x, y in itertools.islice(stream, plan.accum_steps))
-        step += 1
+
+    def ready(stream, count):
+        return ((x.contiguous(memory_format=memory_format), y) for x, y in itertools.islice(stream, count))
+
+    if plan.fixed:
+        step = state.step
+        while step < plan.run_steps:
+            epoch, first = divmod(step, plan.steps_per_epoch)
+            stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device)
+            for step in range(step, min((epoch + 1) * plan.steps_per_epoch, plan.run_steps)):
+                yield step, plan.global_batch, ready(stream, plan.accum_steps)
+            step += 1
+        return
+    while not plan.finished(state.step, state.images, state.tau):
+        batch = plan.batch_at(state.images, state.batch)
+        index = stream_indices(data.train_size, cfg.seed, state.images, batch)
+        stream = data.step_micro_batches(index, state.step, plan.micro_batch, plan.world_size, rank, cfg.seed, augment,
+                                         device)
+        yield state.step, batch, ready(stream, plan.accum_at(batch))

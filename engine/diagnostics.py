@@ -51,6 +51,14 @@ class NoiseScale:
         self.updates = state.get("updates", 0)
 
     @property
+    def smoothed(self) -> tuple[float, float]:
+        """(|G|^2, tr(Sigma)): the bias-corrected moving averages (nan before any update)."""
+        if not self.updates:
+            return math.nan, math.nan
+        correction = 1 - self.beta ** self.updates
+        return self.grad_sq / correction, self.trace / correction
+
+    @property
     def b_simple(self) -> float:
         if not self.updates:
             return math.nan

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from optim import apply_lr
+from optim import adascale_gain, apply_lr
 
 from . import diagnostics as diag
 from .checkpoint import RunState
@@ -60,90 +60,114 @@ class Run:
 def fit(run: Run) -> RunState:
     plan, state = run.plan, run.state
     with StopFlag() as stop:
-        for epoch, step, micro_batches in training_steps(run.data, plan, run.cfg, run.dist.rank, run.device,
-                                                         state.step):
+        for step, batch, micro_batches in training_steps(run.data, plan, run.cfg, run.dist.rank, run.device, state):
             t0 = time.perf_counter()
             inspect = _inspecting(run, step)
             before = [p.detach().clone() for p in run.params] if inspect else None
-            lr = plan.schedule(step)
-            stats = train_step(run, micro_batches, lr, plan.schedule.momentum(step), stop.signal_name is not None)
+            stats = train_step(run, micro_batches, batch, stop.signal_name is not None)
             if stats is None:  # diverged: the weights are those before this step
                 break
-            state.step += 1
-            state.steps_this_process += 1
-            state.images += plan.global_batch
-            state.train_time += time.perf_counter() - t0
-            state.train_loss = stats["loss"]
+            images_before = state.images
+            advance(state, plan, batch, stats, time.perf_counter() - t0)
             update_ema(run.ema, run.model, state.step, run.cfg, plan)
-            log_step(run, stats, lr, time.perf_counter() - t0)
+            log_step(run, stats, batch, time.perf_counter() - t0)
             if inspect:
                 log_layers(run, before)
-            end_of_epoch, last = state.step % plan.steps_per_epoch == 0, state.step == plan.run_steps
+            end_of_epoch = plan.epoch_ended(state.step, images_before, state.images)
+            last = plan.finished(state.step, state.images, state.tau)
             if end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step):
                 run_eval(run)
             ckpt = run.cfg.checkpoint
+            epoch = int(plan.epoch_of(state.step, state.images))
             if (end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps
                     or state.improved):
-                save(run, epoch + end_of_epoch)
+                save(run, epoch)
             if stats["stop"]:  # a signal reached this rank or another one: all ranks stop after the same step
-                preempt(run, stop.signal_name or "SIGTERM", epoch + end_of_epoch)
+                preempt(run, stop.signal_name or "SIGTERM", epoch)
                 break
     return state
 
 
-def train_step(run: Run, micro_batches, lr: float, momentum: float | None, stop: bool = False) -> dict | None:
+def advance(state: RunState, plan, batch: int, stats: dict, seconds: float) -> None:
+    """Count the step done; under AdaScale tau moves by the gain; an adaptive batch is decided every N steps."""
+    state.step += 1
+    state.steps_this_process += 1
+    state.images += batch
+    state.images_this_process += batch
+    state.train_time += seconds
+    state.train_loss = stats["loss"]
+    state.tau += stats["gain"]
+    state.gain = stats["gain"]
+    if plan.batches.kind == "adaptive" and state.step % plan.batches.every == 0:
+        state.batch = plan.batches.decide(state.noise_scale.b_simple, batch)
+
+
+def train_step(run: Run, micro_batches, batch: int, stop: bool = False) -> dict | None:
     """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
     numbers (and whether any rank was asked to stop), or None when the loss or gradient is not finite (the
     optimizer does not step then)."""
-    plan, model, params = run.plan, run.model, run.params
-    track_noise = run.cfg.diagnostics.noise_scale and plan.accum_steps > 1 and not run.scaler.is_enabled()
+    plan, model, params, state = run.plan, run.model, run.params, run.state
+    accum = plan.accum_at(batch)
+    probe = plan.probe_micro  # micro-batches in the noise scale's small-batch gradient
+    measure = run.cfg.diagnostics.noise_scale or plan.rule == "adascale" or plan.batches.kind == "adaptive"
+    track_noise = measure and accum > probe and not run.scaler.is_enabled()
     loss_sum = torch.zeros((), device=run.device)
     small_sq = torch.zeros((), device=run.device, dtype=torch.float64)
     for k, (x, y) in enumerate(micro_batches):
-        last = k == plan.accum_steps - 1
+        last = k == accum - 1
         with contextlib.nullcontext() if (last or not run.dist.enabled) else model.no_sync():
             with autocast(run.device, run.cfg.precision):
                 loss = F.cross_entropy(model(x), y, label_smoothing=run.cfg.label_smoothing)
-            scaled = loss / plan.accum_steps
+            scaled = loss / accum
             run.scaler.scale(scaled).backward()
         loss_sum += scaled.detach().float()
-        if track_noise and k == 0:  # this rank's first micro-batch alone: the small-batch gradient
-            small_sq = diag.sq_norm(p.grad for p in params) * plan.accum_steps ** 2
-    apply_lr(run.optimizer, lr, momentum)
+        if track_noise and k == probe - 1:  # this rank's first micro-batches alone: the small-batch gradient
+            small_sq = diag.sq_norm(p.grad for p in params) * (accum / probe) ** 2
     run.scaler.unscale_(run.optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
     gnorm = grad_norm(params)
     if run.cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
-    # the loss and every rank's stop request in one all-reduce; everything the host needs in one read
-    loss_and_stop = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop), device=run.device)]))
-    loss, stops, gnorm_value, small = torch.cat([loss_and_stop.double(), gnorm.double().view(1),
-                                                 small_sq.view(1)]).tolist()
-    loss /= run.dist.world_size
+    # the loss, every rank's stop request and small-batch norm in one all-reduce; the host reads once
+    reduced = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(stop), device=run.device,
+                                                                          dtype=torch.float64), small_sq]))
+    loss, stops, small, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
+    loss, small = loss / run.dist.world_size, small / run.dist.world_size
     # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
+    lr = plan.lr(state.step, state.images, batch, state.tau)
     if not math.isfinite(loss) or (not run.scaler.is_enabled() and not math.isfinite(gnorm_value)):
         run.optimizer.zero_grad(set_to_none=True)
         diverge(run, loss, gnorm_value, lr)
         return None
+    gain = 1.0
     if track_noise:
-        run.state.noise_scale.update(plan.micro_batch, small, plan.global_batch, gnorm_value ** 2)
+        state.noise_scale.update(probe * plan.micro_batch, small, batch, gnorm_value ** 2)
+        if plan.rule == "adascale":
+            gain = adascale_gain(*state.noise_scale.smoothed, batch, plan.ref_batch)
+            lr = plan.lr(state.step, state.images, batch, state.tau, gain)
+    apply_lr(run.optimizer, lr, plan.momentum(state.step, state.images, state.tau))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": gnorm_value, "stop": stops > 0}
+    return {"loss": loss, "grad_norm": gnorm_value, "stop": stops > 0, "lr": lr, "gain": gain}
 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
 
-def log_step(run: Run, stats: dict, lr: float, seconds: float) -> None:
+def log_step(run: Run, stats: dict, batch: int, seconds: float) -> None:
     state, plan = run.state, run.plan
-    if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or state.step == plan.run_steps):
-        row = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": lr, "batch": plan.global_batch, "epoch": state.step / plan.steps_per_epoch,
-               "images_per_s": plan.global_batch / seconds}
+    last = plan.finished(state.step, state.images, state.tau)
+    if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or last):
+        row = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": stats["lr"], "batch": batch,
+               "epoch": plan.epoch_of(state.step, state.images), "images": state.images,
+               "images_per_s": batch / seconds}
         if state.noise_scale.updates:
             row["noise_scale/b_simple"] = state.noise_scale.b_simple
+        if plan.rule == "adascale":
+            row.update(adascale_gain=stats["gain"], adascale_tau=state.tau)
         run.logger.log(state.step, row)
-    per_step = state.train_time / state.steps_this_process
-    run.progress.update(state.step, f"loss {stats['loss']:.4f} lr {lr:.4g}", plan.global_batch / per_step, per_step)
+    images_per_s = state.images_this_process / state.train_time
+    run.progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.4g}" + (
+        f" batch {batch}" if not plan.fixed else ""), images_per_s, state.train_time / state.steps_this_process)
 
 
 def log_layers(run: Run, before: list[torch.Tensor]) -> None:
@@ -166,8 +190,8 @@ def run_eval(run: Run) -> None:
     if state.last_eval["val_acc"] > state.best_val_acc:
         state.best_val_acc, state.improved = state.last_eval["val_acc"], True
     if run.dist.is_main:
-        run.logger.log(state.step, {**state.last_eval, "epoch": state.step / run.plan.steps_per_epoch})
-    run.progress.write(f"epoch {state.step / run.plan.steps_per_epoch:.4g} step {state.step}: train loss "
+        run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.step, state.images)})
+    run.progress.write(f"epoch {run.plan.epoch_of(state.step, state.images):.4g} step {state.step}: train loss "
                        f"{state.train_loss:.4f} test acc {state.last_eval['val_acc']:.4f} test loss "
                        f"{state.last_eval['val_loss']:.4f}")
 
@@ -180,7 +204,7 @@ def save(run: Run, epoch: int) -> bool:
         path = run.run_dir / "checkpoints" / "last.pt"
         try:
             run.state.save(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler, cfg=run.cfg,
-                           epoch=epoch, ema=run.ema)
+                           epoch=epoch, ema=run.ema, plan=run.plan)
             if run.state.step in run.cfg.checkpoint.keep_steps:  # fixed points for later measurement
                 shutil.copyfile(path, path.with_name(f"step-{run.state.step}.pt"))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer

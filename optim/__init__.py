@@ -2,8 +2,9 @@
 from ._helpers import LayerwiseOptimizer, param_groups
 from .lamb import LAMB
 from .lars import LARS
-from .scaling import RULES, lr_multiplier, scale_adam
+from .batch_schedules import BATCH_SCHEDULES, BatchSchedule
+from .scaling import RULES, adascale_gain, lr_multiplier, scale_adam
 from .schedules import DECAYS, WARMUPS, LRSchedule, apply_lr
 
 __all__ = ["LARS", "LAMB", "LayerwiseOptimizer", "param_groups", "LRSchedule", "apply_lr", "WARMUPS", "DECAYS",
-           "RULES", "lr_multiplier", "scale_adam"]
+           "RULES", "lr_multiplier", "scale_adam", "adascale_gain", "BatchSchedule", "BATCH_SCHEDULES"]

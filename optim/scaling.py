@@ -7,12 +7,16 @@
 - ``adam_sde``: lr * sqrt(kappa), beta_i <- 1 - kappa * (1 - beta_i), eps <- eps / sqrt(kappa)
                 Malladi et al. 2022 (arXiv 2205.10287), the SDE scaling rule for Adam/RMSprop. It only exists while
                 kappa * (1 - beta_i) < 1; beyond that the rule gives a negative beta and we refuse.
+- ``adascale``: lr * r_t, the AdaScale gain (Johnson, Agrawal, Gu, Guestrin 2020, arXiv 2007.05105, Algorithm 1),
+                measured every step; the schedule is the reference run's, evaluated at the scale-invariant
+                iteration tau, which advances by r_t per step. ``lr_multiplier`` is 1 for it: the gain is not a
+                function of the batch alone.
 """
 from __future__ import annotations
 
 import math
 
-RULES = ("none", "linear", "sqrt", "adam_sde")
+RULES = ("none", "linear", "sqrt", "adam_sde", "adascale")
 
 
 def lr_multiplier(rule: str, batch: int, ref_batch: int) -> float:
@@ -22,7 +26,21 @@ def lr_multiplier(rule: str, batch: int, ref_batch: int) -> float:
     if batch <= 0 or ref_batch <= 0:
         raise ValueError(f"batch and ref_batch must be positive, got batch={batch}, ref_batch={ref_batch}")
     kappa = batch / ref_batch
-    return {"none": 1.0, "linear": kappa}.get(rule, math.sqrt(kappa))
+    return {"none": 1.0, "adascale": 1.0, "linear": kappa}.get(rule, math.sqrt(kappa))
+
+
+def adascale_gain(grad_sq: float, trace: float, batch: int, ref_batch: int) -> float:
+    """AdaScale's gain r = (sigma^2 + mu^2) / (sigma^2 / S + mu^2) at S = batch / ref_batch, where
+    sigma^2 = tr(Sigma) / ref_batch is the variance of a reference-batch gradient and mu^2 = |G|^2 (both from the
+    noise-scale estimators). r lies in [1, S]: 1 where the gradient is all signal (a bigger batch buys nothing),
+    S where it is all noise (the linear rule). Negative estimates (they are unbiased, so noisy) are clamped."""
+    scale = batch / ref_batch
+    if scale <= 1:
+        return 1.0
+    sigma_sq, mu_sq = max(trace, 0.0) / ref_batch, max(grad_sq, 0.0)
+    if sigma_sq + mu_sq == 0 or not math.isfinite(sigma_sq + mu_sq):
+        return 1.0
+    return min(max((sigma_sq + mu_sq) / (sigma_sq / scale + mu_sq), 1.0), scale)
 
 
 def scale_adam(betas: tuple[float, float], eps: float, batch: int, ref_batch: int) -> tuple[tuple[float, float], float]:

@@ -4,7 +4,7 @@
     python scripts/lr_schedule.py batch=8k --vs batch=8k warmup=constant --vs batch=8k warmup=none --out goyal
 
 Writes FILE.csv (`step,lr,batch`, step 0 = the LR of the first optimizer step; with --vs, `lr_<i>,batch_<i>`
-columns per override set) and FILE.png. The numbers come from engine.plan.make_plan, the same code train.py uses.
+columns per override set) and FILE.png (LR against epochs, and the batch on a second axis where it changes). The numbers come from engine.plan.make_plan, the same code train.py uses.
 """
 from __future__ import annotations
 
@@ -53,33 +53,50 @@ def main(argv: list[str]) -> None:
             cfg, plan = plan_for(overrides)
         except ConfigError as e:
             fail(str(e))
-        runs.append((cfg, plan, [plan.schedule(t) for t in range(plan.run_steps)]))
+        try:
+            rows = plan.preview()
+        except ConfigError as e:
+            fail(str(e))
+        runs.append((cfg, plan, rows))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    longest = max(len(lrs) for _, _, lrs in runs)
+    longest = max(len(rows) for _, _, rows in runs)
     with open(out.with_suffix(".csv"), "w") as f:
         cols = ["lr", "batch"] if len(runs) == 1 else [f"{c}_{i}" for i in range(len(runs)) for c in ("lr", "batch")]
         f.write("step," + ",".join(cols) + "\n")
         for t in range(longest):
-            f.write(f"{t}," + ",".join(f"{lrs[t]:.10g},{plan.global_batch}" if t < len(lrs) else ","
-                                       for _, plan, lrs in runs) + "\n")
+            f.write(f"{t}," + ",".join(f"{rows[t][0]:.10g},{rows[t][1]}" if t < len(rows) else ","
+                                       for _, plan, rows in runs) + "\n")
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # x = epochs of images seen when the step starts, so runs of different batches line up
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (cfg, plan, lrs) in enumerate(runs):
-        line, = ax.plot(range(len(lrs)), lrs, label=label(cfg, plan) + (f" [{' '.join(sets[i])}]" if sets[i] else ""))
+    varies = any(len({b for _, b in rows}) > 1 for _, _, rows in runs)
+    ax_batch = ax.twinx() if varies else None
+    for i, (cfg, plan, rows) in enumerate(runs):
+        epochs, images = [], 0
+        for _, batch in rows:
+            epochs.append(images / plan.train_size)
+            images += batch
+        lrs = [lr for lr, _ in rows]
+        line, = ax.plot(epochs, lrs, label=label(cfg, plan) + (f" [{' '.join(sets[i])}]" if sets[i] else ""))
+        if ax_batch is not None:
+            ax_batch.step(epochs, [b for _, b in rows], where="post", color=line.get_color(), linestyle="--",
+                          linewidth=1)
         ramp = plan.schedule.ramp_steps
-        if 0 < ramp < len(lrs):
-            ax.axvline(ramp, color=line.get_color(), linestyle=":", linewidth=1)
-            ax.annotate(f"warmup ends ({ramp})", (ramp, lrs[ramp]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8, color=line.get_color())
+        if plan.fixed and 0 < ramp < len(lrs):
+            ax.axvline(epochs[ramp], color=line.get_color(), linestyle=":", linewidth=1)
+            ax.annotate(f"warmup ends (step {ramp})", (epochs[ramp], lrs[ramp]), textcoords="offset points",
+                        xytext=(4, 4 + 10 * i), fontsize=8, color=line.get_color())
     cfg0, plan0, _ = runs[0]
     ax.set_title(label(cfg0, plan0) if len(runs) == 1 else "learning-rate schedules")
-    ax.set_xlabel(f"optimizer step ({plan0.steps_per_epoch} per epoch at batch {plan0.global_batch})")
-    ax.set_ylabel("learning rate")
+    ax.set_xlabel(f"epochs (images seen / {plan0.train_size:,})")
+    ax.set_ylabel("learning rate (solid)")
+    if ax_batch is not None:
+        ax_batch.set_ylabel("global batch (dashed)")
     if len(runs) > 1:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.grid(alpha=0.3)

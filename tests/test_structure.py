@@ -123,7 +123,7 @@ def test_an_old_checkpoint_format_is_refused(tmp_path):
     old = tmp_path / "old.pt"
     torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0}, old)  # what the previous version wrote
     r = run(["train.py", *TINY, f"resume={old}", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert r.returncode == 2 and "checkpoint format 1 is not this version's (2)" in r.stderr
+    assert r.returncode == 2 and "checkpoint format 1 is not this version's (3)" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
