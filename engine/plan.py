@@ -174,8 +174,10 @@ class Plan:
         if b.kind == "ramp" and b.varies:
             stages = (b.batch - b.start) // b.increment
             lines.append(f"      batch ramp: {b.start:,} -> {b.batch:,} in {_plural(stages, 'stage')} of +{b.increment:,} "
-                         f"over {b.ramp_images:,} images; the LR follows the {self.rule} rule at the current batch "
-                         f"({self.lr(0, 0, b.start):.4g} at {b.start:,})")
+                         f"over {b.ramp_images:,} images; " + (
+                             "the LR follows AdaScale's gain at the current batch" if self.rule == "adascale" else
+                             f"the LR follows the {self.rule} rule at the current batch "
+                             f"({self.lr(0, 0, b.start):.4g} at {b.start:,} in step 0)"))
         elif b.kind == "step" and b.varies:
             sizes = [b.at(m) for m in b.milestones]
             lines.append(f"      batch steps (Smith et al.): {b.start:,} x{b.factor:g} at images "
@@ -186,17 +188,17 @@ class Plan:
         elif b.kind == "adaptive":
             lines.append(f"      adaptive batch: clamp({b.k:g} x B_simple, {b.start:,}, {b.batch:,}) in multiples of "
                          f"{b.multiple:,}, decided every {_plural(b.every, 'step')} from a probe of "
-                         f"{self.probe_micro * self.micro_batch} images per rank; the LR follows the {self.rule} "
-                         f"rule at the current batch")
+                         f"{self.probe_micro * self.micro_batch} images per rank; the LR follows "
+                         + ("AdaScale's gain" if self.rule == "adascale" else f"the {self.rule} rule")
+                         + " at the current batch")
         if self.rule == "adascale":
             lines.append(f"      AdaScale: the reference schedule (lr {self.base_lr:g} at batch {self.ref_batch}, "
                          f"{_plural(self.total_steps, 'step')}) times the measured gain r in [1, batch/"
                          f"{self.ref_batch}]; tau advances by r per step and the run ends at tau = {self.total_steps:,}")
-        if not self.fixed:
-            bound = "exactly" if b.kind != "adaptive" and self.rule != "adascale" else "at most"
-            lines.append(f"      {self.total_images if self.rule != 'adascale' else 'tau budget'} "
-                         f"{'images in' if self.rule != 'adascale' else 'in'} {bound} "
-                         f"{_plural(self.run_steps, 'step')}")
+        if not self.fixed and self.rule != "adascale":
+            bound = "exactly" if b.kind != "adaptive" else "at most"
+            lines.append(f"      {self.total_images:,} images (the budget of batch {self.global_batch:,} for "
+                         f"{self.total_steps:,} steps) in {bound} {_plural(self.run_steps, 'step')}")
         return lines
 
     def _ramp(self) -> str:

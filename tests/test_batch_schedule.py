@@ -1,0 +1,215 @@
+"""Batch schedules (ramp, step, adaptive) and AdaScale: each rule against a hand-written formula, and the promises
+that survive a changing batch: accumulation = one big batch, bit-exact resume, 2 ranks = 1, one-line refusals."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optim import BatchSchedule, adascale_gain, lr_multiplier
+from tests.helpers import TINY, load_cfg, run_train
+
+ROOT = Path(__file__).resolve().parent.parent
+# 256 images, batches 32 -> 128: a ramp of 3 stages over 1 of 3 epochs; a BN-free ViT, so micro_batch cannot matter
+BASE = [*TINY, "data.train_size=256", "batch=128", "epochs=3", "warmup.steps=1", "data.augment=true",
+        "data.crop_padding=2", "model=vit_tiny"]
+RAMP_KEYS = ["batch_schedule=ramp", "batch_schedule.start=32", "batch_schedule.epochs=1"]
+RAMP = BASE + RAMP_KEYS
+ADAPTIVE_KEYS = ["batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=32",
+                 "batch_schedule.probe=32", "batch_schedule.every=2"]
+
+
+# --- the rules against hand-written formulas ------------------------------------------------------------------
+
+def megatron_ramp(images, start, inc, target, ramp_images):
+    """Megatron-LM's RampupBatchsizeNumMicroBatches: stages of equal samples, one per increment."""
+    stages = (target - start) // inc
+    if images >= ramp_images:
+        return target
+    return start + int(images / (ramp_images / stages)) * inc
+
+
+@pytest.mark.parametrize("images", [0, 1, 999, 1000, 2999, 3000, 5999, 6000, 10 ** 6])
+def test_ramp_is_megatrons(images):
+    s = BatchSchedule("ramp", batch=1024, start=256, increment=256, ramp_images=6000)
+    assert s.at(images) == megatron_ramp(images, 256, 256, 1024, 6000)
+
+
+@pytest.mark.parametrize("images,batch,residual", [
+    (0, 256, 1.0), (99, 256, 1.0), (100, 1280, 1.0), (200, 6400, 1.0),
+    (300, 8192, 8192 / 32000), (400, 8192, 8192 / 160000)])
+def test_step_multiplies_the_batch_and_the_cap_passes_the_rest_to_the_lr(images, batch, residual):
+    s = BatchSchedule("step", batch=8192, start=256, factor=5, milestones=(100, 200, 300, 400))
+    assert s.at(images) == batch
+    assert math.isclose(s.lr_residual(images), residual)
+
+
+@pytest.mark.parametrize("b_simple,current,expected", [
+    (float("nan"), 512, 512), (10.0, 512, 256), (700.0, 512, 1024), (1023.9, 512, 1280), (5000.0, 512, 2048)])
+def test_adaptive_rounds_down_to_the_multiple_and_clamps(b_simple, current, expected):
+    s = BatchSchedule("adaptive", batch=2048, start=256, k=1.5, every=5, multiple=256)  # 1.5 x 700 = 1050 -> 1024
+    assert s.decide(b_simple, current) == expected
+
+
+@pytest.mark.parametrize("grad_sq,trace,batch,expected", [
+    (1.0, 0.0, 4096, 1.0),                 # all signal: a bigger batch buys nothing
+    (0.0, 5.0, 4096, 16.0),                # all noise: the linear rule, S = 4096 / 256
+    (1.0, 256.0, 1024, (1 + 1) / (1 / 4 + 1)),  # sigma^2 = tr / ref = 1, S = 4
+    (2.0, 1024.0, 256, 1.0),               # S = 1
+    (-1.0, 512.0, 512, 2.0),               # a negative |G|^2 estimate counts as 0: all noise
+])
+def test_adascale_gain_is_the_papers(grad_sq, trace, batch, expected):
+    assert math.isclose(adascale_gain(grad_sq, trace, batch, 256), expected, rel_tol=1e-12)
+
+
+def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
+    from engine.plan import make_plan
+    ramp = make_plan(load_cfg(RAMP + ["warmup=none", "schedule=constant"]), 512)
+    rows = ramp.preview()
+    assert sorted({b for _, b in rows}) == [32, 64, 96, 128]
+    for lr, batch in rows:
+        assert math.isclose(lr, 0.2 * lr_multiplier("linear", batch, 256))  # optim.lr 0.2 at 256, linear rule
+    step = make_plan(load_cfg([*TINY, "batch=256", "epochs=6", "batch_schedule=step", "batch_schedule.start=64",
+                               "batch_schedule.factor=2", "batch_schedule.milestones=[0.3,0.6]", "warmup=none",
+                               "schedule=constant"]), 512)
+    rows = step.preview()
+    assert [b for _, b in rows][0] == 64 and rows[-1][1] == 256
+    assert {lr for lr, _ in rows} == {0.2 * 64 / 256}  # the LR of the start batch, never rescaled
+    seen = sum(b for _, b in rows)  # the budget of the constant run at 256; the last step is a whole batch
+    assert step.total_images == 6 * 2 * 256 and seen - rows[-1][1] < step.total_images <= seen
+
+
+def test_preview_writes_step_lr_batch(tmp_path):
+    out = tmp_path / "ramp"
+    r = subprocess.run([sys.executable, "scripts/lr_schedule.py", *RAMP, f"--out={out}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "ramp.csv").read_text().splitlines()
+    assert lines[0] == "step,lr,batch"
+    batches = [int(line.split(",")[2]) for line in lines[1:]]
+    assert batches[0] == 32 and batches[-1] == 128 and batches == sorted(batches)
+    assert (tmp_path / "ramp.png").stat().st_size > 0
+    r = subprocess.run([sys.executable, "scripts/lr_schedule.py", *TINY, "batch=256", "batch_schedule=adaptive",
+                        "batch_schedule.start=64", "batch_schedule.multiple=64", "batch_schedule.probe=16",
+                        f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot be previewed" in r.stderr
+
+
+# --- what must survive a changing batch ---------------------------------------------------------------------------
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_a_ramp_run_records_its_batches_and_images(tmp_path):
+    summary, run_dir = run_train(tmp_path, RAMP + ["logger=csv", "logger.every_steps=1"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r and "batch" in r]
+    assert [r["batch"] for r in train][:3] == [32, 32, 32] and train[-1]["batch"] == 128
+    assert summary["images"] == sum(r["batch"] for r in train) >= 3 * 2 * 128 > summary["images"] - 128
+    assert summary["steps"] == len(train) and summary["batch_schedule"] == "ramp"
+
+
+@pytest.mark.parametrize("extra", [RAMP_KEYS, ADAPTIVE_KEYS], ids=["ramp", "adaptive"])
+def test_accumulation_equals_one_big_batch_at_every_batch(tmp_path, extra):
+    """micro_batch 16 vs 32: the same images, the same updates (adaptive: the probe is 32 images either way).
+    AdaScale's gain is measured on one micro-batch, so it depends on micro_batch by design (resume keeps it)."""
+    a, dir_a = run_train(tmp_path, BASE + extra + ["micro_batch=16"], "a")
+    b, dir_b = run_train(tmp_path, BASE + extra + ["micro_batch=32"], "b")
+    assert a["images"] == b["images"] and a["steps"] == b["steps"]
+    wa, wb = weights(dir_a), weights(dir_b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("extra", [
+    RAMP_KEYS,
+    ["batch_schedule=step", "batch_schedule.start=64", "batch_schedule.factor=2", "batch_schedule.milestones=[0.25,0.5]"],
+    ADAPTIVE_KEYS + ["micro_batch=16"],
+    RAMP_KEYS + ["scaling=adascale", "micro_batch=16"],
+], ids=["ramp", "step", "adaptive", "ramp+adascale"])
+def test_resume_mid_schedule_is_bit_exact(tmp_path, extra):
+    run = BASE + extra + ["model=resnet_small"]
+    straight, straight_dir = run_train(tmp_path, run, "straight")
+    stop_at = max(straight["steps"] // 2, 1)
+    run_train(tmp_path, run + [f"max_steps={stop_at}"], "resumed")
+    resumed, resumed_dir = run_train(tmp_path, run + ["resume=auto"], "resumed")
+    assert resumed["steps"] == straight["steps"] and resumed["images"] == straight["images"]
+    ws, wr = weights(straight_dir), weights(resumed_dir)
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+
+
+def test_adascale_at_the_reference_batch_is_the_reference_run(tmp_path):
+    summary, run_dir = run_train(tmp_path, [*TINY, "batch=256", "epochs=4", "scaling=adascale", "warmup.steps=1",
+                                            "micro_batch=32", "logger=csv", "logger.every_steps=1"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "adascale_gain" in x]
+    gains = [r["adascale_gain"] for r in rows]
+    # batch 256 = ref_batch 256: S = 1, the gain is 1 and the run is the reference run, step for step
+    assert gains and all(g == 1.0 for g in gains)
+    assert summary["steps"] == 4 * 2 and math.isclose(summary["adascale_tau"], 8.0)
+
+
+def test_adascale_gain_shortens_a_large_batch_run(tmp_path):
+    summary, run_dir = run_train(tmp_path, [*TINY, "batch=256", "epochs=2", "scaling=adascale", "scaling.ref_batch=32",
+                                            "micro_batch=32", "warmup=none", "schedule=constant", "logger=csv",
+                                            "logger.every_steps=1"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "adascale_gain" in x]
+    gains = [r["adascale_gain"] for r in rows]
+    assert all(1.0 <= g <= 8.0 for g in gains) and max(gains) > 1.0
+    assert math.isclose(rows[-1]["adascale_tau"], sum(gains)) and sum(gains) >= 2 * 512 // 32 - 1e-9
+    assert sum(gains[:-1]) < 2 * 512 // 32  # it stopped as soon as tau reached the reference length
+    for r, g in zip(rows, gains):  # lr = gain x the reference schedule (constant 0.2 at batch 32)
+        assert math.isclose(r["lr"], 0.2 * g, rel_tol=1e-9)
+
+
+def test_two_ranks_ramp_in_lock_step(tmp_path):
+    common = [x for x in RAMP if not x.startswith("threads")] + ["threads=1", "micro_batch=16", "max_steps=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        r = subprocess.run([sys.executable, *launcher, str(ROOT / "train.py"), *common,
+                            f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=2e-6, msg=k)
+
+
+# --- bad input: one line, before any run dir ------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    (["batch_schedule=ramp", "batch_schedule.start=512"], "batch_schedule.start=512 must lie in 1..batch (256)"),
+    (["batch_schedule=ramp", "batch_schedule.start=64", "batch_schedule.increment=50"],
+     "batch_schedule.increment=50 must be >= 1 and divide batch - start"),
+    (["batch_schedule=step", "batch_schedule.start=64", "batch_schedule.factor=1"], "batch_schedule.factor=1"),
+    (["batch_schedule=ramp", "batch_schedule.start=64", "micro_batch=48"], "does not split into micro_batch=48"),
+    (["scaling=adascale", "optim=adamw"], "scaling=adascale is defined for momentum SGD"),
+    (["scaling=adascale", "micro_batch=256"], "every per-rank batch needs 2 or more micro-batches"),
+    (["batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=64", "batch_schedule.probe=64"],
+     "batch_schedule.probe=64 must be a multiple of micro_batch"),
+    (["batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=48"],
+     "batch_schedule.multiple=48 must divide"),
+    (["batch_schedule=step", "batch_schedule.start=64", "scaling=adascale"], "use one of them"),
+])
+def test_bad_batch_schedules_are_one_line(tmp_path, overrides, message):
+    r = subprocess.run([sys.executable, "train.py", *TINY, "batch=256", *overrides,
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_adaptive_resume_refuses_another_micro_batch(tmp_path):
+    adaptive = [*TINY, "batch=256", "batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=64",
+                "batch_schedule.probe=32"]
+    run_train(tmp_path, adaptive + ["micro_batch=16", "max_steps=2"])
+    r = subprocess.run([sys.executable, "train.py", *adaptive, "micro_batch=32", "resume=auto",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "micro_batch was 16 in the checkpoint and is 32 now" in r.stderr
+    r = subprocess.run([sys.executable, "train.py", *adaptive, "micro_batch=16", "batch_schedule.k=2", "resume=auto",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "batch_schedule was" in r.stderr, r.stderr
