@@ -213,3 +213,26 @@ def test_adaptive_resume_refuses_another_micro_batch(tmp_path):
     r = subprocess.run([sys.executable, "train.py", *adaptive, "micro_batch=16", "batch_schedule.k=2", "resume=auto",
                         f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "batch_schedule was" in r.stderr, r.stderr
+
+
+def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path):
+    """Every `every` steps the next batch is clamp(k x B_simple, start, batch) rounded down to `multiple`, from the
+    B_simple logged at that step; the plot script draws the realised batch and LR from metrics.jsonl."""
+    keys = [x for x in ADAPTIVE_KEYS if not x.startswith(("batch_schedule.start", "batch_schedule.probe"))] + [
+        "batch_schedule.start=32", "batch_schedule.probe=16", "batch_schedule.k=4"]
+    summary, run_dir = run_train(tmp_path, BASE + keys + ["model=resnet_small", "micro_batch=16", "logger=csv",
+                                                         "logger.every_steps=1"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r and "batch" in r]
+    assert train[0]["batch"] == train[1]["batch"] == 32  # before the first decision: start
+    for before, after in zip(train, train[1:]):
+        if before["step"] % 2 == 0:  # a decision after this step
+            expected = min(max(int(4 * before["noise_scale/b_simple"] // 32) * 32, 32), 128)
+            assert after["batch"] == expected, (before, after)
+        else:
+            assert after["batch"] == before["batch"]
+    assert len({r["batch"] for r in train}) >= 3  # it did adapt (B_simple here is about 20..60)
+    out = tmp_path / "adaptive"
+    r = subprocess.run([sys.executable, "scripts/plot_noise_scale.py", str(run_dir), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and out.with_suffix(".png").stat().st_size > 0, r.stderr
