@@ -236,3 +236,15 @@ def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path):
     r = subprocess.run([sys.executable, "scripts/plot_noise_scale.py", str(run_dir), "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and out.with_suffix(".png").stat().st_size > 0, r.stderr
+
+
+def test_a_format_2_checkpoint_is_a_constant_batch_run():
+    """Checkpoints written before batch schedules (format 2) resume as constant-batch runs, and only as those."""
+    from engine.checkpoint import check_resumable, migrate
+    from engine.config import ConfigError
+    old = {"format": 2, "identity": {"global_batch": 256, "seed": 0, "optimizer": "torch.optim.SGD",
+                                     "model": "resnet_small", "dataset": "synthetic"}}
+    check_resumable(migrate(dict(old, identity=dict(old["identity"]))), load_cfg([*TINY]), "last.pt")
+    with pytest.raises(ConfigError, match="batch_schedule was {'name': 'constant'} in the checkpoint"):
+        check_resumable(migrate(dict(old, identity=dict(old["identity"]))), load_cfg(RAMP_KEYS[:2] + [*TINY]),
+                        "last.pt")
