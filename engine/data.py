@@ -65,7 +65,7 @@ class TensorData:
                           source=f"{self.source}, {n} training images held out for validation")
 
     def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment: "Augment | None",
-                            device):
+                            device, mix: "Mix | None" = None):
         """(x, y) of this rank's micro-batches, step after step, from ``first_step`` of ``epoch`` to its end.
 
         Generated lazily: nothing proportional to the global batch is held beyond one index tensor.
@@ -73,20 +73,29 @@ class TensorData:
         for i, index in enumerate(global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]):
             step = epoch * plan.steps_per_epoch + first_step + i
             yield from self.step_micro_batches(index, step, plan.micro_batch, plan.world_size, rank, seed, augment,
-                                               device)
+                                               device, mix)
 
     def step_micro_batches(self, index: torch.Tensor, step: int, micro_batch: int, world_size: int, rank: int,
-                           seed: int, augment: "Augment | None", device):
-        """This rank's micro-batches of one step, whose global batch is the images ``index``. Augmentation is drawn
-        for the whole global batch (a pure function of seed and step), then sliced."""
+                           seed: int, augment: "Augment | None", device, mix: "Mix | None" = None):
+        """This rank's micro-batches of one step, whose global batch is the images ``index``. Augmentation (and
+        MixUp/CutMix partners) are drawn for the whole global batch (a pure function of seed and step), then sliced."""
         per_rank = len(index) // world_size
-        mine = index[rank * per_rank:(rank + 1) * per_rank]
-        aug = augment.draw(len(index), seed, step)[rank * per_rank:(rank + 1) * per_rank] if augment else None
-        for k, part in enumerate(mine.split(micro_batch)):
-            x = self.train_x[part].to(device, non_blocking=True)
-            if augment is not None:
-                x = augment.apply(x, aug[k * micro_batch:(k + 1) * micro_batch])
-            yield normalize(x, self.mean, self.std), self.train_y[part].to(device, non_blocking=True)
+        aug = augment.draw(len(index), seed, step) if augment else None
+        partner = mix.partners(len(index), seed, step) if mix else None
+        for k in range(per_rank // micro_batch):
+            at = torch.arange(rank * per_rank + k * micro_batch, rank * per_rank + (k + 1) * micro_batch)
+            x, y = self._images(index, at, aug, augment, device)
+            if mix is not None:
+                x, y = mix.apply(x, y, *self._images(index, partner[at], aug, augment, device), seed, step)
+            yield x, y
+
+    def _images(self, index, at, aug, augment, device):
+        """Normalised, augmented images (and labels) at positions ``at`` of the global batch ``index``."""
+        part = index[at]
+        x = self.train_x[part].to(device, non_blocking=True)
+        if augment is not None:
+            x = augment.apply(x, aug[at])
+        return normalize(x, self.mean, self.std), self.train_y[part].to(device, non_blocking=True)
 
     def test_batches(self, rank: int, world_size: int, device, chunk: int = 1024):
         """The test split in chunks, each rank a strided share."""
@@ -150,6 +159,43 @@ class Augment:
         elif self.hflip:
             x = torch.where(params[:, 2].bool()[:, None, None, None], x.flip(3), x)
         return x.contiguous()
+
+
+class Mix:
+    """MixUp (Zhang et al. 2018) / CutMix (Yun et al. 2019) from torchvision.transforms.v2, on soft targets.
+
+    torchvision mixes each image with its neighbour in the batch it is given, drawing lambda (and CutMix's box, and
+    which of the two) from torch's global generator. To keep what a run sees independent of micro_batch and ranks,
+    each image's partner is drawn from the whole global batch (a permutation, a pure function of seed and step), the
+    pair is handed to torchvision interleaved (partner, image), and torchvision runs under a generator seeded by
+    (seed, step): every micro-batch of a step shares one lambda and one box, as one big batch would.
+    """
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, num_classes: int):
+        from torchvision.transforms import v2
+        choices = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + (
+            [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+        self.transform = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+    @staticmethod
+    def _seed(seed: int, step: int) -> int:
+        return (seed * 7_919 + step * 104_729 + 2) % 2 ** 63
+
+    def partners(self, size: int, seed: int, step: int) -> torch.Tensor:
+        return torch.randperm(size, generator=torch.Generator().manual_seed(self._seed(seed, step)))
+
+    def apply(self, x, y, x_partner, y_partner, seed: int, step: int):
+        pairs = torch.stack([x_partner, x], 1).flatten(0, 1)   # p0, x0, p1, x1, ...: x_i's neighbour is p_i
+        labels = torch.stack([y_partner, y], 1).flatten(0, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed(seed, step) + 1)
+            mixed, soft = self.transform(pairs, labels)
+        return mixed[1::2].contiguous(), soft[1::2]
+
+
+def make_mix(cfg_data, num_classes: int) -> Mix | None:
+    mixup, cutmix = cfg_data.mixup_alpha or 0.0, cfg_data.cutmix_alpha or 0.0
+    return Mix(mixup, cutmix, num_classes) if mixup > 0 or cutmix > 0 else None
 
 
 def normalize(x: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
@@ -322,6 +368,7 @@ def training_steps(data, plan, cfg, rank: int, device, state):
     after step t sizes step t + 1.
     """
     augment = Augment(cfg.data.crop_padding or 0, bool(cfg.data.hflip)) if cfg.data.augment else None
+    mix = make_mix(cfg.data, data.num_classes)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def ready(stream, count):
@@ -331,7 +378,8 @@ def training_steps(data, plan, cfg, rank: int, device, state):
         step = state.step
         while step < plan.run_steps:
             epoch, first = divmod(step, plan.steps_per_epoch)
-            stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device)
+            stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device,
+                                              **({"mix": mix} if mix else {}))
             for step in range(step, min((epoch + 1) * plan.steps_per_epoch, plan.run_steps)):
                 yield step, plan.global_batch, ready(stream, plan.accum_steps)
             step += 1
@@ -340,5 +388,5 @@ def training_steps(data, plan, cfg, rank: int, device, state):
         batch = plan.batch_at(state.images, state.batch)
         index = stream_indices(data.train_size, cfg.seed, state.images, batch)
         stream = data.step_micro_batches(index, state.step, plan.micro_batch, plan.world_size, rank, cfg.seed, augment,
-                                         device)
+                                         device, mix)
         yield state.step, batch, ready(stream, plan.accum_at(batch))

@@ -383,6 +383,9 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
                 0, warmup_steps, rule, ref_batch, o.lr, peak_lr, o.weight_decay, o.target, cls, kwargs, schedule,
                 notes, batches=batches, max_steps=cfg.max_steps)
     plan.run_steps = _run_steps(plan)
+    if cfg.data.name == "imagenet" and ((cfg.data.mixup_alpha or 0) > 0 or (cfg.data.cutmix_alpha or 0) > 0):
+        raise ConfigError("data.mixup_alpha / data.cutmix_alpha mix images across the global batch, which the "
+                          "in-memory datasets support; data=imagenet does not have them yet: set both to 0")
     if not plan.fixed and cfg.data.name == "imagenet":
         raise ConfigError(f"batch_schedule={batches.kind} / scaling={rule} change the batch during the run, which "
                           f"the in-memory datasets support; data=imagenet keeps batch_schedule=constant and a fixed "
