@@ -28,7 +28,7 @@ from engine.config import ConfigError, RunError, load_config
 from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
-from engine.loop import Run, evaluate, fit
+from engine.loop import Run, evaluate, fit, largest_fitting_micro_batch, try_micro_batch
 from engine.metrics import Progress, RunLogger
 from engine.models import build_model
 from engine.plan import make_plan
@@ -56,6 +56,8 @@ def train(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
     optimizer = plan.build_optimizer(model)
+    if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
+        choose_micro_batch(plan, model, data, cfg, device, dist)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(model, cfg, plan)
     state = RunState(noise_scale=NoiseScale(cfg.diagnostics.noise_ema))
@@ -85,6 +87,16 @@ def train(cfg, run_dir: Path) -> dict:
     if state.stopped_by is not None:
         sys.exit(128 + {"SIGTERM": 15, "SIGINT": 2}[state.stopped_by])  # checkpoint is saved; resume=auto goes on
     return summary
+
+
+def choose_micro_batch(plan, model, data, cfg, device, dist) -> None:
+    """micro_batch=auto on CUDA: the largest divisor of the per-rank batch whose forward/backward fits; every rank
+    takes the smallest any rank found."""
+    say = print if dist.is_main else (lambda *_: None)
+    fits = lambda size: try_micro_batch(model, data.image_shape, data.num_classes, device, cfg.precision, size)
+    micro = distributed.all_reduce_min(largest_fitting_micro_batch(fits, plan.micro_common, say), device)
+    plan.set_micro_batch(micro)
+    say(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
 
 
 def evaluate_test_split(run: Run, test) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from omegaconf import OmegaConf
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -207,7 +207,7 @@ class Config(Group):
     recipe: Any = None                             # the selected recipe's name lands here only as a record
     hparams_search: Any = None
     batch: int                                     # the global batch, parsed from 256 / 4k / 32k
-    micro_batch: Optional[Pos] = None
+    micro_batch: Optional[Union[Pos, Literal["auto"]]] = None  # null: largest divisor <= 256; auto: CUDA halves on OOM
     seed: Annotated[int, Field(ge=0, lt=2**63)]
     epochs: PosFloat
     max_steps: Optional[Pos] = None

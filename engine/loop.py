@@ -33,6 +33,7 @@ from .config import RunError
 from .data import training_steps
 from .ema import update_ema
 from .distributed import DistContext, all_reduce_sum
+from .plan import auto_micro_batch
 
 
 @dataclass
@@ -230,6 +231,44 @@ def diverge(run: Run, loss: float, gnorm: float, lr: float) -> None:
     if run.dist.is_main:
         run.logger.log(state.step, {"loss": loss, "grad_norm": gnorm, "lr": lr, "diverged": 1})
     run_eval(run)  # the weights as they are now, so the summary has numbers (likely poor ones)
+
+
+# --- micro_batch=auto --------------------------------------------------------------------------------------------
+
+def largest_fitting_micro_batch(fits, per_rank: int, say=print) -> int:
+    """composer's ``device_train_microbatch_size='auto'``: try the largest divisor of ``per_rank`` and halve (to the
+    largest divisor at or below half) on CUDA out-of-memory until ``fits(size)`` returns."""
+    size = per_rank
+    while True:
+        try:
+            fits(size)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise RunError("micro_batch=auto: one image per micro-batch does not fit in GPU memory; use a smaller "
+                               "model, precision=bf16, or more GPUs") from None
+            smaller = auto_micro_batch(per_rank, size // 2)
+            say(f"micro_batch=auto: {size} does not fit in GPU memory, trying {smaller}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = smaller
+
+
+def try_micro_batch(model: torch.nn.Module, image_shape, num_classes: int, device, precision: str, size: int) -> None:
+    """One forward/backward of ``size`` images, leaving no trace: gradients cleared, buffers (BatchNorm running
+    statistics) and random generators as they were."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            x = torch.randn(size, *image_shape, device=device)
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(x), torch.zeros(size, dtype=torch.long, device=device) % num_classes)
+            loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
 
 
 # --- pieces ----------------------------------------------------------------------------------------------------

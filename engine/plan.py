@@ -57,6 +57,11 @@ class Plan:
     batches: BatchSchedule | None = None  # the global batch over the run (constant unless batch_schedule says)
     max_steps: int | None = None
     probe_micro: int = 1   # micro-batches in the noise scale's small-batch gradient (adaptive: probe / micro)
+    micro_common: int = 0  # every per-rank batch of the run is a multiple of this: micro_batch divides it
+
+    def set_micro_batch(self, micro: int) -> None:
+        """micro_batch=auto on CUDA: the size that fits (a divisor of ``micro_common``)."""
+        self.micro_batch, self.accum_steps = micro, self.global_batch // self.world_size // micro
 
     # --- what changes step to step. Under a constant batch (and no AdaScale) every quantity is indexed by the
     # optimizer step, exactly as before batch schedules existed; otherwise progress is counted in images seen
@@ -289,7 +294,8 @@ def _micro_batch(cfg, batches: BatchSchedule, world_size: int) -> int:
     probe = cfg.batch_schedule.probe if batches.kind == "adaptive" else None
     # adascale measures its gain from 2+ micro-batches per step: the automatic size leaves room for them
     cap = min(MICRO_BATCH_CAP, max(min(sizes) // world_size // 2, 1)) if cfg.scaling.rule == "adascale" else MICRO_BATCH_CAP
-    micro = cfg.micro_batch or auto_micro_batch(math.gcd(common, probe) if probe else common, cap)
+    explicit = cfg.micro_batch if isinstance(cfg.micro_batch, int) else None  # "auto": searched on CUDA at start
+    micro = explicit or auto_micro_batch(math.gcd(common, probe) if probe else common, cap)
     if common % micro:
         what = (f"batch={cfg.batch}" if len(sizes) == 1 else
                 f"the batches of batch_schedule={batches.kind} ({', '.join(map(str, sizes[:4]))}"
@@ -343,6 +349,7 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     total_steps = max(int(round(cfg.epochs * steps_per_epoch)), 1)
     batches = _batch_schedule(cfg, total_steps, train_size)
     micro = _micro_batch(cfg, batches, world_size)
+    micro_common = math.gcd(*(b // world_size for b in batches.sizes()))
 
     o, rule, ref_batch = cfg.optim, cfg.scaling.rule, cfg.scaling.ref_batch
     cls = optimizer_class(o.target)
@@ -381,7 +388,7 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
         raise ConfigError(str(e)) from None
     plan = Plan(global_batch, micro, per_rank // micro, world_size, train_size, steps_per_epoch, horizon,
                 0, warmup_steps, rule, ref_batch, o.lr, peak_lr, o.weight_decay, o.target, cls, kwargs, schedule,
-                notes, batches=batches, max_steps=cfg.max_steps)
+                notes, batches=batches, max_steps=cfg.max_steps, micro_common=micro_common)
     plan.run_steps = _run_steps(plan)
     if cfg.data.name == "imagenet" and ((cfg.data.mixup_alpha or 0) > 0 or (cfg.data.cutmix_alpha or 0) > 0):
         raise ConfigError("data.mixup_alpha / data.cutmix_alpha mix images across the global batch, which the "

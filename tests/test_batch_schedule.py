@@ -248,3 +248,47 @@ def test_a_format_2_checkpoint_is_a_constant_batch_run():
     with pytest.raises(ConfigError, match="batch_schedule was {'name': 'constant'} in the checkpoint"):
         check_resumable(migrate(dict(old, identity=dict(old["identity"]))), load_cfg(RAMP_KEYS[:2] + [*TINY]),
                         "last.pt")
+
+
+# --- micro_batch=auto (the OOM search runs on CUDA; its logic is tested here with an injected OOM) -------------------
+
+def test_micro_batch_auto_halves_on_out_of_memory_to_a_divisor():
+    from engine.loop import largest_fitting_micro_batch
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        if size > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    said = []
+    assert largest_fitting_micro_batch(fits, 384, said.append) == 24
+    assert tried == [384, 192, 96, 48, 24] and len(said) == 4 and all(384 % s == 0 for s in tried)
+    assert largest_fitting_micro_batch(lambda s: None, 96, said.append) == 96  # fits at once: the whole per-rank batch
+
+
+def test_micro_batch_auto_gives_up_with_one_line_at_one_image():
+    from engine.config import RunError
+    from engine.loop import largest_fitting_micro_batch
+
+    def never(size):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+    with pytest.raises(RunError, match="one image per micro-batch does not fit"):
+        largest_fitting_micro_batch(never, 12, lambda *_: None)
+
+
+def test_a_trial_micro_batch_leaves_no_trace():
+    from engine.loop import try_micro_batch
+    from engine.models import build_model
+    from tests.helpers import load_cfg
+    model = build_model(load_cfg(TINY).model, (1, 28, 28), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    try_micro_batch(model, (1, 28, 28), 10, torch.device("cpu"), "fp32", 8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
+
+
+def test_micro_batch_auto_on_cpu_is_the_null_rule(tmp_path):
+    summary, _ = run_train(tmp_path, [*TINY, "batch=128", "micro_batch=auto", "max_steps=1"])
+    assert summary["micro_batch"] == 128 and summary["accum_steps"] == 1

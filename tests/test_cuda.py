@@ -31,3 +31,8 @@ def test_bf16_channels_last_compile_trains_on_cuda(tmp_path):
     summary, _ = run_train(tmp_path, [*TINY, "device=cuda", "precision=bf16", "channels_last=true", "compile=true",
                                       "batch=64", "micro_batch=32", "optim=lars"])
     assert not summary["diverged"] and summary["val_acc"] > 0.2 and summary["cuda_peak_mb"] > 0
+
+
+def test_micro_batch_auto_on_cuda_picks_a_divisor_that_fits(tmp_path):
+    summary, _ = run_train(tmp_path, [*TINY, "device=cuda", "batch=512", "micro_batch=auto", "max_steps=2"])
+    assert 512 % summary["micro_batch"] == 0 and summary["micro_batch"] * summary["accum_steps"] == 512
