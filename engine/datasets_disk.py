@@ -4,16 +4,17 @@ CIFAR-10/100: the python-pickle release (``cifar-10-batches-py/data_batch_1..5, 
 ``cifar-100-python/train, test``), read straight into uint8 tensors and validated by shape and label range (no md5
 check, so repacked copies load). Downloaded through torchvision when online and absent.
 ImageNet: ``root/train`` and ``root/val`` in ImageFolder layout (one folder of JPEGs per class), decoded by
-DataLoader workers with the standard recipe transforms.
+DataLoader workers with torchvision.io and the standard recipe transforms (transforms.v2), deterministically.
 """
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, RunError
 from .data import DOWNLOAD_CACHE, TensorData, global_batches
 
 CIFAR = {
@@ -23,6 +24,7 @@ CIFAR = {
     "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], label_key=b"fine_labels",
                      classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), tv="CIFAR100"),
 }
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -80,31 +82,71 @@ def load_cifar(name: str, root: str | None) -> TensorData:
 
 # --- ImageNet (ImageFolder of JPEGs) --------------------------------------------------------------------------------
 
+class DecodedImages(torch.utils.data.Dataset):
+    """ImageFolder samples decoded with ``torchvision.io.decode_image`` (libjpeg-turbo) and ``transforms.v2``.
+
+    Training keys are (index, epoch, seed): RandomResizedCrop and the flip run under a generator seeded by the key,
+    so an image's augmentation is a pure function of (seed, epoch, image index), the same in any worker, on any rank,
+    at any micro_batch, and after a resume. An image that cannot be decoded stops the run with one line naming it.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform, train: bool):
+        self.samples, self.transform, self.train = samples, transform, train
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        index, epoch, seed = key if self.train else (key, 0, 0)
+        path, label = self.samples[index]
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; these decoders still ship
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except Exception as e:
+            raise RunError(f"{path} cannot be decoded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); replace it "
+                           f"with a readable copy (removing it would shift every later image's index and so the data "
+                           f"order) and continue with resume=auto") from None
+        if not self.train:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63)
+            return self.transform(image), label
+
+
+def _first_line_of(error: Exception) -> str:
+    """A DataLoader worker's exception arrives with the worker's traceback: keep our own one line."""
+    last = str(error).strip().splitlines()[-1]
+    return last.split("RunError: ", 1)[1] if "RunError: " in last else last
+
+
 class ImageFolderData:
     """ImageNet-style folders, decoded by DataLoader workers (pinned memory, workers kept across epochs).
 
-    The batch order is the same pure function of (seed, epoch) as for in-memory data; RandomResizedCrop and flip
-    are drawn in the workers (not tied to the step, unlike the in-memory augmentation).
+    The batch order is the same pure function of (seed, epoch) as for in-memory data, and each image's
+    RandomResizedCrop and flip a pure function of (seed, epoch, image index) (``DecodedImages``).
     """
 
     def __init__(self, root: str, num_workers: int, image_size: int = 224):
-        from torchvision import datasets, transforms
-        normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        self.train = datasets.ImageFolder(str(Path(root) / "train"), transforms.Compose([
-            transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            normalize]))
-        self.val = datasets.ImageFolder(str(Path(root) / "val"), transforms.Compose([
-            transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size), transforms.ToTensor(),
-            normalize]))
-        if self.train.classes != self.val.classes:
+        from torchvision import datasets
+        from torchvision.transforms import v2
+        to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        train, val = (_image_folder(datasets, Path(root) / split) for split in ("train", "val"))
+        if train.classes != val.classes:
             raise ConfigError(f"data.root={root}: train/ and val/ have different class folders "
-                              f"({len(self.train.classes)} vs {len(self.val.classes)})")
+                              f"({len(train.classes)} vs {len(val.classes)})")
+        self.train = DecodedImages(train.samples, v2.Compose([
+            v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *to_float]), train=True)
+        self.val = DecodedImages(val.samples, v2.Compose([
+            v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size), *to_float]),
+            train=False)
         self.num_workers = num_workers
-        self.num_classes = len(self.train.classes)
+        self.num_classes = len(train.classes)
         self.image_shape = (3, image_size, image_size)
         self.train_size = len(self.train)
         self.source = root
-        self.test_y = self.val.targets
+        self.test_y = val.targets
         self._train_batches, self._train_loader, self._val_loader = _Batches(), None, None
 
     def to(self, device):
@@ -120,19 +162,34 @@ class ImageFolderData:
     def train_micro_batches(self, epoch, first_step, plan, rank, seed, augment, device):
         per_rank = plan.micro_batch * plan.accum_steps
         self._train_batches.batches = [
-            part.tolist() for index in global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]
+            [(i, epoch, seed) for i in part.tolist()]
+            for index in global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]
             for part in index[rank * per_rank:(rank + 1) * per_rank].split(plan.micro_batch)]
         if self._train_loader is None:
             self._train_loader = self._loader(self.train, self._train_batches)
-        for x, y in self._train_loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield from self._batches(self._train_loader, device)
 
     def test_batches(self, rank, world_size, device, chunk: int = 256):
         if self._val_loader is None:
             idx = torch.arange(rank, len(self.val), world_size)
             self._val_loader = self._loader(self.val, _Batches([p.tolist() for p in idx.split(chunk)]))
-        for x, y in self._val_loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield from self._batches(self._val_loader, device)
+
+    @staticmethod
+    def _batches(loader, device):
+        try:
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        except RunError as e:
+            raise RunError(_first_line_of(e)) from None
+
+
+def _image_folder(datasets, folder: Path):
+    """torchvision's ImageFolder for the file list and classes only (it decodes nothing here)."""
+    try:
+        return datasets.ImageFolder(str(folder))
+    except (FileNotFoundError, OSError) as e:
+        raise ConfigError(f"{folder}: {str(e).splitlines()[0]} (every class folder needs at least one image)") from None
 
 
 class _Batches:
@@ -156,6 +213,12 @@ def _check_imagenet(root: str | None) -> Path:
         if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
             raise ConfigError(f"data.root={root} has no {split}/ folder of class folders (ImageFolder layout: "
                               f"{split}/<class>/<image>.JPEG)")
+
+    for split in ("train", "val"):
+        for cls in sorted(p for p in (Path(root) / split).iterdir() if p.is_dir()):
+            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in cls.iterdir()):
+                raise ConfigError(f"{cls} holds no image ({', '.join(IMAGE_SUFFIXES)}): every class folder needs "
+                                  f"at least one, or remove the folder from train/ and val/ alike")
     return Path(root)
 
 

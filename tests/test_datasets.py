@@ -2,6 +2,9 @@
 import gzip
 import pickle
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch
 from engine.config import ConfigError, DataConfig
 from engine.data import Augment, load_data, load_fashion_mnist, read_idx
 from tests.helpers import TINY, run_train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_cifar(root, name="cifar10", n_train=40, n_test=20, bad_label=False):
@@ -120,3 +125,45 @@ def test_augmentation_keeps_labels_aligned_and_is_exact():
     assert torch.equal(out[3], padded[3, :, 2:7, 0:5].flip(-1))
     drawn = aug.draw(8, seed=0, step=3)
     assert torch.equal(drawn, aug.draw(8, seed=0, step=3)) and not torch.equal(drawn, aug.draw(8, seed=0, step=4))
+
+
+def imagenet_epoch(data, micro_batch, accum, world_size=1, seed=3, epoch=1):
+    from types import SimpleNamespace
+    plan = SimpleNamespace(micro_batch=micro_batch, accum_steps=accum, global_batch=micro_batch * accum * world_size)
+    xs = []
+    for rank in range(world_size):
+        xs += [x for x, _ in data.train_micro_batches(epoch, 0, plan, rank, seed, None, "cpu")]
+    return torch.cat(xs)
+
+
+def test_imagenet_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path):
+    """RandomResizedCrop and flip drawn from (seed, epoch, index): the same images with 0 or 2 workers, any
+    micro-batch, 1 or 2 ranks (what README promises for every dataset); another epoch crops differently."""
+    from engine.datasets_disk import ImageFolderData
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    root = str(tmp_path / "imagenet")
+    data = ImageFolderData(root, num_workers=0, image_size=32)
+    reference = imagenet_epoch(data, 4, 2)
+    assert torch.equal(imagenet_epoch(ImageFolderData(root, num_workers=2, image_size=32), 2, 4), reference)
+    assert torch.equal(imagenet_epoch(data, 2, 2, world_size=2), reference)
+    assert not torch.equal(imagenet_epoch(data, 4, 2, epoch=2), reference)
+
+
+def test_an_undecodable_image_stops_the_run_with_one_line_naming_it(tmp_path):
+    write_imagenet(tmp_path / "imagenet")
+    bad = tmp_path / "imagenet" / "train" / "n02" / "n02_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan
+    r = subprocess.run([sys.executable, "train.py", *[o for o in TINY if not o.startswith("data")], "data=imagenet",
+                        f"data.root={tmp_path / 'imagenet'}", "data.num_workers=1", "model=resnet18", "batch=6",
+                        "micro_batch=3", "epochs=2", "warmup=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith(f"error: {bad} cannot be decoded") and "resume=auto" in r.stderr
+
+
+def test_an_empty_class_folder_is_one_line(tmp_path):
+    write_imagenet(tmp_path / "imagenet")
+    (tmp_path / "imagenet" / "val" / "n03").mkdir()
+    from engine.datasets_disk import check
+    with pytest.raises(ConfigError, match="n03 holds no image"):
+        check("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path / "imagenet")))
