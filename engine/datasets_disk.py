@@ -128,16 +128,18 @@ class ImageFolderData:
     RandomResizedCrop and flip a pure function of (seed, epoch, image index) (``DecodedImages``).
     """
 
-    def __init__(self, root: str, num_workers: int, image_size: int = 224):
+    def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None):
         from torchvision import datasets
         from torchvision.transforms import v2
+        policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
         to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train, val = (_image_folder(datasets, Path(root) / split) for split in ("train", "val"))
         if train.classes != val.classes:
             raise ConfigError(f"data.root={root}: train/ and val/ have different class folders "
                               f"({len(train.classes)} vs {len(val.classes)})")
         self.train = DecodedImages(train.samples, v2.Compose([
-            v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *to_float]), train=True)
+            v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *policy, *to_float]),
+            train=True)  # torchvision's reference order: crop, flip, auto-augment, then to float
         self.val = DecodedImages(val.samples, v2.Compose([
             v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size), *to_float]),
             train=False)
@@ -232,5 +234,6 @@ def check(name: str, cfg_data) -> None:
 
 def load(name: str, cfg_data):
     if name == "imagenet":
-        return ImageFolderData(str(_check_imagenet(cfg_data.root)), cfg_data.num_workers)
+        return ImageFolderData(str(_check_imagenet(cfg_data.root)), cfg_data.num_workers,
+                               auto_augment=cfg_data.auto_augment)
     return load_cifar(name, cfg_data.root)

@@ -393,6 +393,10 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     if cfg.data.name == "imagenet" and ((cfg.data.mixup_alpha or 0) > 0 or (cfg.data.cutmix_alpha or 0) > 0):
         raise ConfigError("data.mixup_alpha / data.cutmix_alpha mix images across the global batch, which the "
                           "in-memory datasets support; data=imagenet does not have them yet: set both to 0")
+    if cfg.data.auto_augment is not None and cfg.data.name != "imagenet":
+        raise ConfigError(f"data.auto_augment={cfg.data.auto_augment} runs per image in DataLoader workers (data=imagenet); "
+                          f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "
+                          f"(measured here: about 10x a default step), so it is not offered: set data.auto_augment=null")
     if not plan.fixed and cfg.data.name == "imagenet":
         raise ConfigError(f"batch_schedule={batches.kind} / scaling={rule} change the batch during the run, which "
                           f"the in-memory datasets support; data=imagenet keeps batch_schedule=constant and a fixed "

@@ -136,17 +136,29 @@ def imagenet_epoch(data, micro_batch, accum, world_size=1, seed=3, epoch=1):
     return torch.cat(xs)
 
 
-def test_imagenet_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path):
-    """RandomResizedCrop and flip drawn from (seed, epoch, index): the same images with 0 or 2 workers, any
-    micro-batch, 1 or 2 ranks (what README promises for every dataset); another epoch crops differently."""
+@pytest.mark.parametrize("policy", [None, "ra", "ta_wide"])
+def test_imagenet_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path, policy):
+    """RandomResizedCrop, flip (and RandAugment / TrivialAugment) drawn from (seed, epoch, index): the same images
+    with 0 or 2 workers, any micro-batch, 1 or 2 ranks (what README promises for every dataset); another epoch
+    crops differently."""
     from engine.datasets_disk import ImageFolderData
     write_imagenet(tmp_path / "imagenet", per_class=4)
     root = str(tmp_path / "imagenet")
-    data = ImageFolderData(root, num_workers=0, image_size=32)
+    data = ImageFolderData(root, num_workers=0, image_size=32, auto_augment=policy)
     reference = imagenet_epoch(data, 4, 2)
-    assert torch.equal(imagenet_epoch(ImageFolderData(root, num_workers=2, image_size=32), 2, 4), reference)
+    assert torch.equal(imagenet_epoch(ImageFolderData(root, num_workers=2, image_size=32, auto_augment=policy), 2, 4),
+                       reference)
     assert torch.equal(imagenet_epoch(data, 2, 2, world_size=2), reference)
     assert not torch.equal(imagenet_epoch(data, 4, 2, epoch=2), reference)
+    if policy is not None:  # the policy does act
+        assert not torch.equal(imagenet_epoch(ImageFolderData(root, num_workers=0, image_size=32), 4, 2), reference)
+
+
+def test_auto_augment_is_refused_for_in_memory_data(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", *TINY, "data.auto_augment=ra", f"hydra.run.dir={tmp_path / 'r'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: data.auto_augment=ra runs per image"), r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_undecodable_image_stops_the_run_with_one_line_naming_it(tmp_path):
