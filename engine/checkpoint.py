@@ -38,8 +38,10 @@ def identity(cfg, plan=None) -> dict:
 
 
 def measured(cfg) -> bool:
-    """Whether the run's decisions depend on gradients measured per micro-batch and rank."""
-    return cfg.batch_schedule.name == "adaptive" or cfg.scaling.rule == "adascale"
+    """Whether the run's decisions depend on gradients measured per micro-batch and rank (or, with repeated
+    augmentation, what each rank sees depends on the number of ranks)."""
+    return (cfg.batch_schedule.name == "adaptive" or cfg.scaling.rule == "adascale"
+            or (cfg.data.repeated_aug or 0) > 1)
 
 
 @dataclass
@@ -164,8 +166,8 @@ def check_resumable(ckpt: dict, cfg, path, plan=None) -> None:
                        "world_size": "ranks"}.get(key, key)
             if key in MEASURED:
                 raise ConfigError(f"resume={path}: {setting} was {then} in the checkpoint and is {now} now; under "
-                                  f"batch_schedule=adaptive and scaling=adascale the run's decisions depend on "
-                                  f"gradients measured per micro-batch and rank, so a resume keeps both")
+                                  f"batch_schedule=adaptive, scaling=adascale and data.repeated_aug the run depends "
+                                  f"on the micro-batches and ranks, so a resume keeps both")
             raise ConfigError(f"resume={path}: {setting} was {then} in the checkpoint and is {now} now; a resume "
                               f"keeps {', '.join(IDENTITY)} (micro_batch, ranks, threads, logger and max_steps may "
                               f"change): start a new run dir to change it")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunError
-from .data import DOWNLOAD_CACHE, TensorData, global_batches
+from .data import DOWNLOAD_CACHE, TensorData, epoch_order, global_batches
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
@@ -85,8 +85,8 @@ def load_cifar(name: str, root: str | None) -> TensorData:
 class DecodedImages(torch.utils.data.Dataset):
     """ImageFolder samples decoded with ``torchvision.io.decode_image`` (libjpeg-turbo) and ``transforms.v2``.
 
-    Training keys are (index, epoch, seed): RandomResizedCrop and the flip run under a generator seeded by the key,
-    so an image's augmentation is a pure function of (seed, epoch, image index), the same in any worker, on any rank,
+    Training keys are (index, epoch, seed, copy): RandomResizedCrop and the flip run under a generator seeded by the key,
+    so an image's augmentation is a pure function of (seed, epoch, image index, copy), the same in any worker, on any rank,
     at any micro_batch, and after a resume. An image that cannot be decoded stops the run with one line naming it.
     """
 
@@ -98,7 +98,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         from torchvision.io import ImageReadMode, decode_image, read_file
-        index, epoch, seed = key if self.train else (key, 0, 0)
+        index, epoch, seed, copy = key if self.train else (key, 0, 0, 0)
         path, label = self.samples[index]
         try:
             with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; these decoders still ship
@@ -111,7 +111,7 @@ class DecodedImages(torch.utils.data.Dataset):
         if not self.train:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63)
+            torch.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy) % 2 ** 63)
             return self.transform(image), label
 
 
@@ -128,7 +128,8 @@ class ImageFolderData:
     RandomResizedCrop and flip a pure function of (seed, epoch, image index) (``DecodedImages``).
     """
 
-    def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None):
+    def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None,
+                 repeated_aug: int = 0):
         from torchvision import datasets
         from torchvision.transforms import v2
         policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
@@ -143,7 +144,7 @@ class ImageFolderData:
         self.val = DecodedImages(val.samples, v2.Compose([
             v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size), *to_float]),
             train=False)
-        self.num_workers = num_workers
+        self.num_workers, self.repeats = num_workers, max(repeated_aug or 0, 1)
         self.num_classes = len(train.classes)
         self.image_shape = (3, image_size, image_size)
         self.train_size = len(self.train)
@@ -164,12 +165,30 @@ class ImageFolderData:
     def train_micro_batches(self, epoch, first_step, plan, rank, seed, augment, device):
         per_rank = plan.micro_batch * plan.accum_steps
         self._train_batches.batches = [
-            [(i, epoch, seed) for i in part.tolist()]
-            for index in global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]
-            for part in index[rank * per_rank:(rank + 1) * per_rank].split(plan.micro_batch)]
+            [(i, epoch, seed, copy) for i, copy in zip(index[mine].tolist(), copies[mine].tolist())]
+            for index, copies in self._epoch(plan.global_batch, seed, epoch)[first_step:]
+            for mine in self._rank_positions(rank, plan.world_size, per_rank).split(plan.micro_batch)]
         if self._train_loader is None:
             self._train_loader = self._loader(self.train, self._train_batches)
         yield from self._batches(self._train_loader, device)
+
+    def _epoch(self, global_batch: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(image index, copy number) of every global batch of the epoch. With repeated augmentation (DeiT's
+        RASampler), the first N/r images of the epoch's permutation, each r times in a row, copies 0..r-1."""
+        if self.repeats == 1:
+            return [(b, torch.zeros_like(b)) for b in global_batches(self.train_size, global_batch, seed, epoch)]
+        n, r = self.train_size, self.repeats
+        order = epoch_order(n, seed, epoch)[:-(-n // r)].repeat_interleave(r)[:n]
+        copies = torch.arange(r).repeat(-(-n // r))[:n]
+        usable = (n // global_batch) * global_batch
+        return list(zip(order[:usable].split(global_batch), copies[:usable].split(global_batch)))
+
+    def _rank_positions(self, rank: int, world_size: int, per_rank: int) -> torch.Tensor:
+        """Positions of this rank's images in each global batch: a contiguous slice, or with repeated augmentation
+        every world_size-th position, so an image's copies land on different ranks (as DeiT's sampler)."""
+        if self.repeats == 1:
+            return torch.arange(rank * per_rank, (rank + 1) * per_rank)
+        return torch.arange(rank, per_rank * world_size, world_size)
 
     def test_batches(self, rank, world_size, device, chunk: int = 256):
         if self._val_loader is None:
@@ -235,5 +254,5 @@ def check(name: str, cfg_data) -> None:
 def load(name: str, cfg_data):
     if name == "imagenet":
         return ImageFolderData(str(_check_imagenet(cfg_data.root)), cfg_data.num_workers,
-                               auto_augment=cfg_data.auto_augment)
+                               auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug)
     return load_cifar(name, cfg_data.root)

@@ -393,6 +393,9 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     if cfg.data.name == "imagenet" and ((cfg.data.mixup_alpha or 0) > 0 or (cfg.data.cutmix_alpha or 0) > 0):
         raise ConfigError("data.mixup_alpha / data.cutmix_alpha mix images across the global batch, which the "
                           "in-memory datasets support; data=imagenet does not have them yet: set both to 0")
+    if (cfg.data.repeated_aug or 0) > 1 and cfg.data.name != "imagenet":
+        raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} is DeiT's sampler for the ImageNet loader under "
+                          f"DDP; the in-memory datasets do not offer it: set data.repeated_aug=0")
     if cfg.data.auto_augment is not None and cfg.data.name != "imagenet":
         raise ConfigError(f"data.auto_augment={cfg.data.auto_augment} runs per image in DataLoader workers (data=imagenet); "
                           f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "

@@ -129,7 +129,8 @@ def test_augmentation_keeps_labels_aligned_and_is_exact():
 
 def imagenet_epoch(data, micro_batch, accum, world_size=1, seed=3, epoch=1):
     from types import SimpleNamespace
-    plan = SimpleNamespace(micro_batch=micro_batch, accum_steps=accum, global_batch=micro_batch * accum * world_size)
+    plan = SimpleNamespace(micro_batch=micro_batch, accum_steps=accum, global_batch=micro_batch * accum * world_size,
+                           world_size=world_size)
     xs = []
     for rank in range(world_size):
         xs += [x for x, _ in data.train_micro_batches(epoch, 0, plan, rank, seed, None, "cpu")]
@@ -179,3 +180,20 @@ def test_an_empty_class_folder_is_one_line(tmp_path):
     from engine.datasets_disk import check
     with pytest.raises(ConfigError, match="n03 holds no image"):
         check("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path / "imagenet")))
+
+
+def test_repeated_augmentation_puts_an_images_copies_on_different_ranks(tmp_path):
+    """DeiT's RASampler (data.repeated_aug=2) over 2 ranks: each image of a global batch appears once on each rank,
+    with its own crop; the epoch then covers half the images, each twice."""
+    from engine.datasets_disk import ImageFolderData
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    data = ImageFolderData(str(tmp_path / "imagenet"), num_workers=0, image_size=32, repeated_aug=2)
+    (index, copies), = data._epoch(8, seed=3, epoch=1)
+    rank0, rank1 = (index[data._rank_positions(r, 2, 4)] for r in (0, 1))
+    assert sorted(rank0.tolist()) == sorted(rank1.tolist()) and len(set(rank0.tolist())) == 4
+    assert sorted(copies[data._rank_positions(0, 2, 4)].tolist()) == [0] * 4
+    x = imagenet_epoch(data, 2, 2, world_size=2)  # rank 0's 4 images, then rank 1's: the same images, other crops
+    assert not torch.equal(x[:4], x[4:])
+    r = subprocess.run([sys.executable, "train.py", *TINY, "data.repeated_aug=3", f"hydra.run.dir={tmp_path / 'r'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "data.repeated_aug is not a setting of 'data' as selected" in r.stderr  # imagenet's
