@@ -378,8 +378,7 @@ def training_steps(data, plan, cfg, rank: int, device, state):
         step = state.step
         while step < plan.run_steps:
             epoch, first = divmod(step, plan.steps_per_epoch)
-            stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device,
-                                              **({"mix": mix} if mix else {}))
+            stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device, mix)
             for step in range(step, min((epoch + 1) * plan.steps_per_epoch, plan.run_steps)):
                 yield step, plan.global_batch, ready(stream, plan.accum_steps)
             step += 1

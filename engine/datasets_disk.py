@@ -162,15 +162,25 @@ class ImageFolderData:
                                            pin_memory=torch.cuda.is_available(),
                                            persistent_workers=self.num_workers > 0)
 
-    def train_micro_batches(self, epoch, first_step, plan, rank, seed, augment, device):
+    def train_micro_batches(self, epoch, first_step, plan, rank, seed, augment, device, mix=None):
+        """This rank's micro-batches from ``first_step`` of ``epoch``. With MixUp/CutMix each micro-batch also
+        loads its images' partners (drawn from the whole global batch, so the pairs do not depend on micro_batch or
+        ranks): twice the decoding, the price of exactness."""
         per_rank = plan.micro_batch * plan.accum_steps
-        self._train_batches.batches = [
-            [(i, epoch, seed, copy) for i, copy in zip(index[mine].tolist(), copies[mine].tolist())]
-            for index, copies in self._epoch(plan.global_batch, seed, epoch)[first_step:]
-            for mine in self._rank_positions(rank, plan.world_size, per_rank).split(plan.micro_batch)]
+        batches = []
+        for j, (index, copies) in enumerate(self._epoch(plan.global_batch, seed, epoch)[first_step:]):
+            partner = mix.partners(len(index), seed, epoch * plan.steps_per_epoch + first_step + j) if mix else None
+            for mine in self._rank_positions(rank, plan.world_size, per_rank).split(plan.micro_batch):
+                at = torch.cat([mine, partner[mine]]) if mix else mine
+                batches.append([(i, epoch, seed, c) for i, c in zip(index[at].tolist(), copies[at].tolist())])
+        self._train_batches.batches = batches
         if self._train_loader is None:
             self._train_loader = self._loader(self.train, self._train_batches)
-        yield from self._batches(self._train_loader, device)
+        for j, (x, y) in enumerate(self._batches(self._train_loader, device)):
+            if mix is not None:
+                step, m = epoch * plan.steps_per_epoch + first_step + j // plan.accum_steps, plan.micro_batch
+                x, y = mix.apply(x[:m], y[:m], x[m:], y[m:], seed, step)
+            yield x, y
 
     def _epoch(self, global_batch: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(image index, copy number) of every global batch of the epoch. With repeated augmentation (DeiT's

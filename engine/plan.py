@@ -390,9 +390,6 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
                 0, warmup_steps, rule, ref_batch, o.lr, peak_lr, o.weight_decay, o.target, cls, kwargs, schedule,
                 notes, batches=batches, max_steps=cfg.max_steps, micro_common=micro_common)
     plan.run_steps = _run_steps(plan)
-    if cfg.data.name == "imagenet" and ((cfg.data.mixup_alpha or 0) > 0 or (cfg.data.cutmix_alpha or 0) > 0):
-        raise ConfigError("data.mixup_alpha / data.cutmix_alpha mix images across the global batch, which the "
-                          "in-memory datasets support; data=imagenet does not have them yet: set both to 0")
     if (cfg.data.repeated_aug or 0) > 1 and cfg.data.name != "imagenet":
         raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} is DeiT's sampler for the ImageNet loader under "
                           f"DDP; the in-memory datasets do not offer it: set data.repeated_aug=0")

@@ -197,3 +197,21 @@ def test_repeated_augmentation_puts_an_images_copies_on_different_ranks(tmp_path
     r = subprocess.run([sys.executable, "train.py", *TINY, "data.repeated_aug=3", f"hydra.run.dir={tmp_path / 'r'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "data.repeated_aug is not a setting of 'data' as selected" in r.stderr  # imagenet's
+
+
+def test_imagenet_mixup_pairs_do_not_depend_on_micro_batch_workers_or_ranks(tmp_path):
+    from engine.data import Mix
+    from engine.datasets_disk import ImageFolderData
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    root, mix = str(tmp_path / "imagenet"), Mix(0.2, 1.0, 2)
+
+    def epoch(data, micro, accum, world_size=1):
+        from types import SimpleNamespace
+        plan = SimpleNamespace(micro_batch=micro, accum_steps=accum, global_batch=micro * accum * world_size,
+                               world_size=world_size, steps_per_epoch=1)
+        return torch.cat([x for r in range(world_size)
+                          for x, _ in data.train_micro_batches(1, 0, plan, r, 3, None, "cpu", mix)])
+    reference = epoch(ImageFolderData(root, 0, 32), 8, 1)
+    assert torch.equal(epoch(ImageFolderData(root, 2, 32), 2, 4), reference)
+    assert torch.equal(epoch(ImageFolderData(root, 0, 32), 2, 2, world_size=2), reference)
+    assert not torch.equal(imagenet_epoch(ImageFolderData(root, 0, 32), 8, 1), reference)  # the mixing does act
