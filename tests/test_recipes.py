@@ -80,3 +80,23 @@ def test_mlperf_ends_at_its_end_lr():
 def test_command_line_overrides_a_recipe():
     _, p = plan_of("goyal2017_resnet50_8k", "batch=4k", "warmup=none")
     assert p.global_batch == 4096 and p.peak_lr == pytest.approx(1.6) and not p.schedule.uses_warmup
+
+
+def test_torchvision_vit_b16_is_their_recipe():
+    cfg, p = plan_of("torchvision_vit_b16_4k")
+    spe = IMAGENET // 4096
+    assert (cfg.model.name, cfg.optim.target, p.global_batch, p.micro_batch) == ("vit_b16", "torch.optim.AdamW", 4096, 64)
+    assert p.peak_lr == 0.003 and cfg.optim.weight_decay == 0.3 and p.rule == "none"
+    assert (p.warmup_steps, p.total_steps) == (30 * spe, 300 * spe)
+    assert p.schedule(0) == pytest.approx(0.003 * 0.033) and p.schedule.decay == "cosine"
+    assert (cfg.label_smoothing, cfg.grad_clip, cfg.precision) == (0.11, 1.0, "fp16")
+    d = cfg.data
+    assert (d.mixup_alpha, d.cutmix_alpha, d.auto_augment, d.repeated_aug) == (0.2, 1.0, "ra", 3)
+    assert cfg.ema.enabled and (cfg.ema.decay, cfg.ema.every_steps) == (0.99998, 32)
+
+
+def test_vit_lamb_32k_scales_the_4k_recipe_by_the_square_root():
+    cfg, p = plan_of("vit_b16_lamb_32k")
+    assert cfg.optim.target == "optim.LAMB" and p.global_batch == 32768
+    assert p.peak_lr == pytest.approx(0.003 * math.sqrt(8))
+    assert p.warmup_steps == 30 * (IMAGENET // 32768) and cfg.data.mixup_alpha == 0.2 and cfg.ema.enabled
