@@ -1,11 +1,14 @@
-"""Summarize a Hydra multirun sweep: a markdown table of every job and a plot of test accuracy against batch size.
+"""Summarize Hydra multirun sweeps: a markdown table of every job and a plot of test accuracy against what the
+sweeps varied.
 
-    python scripts/summarize.py multirun/2026-11-25/12-00-00 [--seeds-mean]
+    python scripts/summarize.py multirun/2026-11-25/12-00-00 [more sweep dirs] [--seeds-mean] [--x KEY] [--out DIR]
 
-Prints the table (also written to MULTIRUN_DIR/summary.md) and writes MULTIRUN_DIR/accuracy_vs_batch.png: one line
-per combination of the other overrides (e.g. per optimizer), log-2 batch axis; jobs that diverged or failed are
-marked with an x at the bottom of the plot. With --seeds-mean, jobs differing only in `seed` are averaged
-(mean +- std in the table, error bars in the plot).
+Prints the table (also written to OUT/summary.md; OUT = the first sweep dir unless --out) and writes
+OUT/accuracy_vs_<KEY>.png: one line per combination of the other overrides (e.g. per optimizer); jobs that diverged
+or failed are marked with an x at the bottom. The x axis is --x KEY, or else what the sweeps varied: `batch` (log-2
+axis) when it varies, the LR (`optim.lr`, log axis) for an optuna LR search, otherwise the first other override that
+varies. With --seeds-mean, jobs differing only in `seed` are averaged: mean +- std and every seed's value in the
+table, error bars in the plot.
 """
 from __future__ import annotations
 
@@ -39,6 +42,35 @@ def _job_num(job_dir: Path) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def value_of(job: dict, key: str):
+    """The job's value of ``key``: from its overrides, else (batch) its summary; numbers as numbers."""
+    if key == "batch":
+        return batch_of(job)
+    for o in job["overrides"]:
+        k, _, v = o.lstrip("+~").partition("=")
+        if k == key:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+    return None
+
+
+def varied_key(jobs: list[dict]) -> str:
+    """What the sweeps varied: batch, else the LR of an optuna search, else the first other varying override."""
+    values = defaultdict(set)
+    for j in jobs:
+        for o in j["overrides"]:
+            k, _, v = o.lstrip("+~").partition("=")
+            values[k].add(v)
+    varying = [k for k, vs in values.items() if len(vs) > 1 and k != "seed"]
+    if "batch" in varying or not varying:
+        return "batch"
+    if "optim.lr" in varying:
+        return "optim.lr"
+    return varying[0]
+
+
 def batch_of(job: dict) -> int | None:
     if isinstance(job.get("global_batch"), int):
         return job["global_batch"]
@@ -49,7 +81,7 @@ def batch_of(job: dict) -> int | None:
 
 
 def series_key(job: dict, drop=("batch", "seed"), common=frozenset()) -> str:
-    """The job's overrides that name its line: all but batch, seed and those every job of the sweep shares."""
+    """The job's overrides that name its line: all but the x key, seed and those every job of the sweep shares."""
     rest = [o for o in job["overrides"] if o.split("=", 1)[0].lstrip("+~") not in drop and o not in common]
     return " ".join(rest) or "default"
 
@@ -85,30 +117,34 @@ def ended(job: dict) -> str:
 def table(jobs: list[dict], seeds_mean: bool) -> str:
     common = shared_overrides(jobs)
     lines = [f"Shared by every job: {' '.join(sorted(common))}\n" if common else "",
-             "| job | overrides | val_acc | val_loss | peak LR | steps | images/s | B_simple | wall_s | ended |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| job | overrides | val_acc | val_loss | peak LR | steps | images | images/s | B_simple | wall_s | ended |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     if not seeds_mean:
         for j in jobs:
             rest = " ".join(o for o in j["overrides"] if o not in common) or "(defaults)"
-            lines.append(f"| {j['dir'].split('_', 1)[0]} | {rest} | {fmt(j.get('val_acc'))} | "
+            lines.append(f"| {j['sweep']}{j['dir'].split('_', 1)[0]} | {rest} | {fmt(j.get('val_acc'))} | "
                          f"{fmt(j.get('val_loss'))} | {fmt(j.get('peak_lr'))} | {fmt(j.get('steps'))} | "
-                         f"{fmt(j.get('images_per_s'), 3)} | {fmt(j.get('noise_scale_b_simple'), 3)} | "
-                         f"{fmt(j.get('wall_s'), 3)} | {ended(j)} |")
+                         f"{fmt(j.get('images'))} | {fmt(j.get('images_per_s'), 3)} | "
+                         f"{fmt(j.get('noise_scale_b_simple'), 3)} | {fmt(j.get('wall_s'), 3)} | {ended(j)} |")
         return "\n".join(ln for ln in lines if ln)
+    lines[1:] = ["| seeds | overrides | val_acc mean +- std | every seed | peak LR | steps | images | ended |",
+                 "|---|---|---|---|---|---|---|---|"]
     groups = defaultdict(list)
     for j in jobs:
-        groups[series_key(j, drop=("seed",))].append(j)
+        groups[series_key(j, drop=("seed",), common=common)].append(j)
     for key, js in groups.items():
         accs = [j["val_acc"] for j in js if isinstance(j.get("val_acc"), float) and not j.get("diverged")]
-        acc = (f"{statistics.mean(accs):.4f} +- {statistics.stdev(accs):.4f} (n={len(accs)})" if len(accs) > 1
+        acc = (f"{statistics.mean(accs):.4f} +- {statistics.stdev(accs):.4f}" if len(accs) > 1
                else fmt(accs[0]) if accs else "-")
-        lines.append(f"| {len(js)} seeds | {key} | {acc} | - | {fmt(js[0].get('peak_lr'))} | "
-                     f"{fmt(js[0].get('steps'))} | - | - | - | {sum(bool(j.get('diverged')) for j in js)} of "
-                     f"{len(js)} diverged |")
+        each = ", ".join(f"{a:.4f}" for a in accs)
+        steps = sorted({j.get("steps") for j in js if j.get("steps") is not None})
+        lines.append(f"| {len(js)} | {key} | {acc} | {each} | {fmt(js[0].get('peak_lr'))} | "
+                     f"{'/'.join(map(str, steps)) or '-'} | {fmt(js[0].get('images'))} | "
+                     f"{sum(ended(j) == 'finished' for j in js)} of {len(js)} finished |")
     return "\n".join(ln for ln in lines if ln)
 
 
-def plot(jobs: list[dict], out: Path) -> None:
+def plot(jobs: list[dict], out: Path, x_key: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,27 +152,36 @@ def plot(jobs: list[dict], out: Path) -> None:
     failed = []
     common = shared_overrides(jobs)
     for j in jobs:
-        b = batch_of(j)
-        if b is None:
+        x = value_of(j, x_key)
+        if x is None:
             continue
+        key = series_key(j, drop=(x_key, "seed"), common=common)
         if j.get("error") or j.get("diverged") or not isinstance(j.get("val_acc"), float):
-            failed.append((b, series_key(j, common=common)))
+            failed.append((x, key))
             continue
-        series[series_key(j, common=common)][b].append(j["val_acc"])
+        series[key][x].append(j["val_acc"])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs_all = sorted({x for points in series.values() for x in points} | {x for x, _ in failed}, key=str)
+    numeric = all(isinstance(x, (int, float)) for x in xs_all)
+    position = (lambda x: x) if numeric else {x: i for i, x in enumerate(xs_all)}.get
     for key, points in sorted(series.items()):
-        bs = sorted(points)
-        means = [statistics.mean(points[b]) for b in bs]
-        errs = [statistics.stdev(points[b]) if len(points[b]) > 1 else 0.0 for b in bs]
-        ax.errorbar(bs, means, yerr=errs, marker="o", capsize=3, label=key)
+        xs = sorted(points, key=lambda x: position(x))
+        means = [statistics.mean(points[x]) for x in xs]
+        errs = [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar([position(x) for x in xs], means, yerr=errs, marker="o", capsize=3, label=key)
     if failed:
-        ax.scatter([b for b, _ in failed], [0.0] * len(failed), marker="x", color="red", label="diverged / failed")
-    ax.set_xscale("log", base=2)
-    batches = sorted({b for points in series.values() for b in points} | {b for b, _ in failed})
-    ax.set_xticks(batches, [batch_label(b) for b in batches])
-    ax.set_xlabel("global batch")
+        ax.scatter([position(x) for x, _ in failed], [0.0] * len(failed), marker="x", color="red",
+                   label="diverged / failed")
+    if x_key == "batch":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all, [batch_label(b) for b in xs_all])
+    elif numeric and len(xs_all) > 1 and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
+        ax.set_xscale("log")
+    elif not numeric:
+        ax.set_xticks(range(len(xs_all)), [str(x) for x in xs_all], rotation=20, fontsize=7)
+    ax.set_xlabel("global batch" if x_key == "batch" else x_key)
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"test accuracy vs batch size ({out.parent.name})" + (f"\n{' '.join(sorted(common))}" if common else ""),
+    ax.set_title(f"test accuracy vs {x_key} ({out.parent.name})" + (f"\n{' '.join(sorted(common))}" if common else ""),
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -146,19 +191,30 @@ def plot(jobs: list[dict], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("sweep_dirs", type=Path, nargs="+")
     ap.add_argument("--seeds-mean", action="store_true", help="average jobs that differ only in seed")
+    ap.add_argument("--x", help="the override to plot accuracy against (default: what the sweeps varied)")
+    ap.add_argument("--out", type=Path, help="folder for summary.md and the plot (default: the first sweep dir)")
     args = ap.parse_args()
-    if not args.sweep_dir.is_dir():
-        sys.exit(f"error: {args.sweep_dir} is not a folder (give the multirun dir holding the numbered job dirs)")
-    jobs = load_jobs(args.sweep_dir)
-    if not jobs:
-        sys.exit(f"error: {args.sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml)")
+    jobs = []
+    for sweep in args.sweep_dirs:
+        if not sweep.is_dir():
+            sys.exit(f"error: {sweep} is not a folder (give the multirun dir holding the numbered job dirs)")
+        found = load_jobs(sweep)
+        if not found:
+            sys.exit(f"error: {sweep} holds no Hydra jobs (no */.hydra/overrides.yaml)")
+        for j in found:  # several sweeps: jobs are named sweep/num
+            j["sweep"] = f"{sweep.name}/" if len(args.sweep_dirs) > 1 else ""
+        jobs += found
+    x_key = args.x or varied_key(jobs)
+    out = args.out or args.sweep_dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
     md = table(jobs, args.seeds_mean)
     print(md)
-    (args.sweep_dir / "summary.md").write_text(md + "\n")
-    plot(jobs, args.sweep_dir / "accuracy_vs_batch.png")
-    print(f"\nwrote {args.sweep_dir / 'summary.md'} and {args.sweep_dir / 'accuracy_vs_batch.png'}")
+    (out / "summary.md").write_text(md + "\n")
+    name = "accuracy_vs_" + x_key.replace(".", "_").replace("/", "_") + ".png"
+    plot(jobs, out / name, x_key)
+    print(f"\nwrote {out / 'summary.md'} and {out / name}")
 
 
 if __name__ == "__main__":

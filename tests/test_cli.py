@@ -110,3 +110,19 @@ def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):
     assert "optim.lr" in results and "best_value" in results
     assert (sweep / "optuna.db").stat().st_size > 0  # the study, so an interrupted search continues
     assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2
+    s = run(["scripts/summarize.py", str(sweep)])  # an LR search is plotted against the LR
+    assert s.returncode == 0 and (sweep / "accuracy_vs_optim_lr.png").stat().st_size > 0, s.stderr
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([["batch=256", "optim=sgd"], ["batch=4k", "optim=sgd"]], "batch"),
+    ([["optim.lr=0.1", "seed=0"], ["optim.lr=0.3", "seed=1"]], "optim.lr"),
+    ([["warmup=linear", "seed=0"], ["warmup=none", "seed=1"]], "warmup"),
+    ([["seed=0"], ["seed=1"]], "batch"),
+])
+def test_summarize_plots_against_what_the_sweep_varied(overrides, expected):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "scripts" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    assert summarize.varied_key([{"overrides": o} for o in overrides]) == expected
