@@ -266,6 +266,35 @@ def _warmup_steps(w, global_batch: int, ref_batch: int, steps_per_epoch: int) ->
     return int(round(epochs * steps_per_epoch))
 
 
+def _lr_schedule(cfg, peak_lr: float, horizon: int, unit_batch: int, unit_steps_per_epoch: int) -> LRSchedule:
+    """Warmup then decay over ``horizon`` steps of ``unit_batch`` images (the global batch, or AdaScale's
+    ref_batch), peaking at ``peak_lr``."""
+    w, sc, base_lr = cfg.warmup, cfg.schedule, cfg.optim.lr
+    warmup_steps = _warmup_steps(w, unit_batch, cfg.scaling.ref_batch, unit_steps_per_epoch)
+    if w.name != "none" and warmup_steps >= horizon and sc.name != "onecycle":
+        raise ConfigError(f"warmup of {warmup_steps} steps (warmup.epochs={w.epochs}, warmup.steps={w.steps}) is as "
+                          f"long as the run or longer ({horizon} steps = epochs {cfg.epochs} x "
+                          f"{unit_steps_per_epoch} steps/epoch): shorten the warmup, or use warmup=none")
+    shape = {"warmup": w.name, "warmup_steps": warmup_steps, "decay": sc.name}
+    if w.start_at_ref_lr:  # Goyal et al.: gradual warmup starts at, constant warmup stays at, the unscaled LR
+        shape.update(start_factor=base_lr / peak_lr, constant_factor=base_lr / peak_lr)
+    else:
+        shape.update(start_factor=w.start_factor, constant_factor=w.factor)
+    shape.update(exp_ratio=w.ratio, min_factor=sc.min_factor, gamma=sc.gamma, power=sc.power,
+                 pct_start=sc.pct_start, div_factor=sc.div_factor, final_div_factor=sc.final_div_factor,
+                 cycle_momentum=sc.cycle_momentum, base_momentum=sc.base_momentum, max_momentum=sc.max_momentum)
+    if sc.name == "step":
+        if sc.milestone_epochs:
+            shape["milestones"] = tuple(int(round(e * unit_steps_per_epoch)) for e in sc.milestone_epochs)
+        else:
+            shape["milestones"] = tuple(int(round(f * horizon)) for f in sc.milestones or ())
+    shape = {k: v for k, v in shape.items() if v is not None}  # what the option does not set keeps the default
+    try:
+        return LRSchedule(peak_lr=peak_lr, total_steps=horizon, **shape)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _batch_schedule(cfg, total_steps: int, train_size: int) -> BatchSchedule:
     b, batch = cfg.batch_schedule, cfg.batch
     kw = {"kind": b.name, "batch": batch}
@@ -362,30 +391,8 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     unit_batch = ref_batch if rule == "adascale" else global_batch
     unit_steps_per_epoch = max(train_size // unit_batch, 1)
     horizon = max(int(round(cfg.epochs * unit_steps_per_epoch)), 1) if rule == "adascale" else total_steps
-    w, sc = cfg.warmup, cfg.schedule
-    warmup_steps = _warmup_steps(w, unit_batch, ref_batch, unit_steps_per_epoch)
-    if w.name != "none" and warmup_steps >= horizon and sc.name != "onecycle":
-        raise ConfigError(f"warmup of {warmup_steps} steps (warmup.epochs={w.epochs}, warmup.steps={w.steps}) is as "
-                          f"long as the run or longer ({horizon} steps = epochs {cfg.epochs} x "
-                          f"{unit_steps_per_epoch} steps/epoch): shorten the warmup, or use warmup=none")
-    shape = {"warmup": w.name, "warmup_steps": warmup_steps, "decay": sc.name}
-    if w.start_at_ref_lr:  # Goyal et al.: gradual warmup starts at, constant warmup stays at, the unscaled LR
-        shape.update(start_factor=o.lr / peak_lr, constant_factor=o.lr / peak_lr)
-    else:
-        shape.update(start_factor=w.start_factor, constant_factor=w.factor)
-    shape.update(exp_ratio=w.ratio, min_factor=sc.min_factor, gamma=sc.gamma, power=sc.power,
-                 pct_start=sc.pct_start, div_factor=sc.div_factor, final_div_factor=sc.final_div_factor,
-                 cycle_momentum=sc.cycle_momentum, base_momentum=sc.base_momentum, max_momentum=sc.max_momentum)
-    if sc.name == "step":
-        if sc.milestone_epochs:
-            shape["milestones"] = tuple(int(round(e * unit_steps_per_epoch)) for e in sc.milestone_epochs)
-        else:
-            shape["milestones"] = tuple(int(round(f * horizon)) for f in sc.milestones or ())
-    shape = {k: v for k, v in shape.items() if v is not None}  # what the option does not set keeps the default
-    try:
-        schedule = LRSchedule(peak_lr=o.lr if rule == "adascale" else peak_lr, total_steps=horizon, **shape)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    schedule = _lr_schedule(cfg, o.lr if rule == "adascale" else peak_lr, horizon, unit_batch, unit_steps_per_epoch)
+    warmup_steps = schedule.warmup_steps
     plan = Plan(global_batch, micro, per_rank // micro, world_size, train_size, steps_per_epoch, horizon,
                 0, warmup_steps, rule, ref_batch, o.lr, peak_lr, o.weight_decay, o.target, cls, kwargs, schedule,
                 notes, batches=batches, max_steps=cfg.max_steps, micro_common=micro_common)
