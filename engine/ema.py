@@ -21,11 +21,13 @@ def make_ema(model: torch.nn.Module, cfg, plan) -> AveragedModel | None:
     return ema
 
 
-def update_ema(ema: AveragedModel | None, model: torch.nn.Module, step: int, cfg, plan) -> None:
-    """After optimizer step ``step`` (1-based count of steps done)."""
+def update_ema(ema: AveragedModel | None, model: torch.nn.Module, step: int, cfg, plan, position: float | None = None
+               ) -> None:
+    """After optimizer step ``step`` (1-based count of steps done); ``position`` is where the LR schedule stands
+    (the step, unless a batch schedule counts progress in images)."""
     if ema is None or step % cfg.ema.every_steps:
         return
-    if step <= plan.warmup_steps:
+    if (step if position is None else position) <= plan.warmup_steps:
         ema.n_averaged.zero_()  # the next update copies the weights: no averaging across the warmup
     raw = getattr(model, "module", model)
     ema.update_parameters(getattr(raw, "_orig_mod", raw))

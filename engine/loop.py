@@ -70,7 +70,7 @@ def fit(run: Run) -> RunState:
                 break
             images_before = state.images
             advance(state, plan, batch, stats, time.perf_counter() - t0)
-            update_ema(run.ema, run.model, state.step, run.cfg, plan)
+            update_ema(run.ema, run.model, state.step, run.cfg, plan, plan.position(state.step, state.images, state.tau))
             log_step(run, stats, batch, time.perf_counter() - t0)
             if inspect:
                 log_layers(run, before)
