@@ -98,6 +98,9 @@ def test_multirun_grid_survives_a_diverging_job_and_summarizes(tmp_path):
     table = [ln for ln in s.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| job")]
     assert len(table) == 8 and all("optim=" in ln for ln in table)
     assert (sweep / "accuracy_vs_batch.png").stat().st_size > 10_000
+    c = run(["scripts/plot_curves.py", str(sweep), "--out", str(tmp_path / "curves")])
+    assert c.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 10_000, c.stderr
+    assert len([ln for ln in c.stdout.splitlines() if "final val_acc" in ln]) == 8  # one line per setting
 
 
 def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):

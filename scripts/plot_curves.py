@@ -1,0 +1,80 @@
+"""Plot a metric over training for the jobs of one or more sweeps: one line per setting (its overrides other than
+seed), the mean over seeds with a band from min to max, against epochs (images seen / training-set size), so runs
+at different or changing batch sizes line up; a second panel shows the global batch each step used.
+
+    python scripts/plot_curves.py multirun/bs/ramp multirun/bs/ramp2 --out recipes/plots/batch_ramp [--metric val_acc]
+
+Reads each job's metrics.jsonl (the authoritative record) and .hydra/overrides.yaml; prints, per setting, the final
+value (mean +- std over seeds) and the optimizer steps taken.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+
+def read_job(job: Path, metric: str):
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["epoch"], r[metric]) for r in rows if metric in r and "epoch" in r]
+    train = [(r["epoch"], r["batch"]) for r in rows if "batch" in r and "loss" in r]
+    steps = max((r["step"] for r in rows), default=0)
+    return evals, train, steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep_dirs", type=Path, nargs="+")
+    ap.add_argument("--metric", default="val_acc")
+    ap.add_argument("--out", required=True, help="output path without extension: writes OUT.png")
+    args = ap.parse_args()
+    series = defaultdict(list)
+    for sweep in args.sweep_dirs:
+        jobs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
+        if not jobs:
+            sys.exit(f"error: {sweep} holds no Hydra jobs (no */.hydra/overrides.yaml)")
+        for job in jobs:
+            if not (job / "metrics.jsonl").exists():
+                continue
+            overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+            key = " ".join(o for o in overrides if not o.startswith(("seed=", "recipe=")))
+            series[key].append(read_job(job, args.metric))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax_b) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 1.3))
+    for key, runs in series.items():
+        epochs = [e for e, _ in runs[0][0]]
+        n = min(len(r[0]) for r in runs)
+        values = [[r[0][i][1] for r in runs] for i in range(n)]
+        mean = [statistics.mean(v) for v in values]
+        line, = ax.plot(epochs[:n], mean, marker=".", label=f"{key} ({len(runs)} seeds)")
+        ax.fill_between(epochs[:n], [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                        alpha=0.2)
+        train = runs[0][1]
+        ax_b.step([e for e, _ in train], [b for _, b in train], where="post", color=line.get_color())
+        finals = [r[0][-1][1] for r in runs if r[0]]
+        spread = f" +- {statistics.stdev(finals):.4f}" if len(finals) > 1 else ""
+        print(f"{key}: final {args.metric} {statistics.mean(finals):.4f}{spread} over {len(finals)} seeds, "
+              f"{statistics.mean(r[2] for r in runs):.0f} steps")
+    ax.set_ylabel(args.metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax_b.set_yscale("log", base=2)
+    ax_b.set_ylabel("global batch")
+    ax_b.set_xlabel("epochs (images seen / training-set size)")
+    ax_b.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(args.out).with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
