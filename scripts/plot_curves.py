@@ -56,8 +56,10 @@ def main() -> None:
         line, = ax.plot(epochs[:n], mean, marker=".", label=f"{key} ({len(runs)} seeds)")
         ax.fill_between(epochs[:n], [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                         alpha=0.2)
-        train = runs[0][1]
-        ax_b.step([e for e, _ in train], [b for _, b in train], where="post", color=line.get_color())
+        train = runs[0][1]  # the logged train rows: log every step (logger.every_steps=1) to see every change
+        if train:
+            train = [(0.0, train[0][1])] + train
+            ax_b.step([e for e, _ in train], [b for _, b in train], where="post", color=line.get_color())
         finals = [r[0][-1][1] for r in runs if r[0]]
         spread = f" +- {statistics.stdev(finals):.4f}" if len(finals) > 1 else ""
         print(f"{key}: final {args.metric} {statistics.mean(finals):.4f}{spread} over {len(finals)} seeds, "
