@@ -1,6 +1,6 @@
 """Plot a metric over training for the jobs of one or more sweeps: one line per setting (its overrides other than
 seed), the mean over seeds with a band from min to max, against epochs (images seen / training-set size), so runs
-at different or changing batch sizes line up; a second panel shows the global batch each step used.
+at different or changing batch sizes line up; panels below show the LR and the global batch each step used.
 
     python scripts/plot_curves.py multirun/bs/ramp multirun/bs/ramp2 --out recipes/plots/batch_ramp [--metric val_acc]
 
@@ -22,7 +22,7 @@ import yaml
 def read_job(job: Path, metric: str):
     rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["epoch"], r[metric]) for r in rows if metric in r and "epoch" in r]
-    train = [(r["epoch"], r["batch"]) for r in rows if "batch" in r and "loss" in r]
+    train = [(r["epoch"], r["batch"], r["lr"]) for r in rows if "batch" in r and "loss" in r]
     steps = max((r["step"] for r in rows), default=0)
     return evals, train, steps
 
@@ -47,26 +47,33 @@ def main() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ax_b) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 1.3))
+    import textwrap
+    fig, (ax, ax_lr, ax_b) = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 1.3, 1.3))
+    shared = set.intersection(*(set(k.split()) for k in series)) if len(series) > 1 else set()
     for key, runs in series.items():
+        label = " ".join(o for o in key.split() if o not in shared) or key
         epochs = [e for e, _ in runs[0][0]]
         n = min(len(r[0]) for r in runs)
         values = [[r[0][i][1] for r in runs] for i in range(n)]
         mean = [statistics.mean(v) for v in values]
-        line, = ax.plot(epochs[:n], mean, marker=".", label=f"{key} ({len(runs)} seeds)")
+        line, = ax.plot(epochs[:n], mean, marker=".", label=textwrap.fill(f"{label} ({len(runs)} seeds)", 90))
         ax.fill_between(epochs[:n], [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                         alpha=0.2)
         train = runs[0][1]  # the logged train rows: log every step (logger.every_steps=1) to see every change
         if train:
-            train = [(0.0, train[0][1])] + train
-            ax_b.step([e for e, _ in train], [b for _, b in train], where="post", color=line.get_color())
+            train = [(0.0, *train[0][1:])] + train
+            ax_b.step([t[0] for t in train], [t[1] for t in train], where="post", color=line.get_color())
+            ax_lr.step([t[0] for t in train], [t[2] for t in train], where="post", color=line.get_color())
         finals = [r[0][-1][1] for r in runs if r[0]]
         spread = f" +- {statistics.stdev(finals):.4f}" if len(finals) > 1 else ""
         print(f"{key}: final {args.metric} {statistics.mean(finals):.4f}{spread} over {len(finals)} seeds, "
               f"{statistics.mean(r[2] for r in runs):.0f} steps")
     ax.set_ylabel(args.metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_title(" ".join(sorted(shared)), fontsize=8)
+    ax_b.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    ax_lr.set_ylabel("LR")
+    ax_lr.grid(alpha=0.3)
     ax_b.set_yscale("log", base=2)
     ax_b.set_ylabel("global batch")
     ax_b.set_xlabel("epochs (images seen / training-set size)")
@@ -74,7 +81,7 @@ def main() -> None:
     fig.tight_layout()
     out = Path(args.out).with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # keeps the legend below the axes
     print(f"wrote {out}")
 
 
