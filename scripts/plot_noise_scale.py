@@ -16,6 +16,7 @@ second half of training. Batch schedules that are fixed in advance can be previe
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import math
 import statistics
@@ -61,7 +62,8 @@ def main() -> None:
         cols, summary = read_run(run_dir)
         values = [v for v in cols["b_simple"] if math.isfinite(v)]
         late = statistics.median(values[len(values) // 2:])
-        label = f"{run_dir.name} (batch {summary.get('global_batch')}, micro {summary.get('micro_batch')})"
+        label = textwrap.fill(f"{run_dir.name} (batch {summary.get('global_batch')}, micro {summary.get('micro_batch')})",
+                              90)
         line, = ax.plot(cols["epoch"], cols["b_simple"], label=label)
         ax.step(cols["epoch"], cols["batch"], where="post", color=line.get_color(), linestyle="--", linewidth=1)
         ax_lr.plot(cols["epoch"], cols["lr"], color=line.get_color())
@@ -79,11 +81,10 @@ def main() -> None:
     ax.set_ylabel("B_simple = tr(Sigma) / |G|^2")
     ax.set_title("gradient noise scale (dashed: the global batch of each step)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax_lr.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     out = Path(args.out).with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # keeps the legend below the axes
     print(f"wrote {out}")
 
 
