@@ -95,3 +95,30 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert summary["stopped_by"] == "SIGTERM" and ckpt["step"] == summary["steps"] < 200
     assert "Connection closed by peer" not in err
+
+
+def test_two_nodes_match_one_process(tmp_path):
+    """README's multi-node command, as two torchrun launchers on this machine (one process each, c10d rendezvous):
+    the same weights as one process, one run dir, one wandb run."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launch(COMMON + ["micro_batch=16", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
+                               "--rdzv_id=two-nodes", str(ROOT / "train.py"), *COMMON, "micro_batch=16"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[1][-2000:] for o in outs)
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # both nodes wrote into rank 0's run dir
+    assert len(list((runs[0] / "wandb").glob("offline-run-*"))) == 1
+    assert sum(o[0].count("final test accuracy") for o in outs) == 1  # only rank 0 reports
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
