@@ -128,6 +128,11 @@ class BatchScheduleConfig(Group):
     multiple: Optional[Pos] = None                 # adaptive: batches are multiples of this
     probe: Optional[Pos] = None                    # adaptive: images per rank in the small-batch gradient
 
+    @field_validator("start", "increment", "multiple", mode="before")
+    @classmethod
+    def _batch_sized(cls, v):  # batch sizes take the k suffix, as `batch` does
+        return parse_batch(v) if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _ordered(self):
         if self.milestones is not None and list(self.milestones) != sorted(self.milestones):

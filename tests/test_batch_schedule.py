@@ -83,6 +83,11 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
     assert step.total_images == 6 * 2 * 256 and seen - rows[-1][1] < step.total_images <= seen
 
 
+def test_batch_sizes_of_a_schedule_take_the_k_suffix():
+    cfg = load_cfg([*TINY, "batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k", "batch_schedule.increment=512"])
+    assert (cfg.batch_schedule.start, cfg.batch_schedule.increment) == (1024, 512)
+
+
 def test_preview_writes_step_lr_batch(tmp_path):
     out = tmp_path / "ramp"
     r = subprocess.run([sys.executable, "scripts/lr_schedule.py", *RAMP, f"--out={out}"], cwd=ROOT,
