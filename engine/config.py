@@ -130,8 +130,8 @@ class BatchScheduleConfig(Group):
 
     @field_validator("start", "increment", "multiple", mode="before")
     @classmethod
-    def _batch_sized(cls, v):  # batch sizes take the k suffix, as `batch` does
-        return parse_batch(v) if isinstance(v, str) else v
+    def _batch_sized(cls, v, info):  # batch sizes take the k suffix, as `batch` does
+        return parse_batch(v, f"batch_schedule.{info.field_name}") if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -237,11 +237,11 @@ class Config(Group):
 _BATCH = re.compile(r"^\s*([0-9]+)\s*([kK]?)\s*$")
 
 
-def parse_batch(value: Any) -> int:
-    """256 -> 256, '4k' -> 4096, '32k' -> 32768, '32768' -> 32768; anything else is a ConfigError."""
+def parse_batch(value: Any, name: str = "batch") -> int:
+    """256 -> 256, '4k' -> 4096, '32k' -> 32768, '32768' -> 32768; anything else is a ConfigError naming ``name``."""
     m = _BATCH.match(str(value)) if not isinstance(value, (bool, float)) else None
     if m is None or int(m.group(1)) == 0:
-        raise ConfigError(f"batch={value!r} is not a valid global batch: use a positive integer, optionally with "
+        raise ConfigError(f"{name}={value!r} is not a valid {'global batch' if name == 'batch' else 'batch size'}: use a positive integer, optionally with "
                           f"a k suffix meaning x1024 (256, 4k, 32k, 32768)")
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 

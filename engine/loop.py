@@ -71,11 +71,11 @@ def fit(run: Run) -> RunState:
             images_before = state.images
             advance(state, plan, batch, stats, time.perf_counter() - t0)
             update_ema(run.ema, run.model, state.step, run.cfg, plan, plan.position(state.step, state.images, state.tau))
-            log_step(run, stats, batch, time.perf_counter() - t0)
+            last = plan.finished(state.step, state.images, state.tau)
+            log_step(run, stats, batch, time.perf_counter() - t0, last)
             if inspect:
                 log_layers(run, before)
             end_of_epoch = plan.epoch_ended(state.step, images_before, state.images)
-            last = plan.finished(state.step, state.images, state.tau)
             if end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step):
                 run_eval(run)
             ckpt = run.cfg.checkpoint
@@ -154,9 +154,8 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False) -> dict 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
 
-def log_step(run: Run, stats: dict, batch: int, seconds: float) -> None:
+def log_step(run: Run, stats: dict, batch: int, seconds: float, last: bool) -> None:
     state, plan = run.state, run.plan
-    last = plan.finished(state.step, state.images, state.tau)
     if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or last):
         row = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": stats["lr"], "batch": batch,
                "epoch": plan.epoch_of(state.step, state.images), "images": state.images,

@@ -29,12 +29,14 @@ def test_what_a_step_sees_is_independent_of_micro_batch_and_ranks(mixup, cutmix)
     assert y64.shape == (64, 10) and torch.allclose(y64.sum(1), torch.ones(64))
 
 
-def test_mixup_blends_each_image_with_its_partner_by_one_lambda():
+def plain_and_mixed(mix, micro_batch):
+    """A step's 64 images unmixed, the same step mixed (at ``micro_batch``), and each image's partner."""
     data = make_synthetic(128, 16, 12, 3, 10)
-    mix = Mix(0.4, 0.0, 10)
-    plain_x, plain_y = step_images(data, 64, 1, None)
-    x, y = step_images(data, 16, 1, mix)
-    partner = mix.partners(64, 5, 3)
+    return (*step_images(data, 64, 1, None), *step_images(data, micro_batch, 1, mix), mix.partners(64, 5, 3))
+
+
+def test_mixup_blends_each_image_with_its_partner_by_one_lambda():
+    plain_x, plain_y, x, y, partner = plain_and_mixed(Mix(0.4, 0.0, 10), 16)
     # lambda from the soft label of image 0, then every pixel and label of the batch must follow it
     lam = float(y[0, plain_y[0]]) if plain_y[0] != plain_y[partner[0]] else None
     if lam is None:  # same class: read lambda from another image
@@ -48,11 +50,7 @@ def test_mixup_blends_each_image_with_its_partner_by_one_lambda():
 
 
 def test_cutmix_pastes_one_box_and_labels_by_its_area():
-    data = make_synthetic(128, 16, 12, 3, 10)
-    mix = Mix(0.0, 1.0, 10)
-    plain_x, plain_y = step_images(data, 64, 1, None)
-    x, y = step_images(data, 32, 1, mix)
-    partner = mix.partners(64, 5, 3)
+    plain_x, plain_y, x, y, partner = plain_and_mixed(Mix(0.0, 1.0, 10), 32)
     from_partner = (x == plain_x[partner]) & (x != plain_x)
     box = from_partner.any(0).any(0)  # the pixels where any image took its partner's: one box for the step
     assert torch.equal(torch.where(box, plain_x[partner], plain_x), x)
