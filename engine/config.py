@@ -184,6 +184,7 @@ class CheckpointConfig(Group):
 
 class EvalConfig(Group):
     every_steps: Optional[Pos] = None              # null = at epoch ends only
+    every_epochs: Optional[PosFloat] = None        # also every this many epochs' images (0.25: 4 a pass, any batch)
 
 
 class EmaConfig(Group):

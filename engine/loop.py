@@ -76,7 +76,8 @@ def fit(run: Run) -> RunState:
             if inspect:
                 log_layers(run, before)
             end_of_epoch = plan.epoch_ended(state.step, images_before, state.images)
-            if end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step):
+            if (end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step)
+                    or plan.crossed(run.cfg.eval.every_epochs, images_before, state.images)):
                 run_eval(run)
             ckpt = run.cfg.checkpoint
             epoch = int(plan.epoch_of(state.step, state.images))

@@ -116,6 +116,16 @@ class Plan:
             return step % self.steps_per_epoch == 0
         return images_before // self.train_size != images_after // self.train_size
 
+    def crossed(self, every_epochs: float | None, images_before: int, images_after: int) -> bool:
+        """Whether this step crossed a multiple of ``every_epochs`` epochs' images (counted in images, so the
+        points are the same at every batch and under a changing batch)."""
+        if not every_epochs:
+            return False
+        # a fixed batch drops the last partial batch of each pass: its epochs are steps_per_epoch x batch images
+        epoch_images = self.steps_per_epoch * self.global_batch if self.fixed else self.train_size
+        interval = every_epochs * epoch_images
+        return math.floor(images_before / interval + 1e-9) != math.floor(images_after / interval + 1e-9)
+
     def epoch_of(self, step: int, images: int) -> float:
         return step / self.steps_per_epoch if self.fixed else images / self.train_size
 

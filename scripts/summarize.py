@@ -2,6 +2,7 @@
 sweeps varied.
 
     python scripts/summarize.py multirun/2026-11-25/12-00-00 [more sweep dirs] [--seeds-mean] [--x KEY] [--out DIR]
+                                [--targets 0.85,0.88] [--noise-scale NOISE.csv]
 
 Prints the table (also written to OUT/summary.md; OUT = the first sweep dir unless --out) and writes
 OUT/accuracy_vs_<KEY>.png: one line per combination of the other overrides (e.g. per optimizer); jobs that diverged
@@ -9,6 +10,12 @@ or failed are marked with an x at the bottom. The x axis is --x KEY, or else wha
 axis) when it varies, the LR (`optim.lr`, log axis) for an optuna LR search, otherwise the first other override that
 varies. With --seeds-mean, jobs differing only in `seed` are averaged: mean +- std and every seed's value in the
 table, error bars in the plot.
+
+On a batch axis the gradient noise scale is marked: the median online B_simple (EMA) at the end of the smallest-batch
+jobs, and with --noise-scale (scripts/noise_scale.py's CSV) the median measured at their last checkpoints. With
+--targets, also the steps and images each constant-batch job needed to first reach each target test accuracy,
+McCandlish et al.'s trade-off fitted per line (scripts/tradeoff.py): a table appended to summary.md and
+OUT/steps_examples_tradeoff.png.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from pathlib import Path
 import yaml
 
 
-from engine.config import parse_batch  # noqa: E402
+import tradeoff  # scripts/tradeoff.py, beside this file
+from engine.config import parse_batch
 
 
 def load_jobs(sweep: Path) -> list[dict]:
@@ -33,7 +41,7 @@ def load_jobs(sweep: Path) -> list[dict]:
         overrides = yaml.safe_load(overrides_file.read_text()) or []
         summary_file = job_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"error": "no summary.json"}
-        jobs.append({"dir": job_dir.name, "overrides": overrides, **summary})
+        jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": overrides, **summary})
     return jobs
 
 
@@ -144,7 +152,22 @@ def table(jobs: list[dict], seeds_mean: bool) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
-def plot(jobs: list[dict], out: Path, x_key: str) -> None:
+def noise_marks(jobs: list[dict], noise_rows: list[dict]) -> dict[str, float]:
+    """B_simple to mark on a batch axis: the median online EMA at the end of the smallest-batch jobs, and the median
+    of the checkpoint measurements (noise_scale.py) at the runs' last checkpoints."""
+    marks = {}
+    batches = [j["global_batch"] for j in jobs if isinstance(j.get("global_batch"), int)]
+    online = [j["noise_scale_b_simple"] for j in jobs if j.get("global_batch") == min(batches, default=None)
+              and isinstance(j.get("noise_scale_b_simple"), float) and not j.get("diverged")]
+    if online:
+        marks[f"B_simple online EMA at the end, batch {batch_label(min(batches))} (median)"] = statistics.median(online)
+    last = [float(r["b_simple"]) for r in noise_rows if r["checkpoint"] == "last.pt" and float(r["b_simple"]) > 0]
+    if last:
+        marks["B_simple from checkpoints at the end (median)"] = statistics.median(last)
+    return marks
+
+
+def plot(jobs: list[dict], out: Path, x_key: str, marks: dict[str, float] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,6 +196,8 @@ def plot(jobs: list[dict], out: Path, x_key: str) -> None:
         ax.scatter([position(x) for x, _ in failed], [0.0] * len(failed), marker="x", color="red",
                    label="diverged / failed")
     if x_key == "batch":
+        for i, (label, value) in enumerate((marks or {}).items()):
+            ax.axvline(value, color="k", linestyle=["-.", (0, (1, 3))][i % 2], alpha=0.6, label=f"{label}: {value:,.0f}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs_all, [batch_label(b) for b in xs_all])
     elif numeric and len(xs_all) > 1 and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
@@ -195,6 +220,8 @@ def main() -> None:
     ap.add_argument("--seeds-mean", action="store_true", help="average jobs that differ only in seed")
     ap.add_argument("--x", help="the override to plot accuracy against (default: what the sweeps varied)")
     ap.add_argument("--out", type=Path, help="folder for summary.md and the plot (default: the first sweep dir)")
+    ap.add_argument("--targets", type=_fractions, help="test accuracies, e.g. 0.85,0.88: steps and images to reach them")
+    ap.add_argument("--noise-scale", type=Path, help="scripts/noise_scale.py's CSV: B_simple measured at checkpoints")
     args = ap.parse_args()
     jobs = []
     for sweep in args.sweep_dirs:
@@ -209,12 +236,35 @@ def main() -> None:
     x_key = args.x or varied_key(jobs)
     out = args.out or args.sweep_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
+    if args.noise_scale is not None and not args.noise_scale.is_file():
+        sys.exit(f"error: --noise-scale {args.noise_scale}: no such file (write it with scripts/noise_scale.py --out)")
+    noise_rows = tradeoff.read_noise_csv(args.noise_scale)
     md = table(jobs, args.seeds_mean)
+    wrote = [out / "summary.md", out / ("accuracy_vs_" + x_key.replace(".", "_").replace("/", "_") + ".png")]
+    marks = noise_marks(jobs, noise_rows) if x_key == "batch" else {}
+    if marks:
+        md += "\n\n" + "\n".join(f"- {label}: {value:,.0f}" for label, value in marks.items())
+    if args.targets:
+        common = shared_overrides(jobs)
+        found = tradeoff.crossings(jobs, args.targets, lambda j: series_key(j, common=common))
+        trade_md, fits = tradeoff.table(found, noise_rows)
+        md += "\n\nSteps to a target test accuracy (McCandlish et al.'s S = S_min + E_min/B fitted):\n\n" + trade_md
+        wrote.append(out / "steps_examples_tradeoff.png")
+        tradeoff.plot(found, fits, wrote[-1], marks)
     print(md)
-    (out / "summary.md").write_text(md + "\n")
-    name = "accuracy_vs_" + x_key.replace(".", "_").replace("/", "_") + ".png"
-    plot(jobs, out / name, x_key)
-    print(f"\nwrote {out / 'summary.md'} and {out / name}")
+    wrote[0].write_text(md + "\n")
+    plot(jobs, wrote[1], x_key, marks)
+    print(f"\nwrote {', '.join(map(str, wrote))}")
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give accuracies between 0 and 1, comma-separated") from None
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every target must lie between 0 and 1 (exclusive)")
+    return values
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""Measure the gradient noise scale B_simple (McCandlish et al. 2018, arXiv 1812.06162, Appendix A) at a run's kept
+checkpoints, from many micro-batches at fixed weights, next to the cheap online estimate the run logged.
+
+    python train.py recipe=fmnist_accuracy_vs_batch batch=1k 'checkpoint.keep_steps=[16,32,64,128]' hydra.run.dir=RUN
+    python scripts/noise_scale.py RUN [more run dirs] [--micro-batch 128] [--micro-batches 64] [--out FILE.csv]
+
+Why: the training-time B_simple (engine/diagnostics.py) is an EMA of one noisy estimate per step, from the step's
+first micro-batch against its whole batch; it lags the weights by about 1 / (1 - diagnostics.noise_ema) steps and
+its EMA of the two estimators is a biased ratio. Here the weights are fixed (checkpoints/step-N.pt and last.pt): K
+micro-batches of b training images (a fixed random draw, no augmentation, the run's label smoothing, BN in train
+mode as in training) give K gradients g_k and their mean G over K*b images; then, with the same unbiased estimators
+as training,
+    |G|^2     ~ (Kb |G|^2 - b mean_k |g_k|^2) / (Kb - b),    tr(Sigma) ~ (mean_k |g_k|^2 - |G|^2) / (1/b - 1/(Kb)),
+and B_simple = tr(Sigma) / |G|^2. The two halves of the K micro-batches give two independent estimates; their
+spread is printed as a gauge of the estimate's own noise. Prints one row per checkpoint (step, images, B_simple,
+the halves, the logged EMA at that step) and writes them as CSV with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import load as load_checkpoint
+from engine.config import load_config
+from engine.data import load_data
+from engine.diagnostics import NoiseScale, sq_norm
+from engine.models import build_model
+
+FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_ema_logged",
+          "micro_batch", "micro_batches"]
+
+
+def b_simple(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int) -> float:
+    """B_simple from K micro-batch gradients' squared norms and the squared norm of their mean."""
+    big = micro_batch * len(micro_sq_norms)
+    grad_sq, trace = NoiseScale.estimates(micro_batch, sum(micro_sq_norms) / len(micro_sq_norms), big, mean_grad_sq)
+    return trace / grad_sq if grad_sq > 0 else math.nan
+
+
+def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 0) -> dict:
+    """B_simple at the model's current weights from ``micro_batches`` micro-batches of ``micro_batch`` images."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    need = micro_batch * micro_batches
+    if need > data.train_size:
+        raise SystemExit(f"error: --micro-batch {micro_batch} x --micro-batches {micro_batches} = {need} images, more "
+                         f"than the {data.train_size} training images")
+    index = torch.randperm(data.train_size, generator=torch.Generator().manual_seed(seed))[:need]
+    model.train()
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    halves = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(2)]
+    norms = []
+    for k, (x, y) in enumerate(data.step_micro_batches(index, 0, micro_batch, 1, 0, seed, None, "cpu")):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+        grads = [p.grad.double() for p in params]
+        norms.append(float(sq_norm(grads)))
+        torch._foreach_add_(sums, grads)
+        torch._foreach_add_(halves[2 * k // micro_batches], grads)
+    half = micro_batches // 2
+    mean_sq = lambda total, n: float(sq_norm(torch._foreach_div(total, n)))
+    return {"b_simple": b_simple(norms, mean_sq(sums, micro_batches), micro_batch),
+            "b_simple_half1": b_simple(norms[:half], mean_sq(halves[0], half), micro_batch),
+            "b_simple_half2": b_simple(norms[half:], mean_sq(halves[1], micro_batches - half), micro_batch)}
+
+
+def logged_ema(run_dir: Path, step: int) -> float | None:
+    """The run's online B_simple (EMA) at the last logged train row at or before ``step``."""
+    path = run_dir / "metrics.jsonl"
+    best = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "noise_scale/b_simple" in row and row["step"] <= step:
+                best = row["noise_scale/b_simple"]
+    return best
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    kept = sorted((run_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    last = run_dir / "checkpoints" / "last.pt"
+    return kept + ([last] if last.is_file() else [])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", type=Path, nargs="+")
+    ap.add_argument("--micro-batch", type=int, default=128, help="images per micro-batch b (default 128)")
+    ap.add_argument("--micro-batches", type=int, default=64, help="micro-batches K, at least 4 (default 64)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the images drawn (default 0)")
+    ap.add_argument("--out", type=Path, help="write the rows as CSV here")
+    args = ap.parse_args()
+    if args.micro_batch < 1 or args.micro_batches < 4:
+        sys.exit(f"error: --micro-batch {args.micro_batch} must be >= 1 and --micro-batches {args.micro_batches} >= 4")
+    rows = []
+    for run_dir in args.run_dirs:
+        found = checkpoints_of(run_dir)
+        if not found:
+            sys.exit(f"error: {run_dir} has no checkpoints/step-*.pt or last.pt (train with checkpoint.keep_steps)")
+        data = None
+        for path in found:
+            ckpt = load_checkpoint(path)
+            cfg = load_config(ckpt["config"])
+            if data is None:
+                data = load_data(cfg.data)
+            model = build_model(cfg.model, data.image_shape, data.num_classes)
+            model.load_state_dict(ckpt["model"])
+            row = {"run": str(run_dir), "checkpoint": path.name, "step": ckpt["step"], "images": ckpt.get("images"),
+                   **measure(model, data, cfg, args.micro_batch, args.micro_batches, args.seed),
+                   "b_simple_ema_logged": logged_ema(run_dir, ckpt["step"]),
+                   "micro_batch": args.micro_batch, "micro_batches": args.micro_batches}
+            rows.append(row)
+            print(f"{run_dir.name} {path.name:>12} step {row['step']:>5}: B_simple {row['b_simple']:8.1f} (halves "
+                  f"{row['b_simple_half1']:.1f}, {row['b_simple_half2']:.1f}); online EMA "
+                  f"{row['b_simple_ema_logged'] if row['b_simple_ema_logged'] is None else round(row['b_simple_ema_logged'], 1)}",
+                  flush=True)
+    if args.out:
+        with args.out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Steps and images to a target accuracy against batch, with McCandlish et al.'s trade-off fitted (arXiv 1812.06162,
+eq. 2.11-2.12): S = S_min (1 + B_crit / B) and E = E_min (1 + B / B_crit), i.e. (S/S_min - 1)(E/E_min - 1) = 1, with
+B_crit = E_min / S_min. Used by `scripts/summarize.py --targets 0.85,0.88` (constant-batch sweeps).
+
+A run's steps to a target: the first evaluation at or above it in its metrics.jsonl, interpolated linearly in steps
+from the evaluation before it (evaluate often: `eval.every_epochs=0.25` samples every batch at the same images);
+images = steps x batch. The fit is least squares on the relative error of S over the batches every seed reached
+(S = S_min + E_min / B is linear in its two unknowns, so it has a closed form; no optimizer, no scipy).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def eval_rows(job_dir: Path) -> list[tuple[int, float]]:
+    """(step, val_acc) of every evaluation the run logged, in step order."""
+    path = job_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted((r["step"], r["val_acc"]) for r in rows if isinstance(r.get("val_acc"), (int, float)))
+
+
+def steps_to(evals: list[tuple[int, float]], target: float) -> float | None:
+    """Optimizer steps to first reach ``target`` (interpolated from the evaluation before); None if never."""
+    prev = None
+    for step, acc in evals:
+        if acc >= target:
+            if prev is None or acc == prev[1]:
+                return float(step)
+            return prev[0] + (target - prev[1]) / (acc - prev[1]) * (step - prev[0])
+        prev = (step, acc)
+    return None
+
+
+def fit(batches: list[float], steps: list[float]) -> dict | None:
+    """S_min, E_min, B_crit of S(B) = S_min + E_min / B, least squares in relative error; None when the points show
+    no trade-off (a non-positive S_min or E_min) or there are fewer than 3 of them."""
+    if len(batches) < 3:
+        return None
+    b, s = np.asarray(batches, float), np.asarray(steps, float)
+    design = np.stack([1 / s, 1 / (b * s)], axis=1)  # (S_min + E_min / B) / S = 1, row by row
+    (s_min, e_min), *_ = np.linalg.lstsq(design, np.ones_like(s), rcond=None)
+    if s_min <= 0 or e_min <= 0:
+        return None
+    return {"s_min": float(s_min), "e_min": float(e_min), "b_crit": float(e_min / s_min)}
+
+
+def crossings(jobs: list[dict], targets: list[float], series_of) -> dict:
+    """{(series, target): {batch: [(steps or None, job dir) per seed]}} for the constant-batch jobs."""
+    out = defaultdict(lambda: defaultdict(list))
+    for j in jobs:
+        if j.get("error") or j.get("batch_schedule", "constant") != "constant" or not j.get("global_batch"):
+            continue
+        evals = eval_rows(Path(j["path"]))
+        for t in targets:
+            out[(series_of(j), t)][j["global_batch"]].append((steps_to(evals, t), Path(j["path"])))
+    return out
+
+
+def logged_b_simple(job_dir: Path, step: float) -> float | None:
+    """The run's online B_simple (EMA) at the last train row at or before ``step``."""
+    value = None
+    path = job_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get("noise_scale/b_simple") is not None and row["step"] <= step:
+            value = row["noise_scale/b_simple"]
+    return value
+
+
+def measured_b_simple(rows: list[dict], job: Path, step: float) -> float | None:
+    """scripts/noise_scale.py's B_simple for run ``job`` at ``step``, interpolated log-linearly between its
+    checkpoints (None if that run was not measured, or ``step`` lies outside its checkpoints)."""
+    points = sorted((int(r["step"]), float(r["b_simple"])) for r in rows
+                    if Path(r["run"]).resolve() == job.resolve() and float(r["b_simple"]) > 0)
+    for (s0, b0), (s1, b1) in zip(points, points[1:]):
+        if s0 <= step <= s1:
+            w = (step - s0) / (s1 - s0) if s1 > s0 else 0.0
+            return math.exp((1 - w) * math.log(b0) + w * math.log(b1))
+    return None
+
+
+def read_noise_csv(path: Path | None) -> list[dict]:
+    return list(csv.DictReader(path.open())) if path else []
+
+
+def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
+    """The markdown table (per series and target: every batch's steps/images, the fit, B_simple) and the fits."""
+    lines = ["| setting | target | batch: steps to target, mean over seeds (seeds reached) | S_min | E_min (images) | "
+             "B_crit = E_min/S_min | B_simple online EMA at target (median) | B_simple from checkpoints at target |",
+             "|---|---|---|---|---|---|---|---|"]
+    fits = {}
+    for (series, target), by_batch in sorted(found.items()):
+        cells, fit_b, fit_s, online, offline = [], [], [], [], []
+        for batch in sorted(by_batch):
+            seeds = by_batch[batch]
+            reached = [s for s, _ in seeds if s is not None]
+            mean = statistics.mean(reached) if reached else None
+            cells.append(f"{batch}: {'-' if mean is None else f'{mean:.0f}'} ({len(reached)}/{len(seeds)})")
+            if reached and len(reached) == len(seeds):
+                fit_b.append(batch)
+                fit_s.append(mean)
+            for s, job in seeds:
+                if s is None:
+                    continue
+                if (v := logged_b_simple(job, s)) is not None:
+                    online.append(v)
+                if (v := measured_b_simple(noise_rows, job, s)) is not None:
+                    offline.append(v)
+        f = fit(fit_b, fit_s)
+        fits[(series, target)] = f
+        lines.append(f"| {series} | {target:g} | {'; '.join(cells)} | "
+                     + (f"{f['s_min']:.1f} | {f['e_min']:,.0f} | {f['b_crit']:,.0f}" if f else "no fit | - | -")
+                     + f" | {_median(online)} | {_median(offline)} |")
+    return "\n".join(lines), fits
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} (n={len(values)})" if values else "-"
+
+
+def plot(found: dict, fits: dict, out: Path, b_marks: dict[str, float]) -> None:
+    """Steps and images to each target against batch, log-log, the fitted curves dashed, B_crit dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    targets = sorted({t for _, t in found})
+    fig, axes = plt.subplots(len(targets), 2, figsize=(11, 3.8 * len(targets)), squeeze=False)
+    colors = {}
+    for (series, target), by_batch in sorted(found.items()):
+        row = axes[targets.index(target)]
+        color = colors.setdefault(series, f"C{len(colors)}")
+        batches = [b for b in sorted(by_batch) if all(s is not None for s, _ in by_batch[b])]
+        for ax, scale in ((row[0], 1), (row[1], None)):
+            ys = [[s * (b if scale is None else 1) for s, _ in by_batch[b]] for b in batches]
+            if batches:
+                ax.errorbar(batches, [statistics.mean(y) for y in ys],
+                            yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], marker="o", capsize=3,
+                            color=color, label=series, linestyle="none")
+            if (f := fits.get((series, target))):
+                grid = np.geomspace(min(batches) / 2, max(batches) * 2, 100)
+                curve = f["s_min"] + f["e_min"] / grid
+                ax.plot(grid, curve if scale else curve * grid, "--", color=color, alpha=0.7,
+                        label=f"fit: B_crit {f['b_crit']:,.0f}")
+                ax.axvline(f["b_crit"], color=color, linestyle=":", alpha=0.6)
+    ticks = sorted({b for by_batch in found.values() for b in by_batch})
+    for target, row in zip(targets, axes):
+        for ax, what in zip(row, ("optimizer steps", "images")):
+            for i, (label, value) in enumerate(b_marks.items()):
+                ax.axvline(value, color="k", linestyle=["-.", (0, (1, 3))][i % 2], alpha=0.6,
+                           label=f"{label}: {value:,.0f}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ticks, [f"{b // 1024}k" if b >= 1024 and b % 1024 == 0 else str(b) for b in ticks])
+            ax.set_xlabel("global batch")
+            ax.set_ylabel(f"{what} to reach test accuracy {target:g}")
+            ax.grid(alpha=0.3, which="both")
+        row[0].legend(fontsize=6)
+    fig.suptitle("steps and images to a target against batch, McCandlish et al.'s S = S_min(1 + B_crit/B) fitted",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)

@@ -1,0 +1,156 @@
+"""The accuracy-vs-batch and steps/examples study's pieces: evaluation every fraction of an epoch (the same images at
+every batch), B_simple measured at checkpoints against an exact per-example computation, the steps-to-target
+interpolation and McCandlish's hyperbola fit against known curves, and summarize.py --targets end to end."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from engine.data import TensorData, normalize
+from tests.helpers import TINY, run_train
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import noise_scale  # noqa: E402  scripts/noise_scale.py
+import tradeoff  # noqa: E402  scripts/tradeoff.py
+
+
+def eval_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "val_acc" in r]
+
+
+@pytest.mark.parametrize("batch", [32, 64, 128])
+def test_eval_every_epochs_samples_every_batch_at_the_same_images(tmp_path, batch):
+    """512 images, 2 epochs, every 0.25 epoch = every 128 images: evaluations land at images 128, 256, ..., 1024
+    whatever the batch (at 32: every 4 steps; at 128: every step)."""
+    _, run_dir = run_train(tmp_path, [*TINY, f"batch={batch}", "eval.every_epochs=0.25", "checkpoint.enabled=false"])
+    assert [s * batch for s in eval_steps(run_dir)] == list(range(128, 1025, 128))
+
+
+def test_eval_every_epochs_counts_the_epoch_a_fixed_batch_sees():
+    """A fixed batch drops each pass's last partial batch: at batch 96 of 512 images an epoch is 5 steps (480
+    images), so half an epoch is 240 images: crossed at steps 3 (288), 5 (480), 8 (768), 10 (960)."""
+    from engine.compose import load_cfg
+    from engine.plan import make_plan
+    plan = make_plan(load_cfg([*TINY, "batch=96", "micro_batch=96"]), 512, 1)
+    crossed = [s for s in range(1, plan.run_steps + 1) if plan.crossed(0.5, (s - 1) * 96, s * 96)]
+    assert plan.steps_per_epoch == 5 and crossed == [3, 5, 8, 10]
+    assert not plan.crossed(None, 0, 10_000)
+
+
+def test_noise_scale_at_fixed_weights_matches_the_exact_per_example_value():
+    """Softmax regression: per-example gradients are (p_i - y_i) x_i^T (and p_i - y_i for the bias), so |G|^2 and
+    tr(Sigma) over the whole training set are exact. noise_scale.measure's estimate from 256 micro-batches of 16 (no
+    BN: examples independent) must land within 15 % of the exact B_simple."""
+    g = torch.Generator().manual_seed(0)
+    n, classes = 40_000, 10
+    images = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    labels = (images.view(n, -1)[:, :classes].float().argmax(1) + torch.randint(0, 3, (n,), generator=g)) % classes
+    data = TensorData(images, labels, images[:10], labels[:10], classes, (0.5,), (0.25,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes))
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model[1].weight, std=0.3)
+
+    x = normalize(images, data.mean, data.std).view(n, -1)
+    with torch.no_grad():
+        residual = torch.softmax(model(x.view(n, 1, 4, 4)), 1) - torch.nn.functional.one_hot(labels, classes)
+    per_example = torch.cat([(residual[:, :, None] * x[:, None, :]).reshape(n, -1), residual], 1).double()
+    mean = per_example.mean(0)
+    exact = float((per_example - mean).pow(2).sum(1).mean() / mean.pow(2).sum())
+
+    got = noise_scale.measure(model, data, SimpleNamespace(label_smoothing=0.0), micro_batch=16, micro_batches=256)
+    assert abs(got["b_simple"] - exact) / exact < 0.15, (got, exact)
+    assert all(v > 0 for v in got.values())
+
+
+def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
+    _, run_dir = run_train(tmp_path, [*TINY, "batch=64", "micro_batch=16", "logger=csv", "logger.every_steps=1",
+                                      "checkpoint.keep_steps=[4,8]"])
+    out = tmp_path / "noise.csv"
+    done = subprocess.run([sys.executable, "scripts/noise_scale.py", str(run_dir), "--micro-batch", "16",
+                           "--micro-batches", "8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["checkpoint"], int(r["step"])) for r in rows] == [("step-4.pt", 4), ("step-8.pt", 8), ("last.pt", 16)]
+    rows_logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["noise_scale/b_simple"] for r in rows_logged if "noise_scale/b_simple" in r}
+    assert all(float(r["b_simple_ema_logged"]) == pytest.approx(logged[int(r["step"])]) for r in rows)
+    assert all(math.isfinite(float(r["b_simple"])) for r in rows)
+    bad = subprocess.run([sys.executable, "scripts/noise_scale.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no checkpoints" in bad.stderr
+
+
+@pytest.mark.parametrize("evals, target, expected", [
+    ([(10, 0.5), (20, 0.7), (30, 0.9)], 0.8, 25.0),   # halfway between the evaluations around the crossing
+    ([(10, 0.5), (20, 0.9)], 0.9, 20.0),              # reached exactly at an evaluation
+    ([(10, 0.95)], 0.9, 10.0),                        # already there at the first evaluation
+    ([(10, 0.5), (20, 0.85), (30, 0.6)], 0.8, 10 + 30 / 35 * 10),  # the first crossing, not a later one
+    ([(10, 0.5), (20, 0.7)], 0.8, None),              # never
+])
+def test_steps_to_target(evals, target, expected):
+    assert tradeoff.steps_to(evals, target) == (expected if expected is None else pytest.approx(expected))
+
+
+def test_fit_recovers_a_known_hyperbola_and_refuses_no_trade_off():
+    batches = [256, 512, 1024, 2048, 4096]
+    steps = [300 + 150_000 / b for b in batches]  # S_min 300, E_min 150k: B_crit 500
+    f = tradeoff.fit(batches, steps)
+    assert f == pytest.approx({"s_min": 300, "e_min": 150_000, "b_crit": 500})
+    # McCandlish's form: (S/S_min - 1)(E/E_min - 1) = 1 at every point
+    assert all(((s / 300 - 1) * (s * b / 150_000 - 1)) == pytest.approx(1) for b, s in zip(batches, steps))
+    assert tradeoff.fit(batches, [100 * b for b in batches]) is None  # more steps at larger batch: no trade-off
+    assert tradeoff.fit(batches[:2], steps[:2]) is None
+
+
+def fake_job(sweep: Path, num: int, optim: str, batch: int, seed: int, steps_to_90: float):
+    """A finished constant-batch job whose test accuracy rises linearly to 0.9 at ``steps_to_90`` (evaluated every
+    `steps_to_90 / 4` steps) and B_simple logged as 10 x step."""
+    job = sweep / f"{num}_batch={batch},optim={optim}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim={optim}", f"batch={batch}", f"seed={seed}"]))
+    rows = [{"step": s, "loss": 1.0, "noise_scale/b_simple": 10.0 * s} for s in range(1, int(steps_to_90 * 2) + 1)]
+    rows += [{"step": steps_to_90 * k / 4, "val_acc": 0.5 + 0.1 * k} for k in range(1, 9)]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (job / "summary.json").write_text(json.dumps({"val_acc": 0.9 + 0.001 * seed, "global_batch": batch,
+                                                  "steps": int(steps_to_90 * 2), "batch_schedule": "constant",
+                                                  "noise_scale_b_simple": 1000.0 + seed, "diverged": False}))
+
+
+def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
+    sweep, num = tmp_path / "sweep", 0
+    truth = {"sgd": (200, 102_400), "lars": (100, 409_600)}  # B_crit 512 and 4096
+    for optim, (s_min, e_min) in truth.items():
+        for batch in (256, 1024, 4096, 16384):
+            for seed in (0, 1):
+                fake_job(sweep, num, optim, batch, seed, s_min + e_min / batch)
+                num += 1
+    noise_csv = tmp_path / "noise.csv"
+    with noise_csv.open("w", newline="") as f:  # job folder names hold commas: the csv module quotes them
+        csv.writer(f).writerows([["run", "checkpoint", "step", "b_simple"],
+                                 [sweep / "0_batch=256,optim=sgd", "step-512.pt", 512, 350],
+                                 [sweep / "0_batch=256,optim=sgd", "last.pt", 1200, 700]])
+    done = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--seeds-mean", "--targets", "0.9",
+                           "--noise-scale", str(noise_csv)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    md = (sweep / "summary.md").read_text()
+    assert "| optim=sgd | 0.9 | 256: 600 (2/2); 1024: 300 (2/2); 4096: 225 (2/2); 16384: 206 (2/2) | 200.0 | 102,400 | 512 |" in md
+    assert "| optim=lars | 0.9 | " in md and "| 100.0 | 409,600 | 4,096 |" in md
+    assert "B_simple online EMA at the end, batch 256 (median): 1,000" in md
+    assert "B_simple from checkpoints at the end (median): 700" in md
+    # seed 0's job at 256 reached 0.9 at step 600: between its checkpoints at 512 (350) and 1200 (700), log-linearly
+    assert f"| {math.exp(math.log(350) + 88 / 688 * math.log(2)):,.0f} (n=1) |" in md
+    assert (sweep / "steps_examples_tradeoff.png").stat().st_size > 10_000
+    assert (sweep / "accuracy_vs_batch.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--targets", "90"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
