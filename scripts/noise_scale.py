@@ -116,10 +116,10 @@ def main() -> None:
                    "b_simple_ema_logged": logged_ema(run_dir, ckpt["step"]),
                    "micro_batch": args.micro_batch, "micro_batches": args.micro_batches}
             rows.append(row)
+            ema = row["b_simple_ema_logged"]
             print(f"{run_dir.name} {path.name:>12} step {row['step']:>5}: B_simple {row['b_simple']:8.1f} (halves "
                   f"{row['b_simple_half1']:.1f}, {row['b_simple_half2']:.1f}); online EMA "
-                  f"{row['b_simple_ema_logged'] if row['b_simple_ema_logged'] is None else round(row['b_simple_ema_logged'], 1)}",
-                  flush=True)
+                  f"{'-' if ema is None else f'{ema:.1f}'}", flush=True)
     if args.out:
         with args.out.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -152,6 +152,26 @@ def table(jobs: list[dict], seeds_mean: bool) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
+def knees(jobs: list[dict], within: float = 0.01) -> list[str]:
+    """Per line (the overrides other than batch and seed): the largest batch whose mean accuracy over seeds is within
+    ``within`` (1 point) of the line's best, where the accuracy-vs-batch curve stops being flat."""
+    common = shared_overrides(jobs)
+    means = defaultdict(lambda: defaultdict(list))
+    for j in jobs:
+        if isinstance(j.get("val_acc"), float) and not j.get("diverged") and (b := batch_of(j)):
+            means[series_key(j, common=common)][b].append(j["val_acc"])
+    lines = []
+    for key, by_batch in sorted(means.items()):
+        acc = {b: statistics.mean(v) for b, v in by_batch.items()}
+        best = max(acc.values())
+        knee = max(b for b, a in acc.items() if a >= best - within)
+        beyond = [b for b in sorted(acc) if b > knee]
+        lines.append(f"- knee of {key}: batch {batch_label(knee)} (best {best:.4f}; the largest batch within "
+                     f"{within * 100:g} point of it" + (f"; {batch_label(beyond[0])}: {acc[beyond[0]]:.4f})" if beyond
+                                                        else ")"))
+    return lines
+
+
 def noise_marks(jobs: list[dict], noise_rows: list[dict]) -> dict[str, float]:
     """B_simple to mark on a batch axis: the median online EMA at the end of the smallest-batch jobs, and the median
     of the checkpoint measurements (noise_scale.py) at the runs' last checkpoints."""
@@ -197,7 +217,8 @@ def plot(jobs: list[dict], out: Path, x_key: str, marks: dict[str, float] | None
                    label="diverged / failed")
     if x_key == "batch":
         for i, (label, value) in enumerate((marks or {}).items()):
-            ax.axvline(value, color="k", linestyle=["-.", (0, (1, 3))][i % 2], alpha=0.6, label=f"{label}: {value:,.0f}")
+            ax.axvline(value, color="k", linestyle=["-.", (0, (1, 3))][i % 2], alpha=0.6,
+                       label=f"{label}: {value:,.0f}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs_all, [batch_label(b) for b in xs_all])
     elif numeric and len(xs_all) > 1 and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
@@ -220,7 +241,8 @@ def main() -> None:
     ap.add_argument("--seeds-mean", action="store_true", help="average jobs that differ only in seed")
     ap.add_argument("--x", help="the override to plot accuracy against (default: what the sweeps varied)")
     ap.add_argument("--out", type=Path, help="folder for summary.md and the plot (default: the first sweep dir)")
-    ap.add_argument("--targets", type=_fractions, help="test accuracies, e.g. 0.85,0.88: steps and images to reach them")
+    ap.add_argument("--targets", type=_fractions,
+                    help="test accuracies, e.g. 0.85,0.88: steps and images to reach them, McCandlish's fit")
     ap.add_argument("--noise-scale", type=Path, help="scripts/noise_scale.py's CSV: B_simple measured at checkpoints")
     args = ap.parse_args()
     jobs = []
@@ -242,6 +264,8 @@ def main() -> None:
     md = table(jobs, args.seeds_mean)
     wrote = [out / "summary.md", out / ("accuracy_vs_" + x_key.replace(".", "_").replace("/", "_") + ".png")]
     marks = noise_marks(jobs, noise_rows) if x_key == "batch" else {}
+    if x_key == "batch" and args.seeds_mean:
+        md += "\n\n" + "\n".join(knees(jobs))
     if marks:
         md += "\n\n" + "\n".join(f"- {label}: {value:,.0f}" for label, value in marks.items())
     if args.targets:
