@@ -156,3 +156,13 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--targets", "90"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+
+
+def test_noise_marks_use_the_smallest_batch_that_measured_it():
+    """Batch 128 in micro-batches of 128 has no accumulation, so no online estimate: the mark comes from 256."""
+    import summarize
+    jobs = [{"global_batch": 128, "noise_scale_b_simple": None}, {"global_batch": 256, "noise_scale_b_simple": 900.0},
+            {"global_batch": 256, "noise_scale_b_simple": 1100.0}, {"global_batch": 1024, "noise_scale_b_simple": 50.0}]
+    rows = [{"checkpoint": "last.pt", "b_simple": "700"}, {"checkpoint": "step-16.pt", "b_simple": "5"}]
+    assert summarize.noise_marks(jobs, rows) == {"B_simple online EMA at the end, batch 256 (median)": 1000.0,
+                                                 "B_simple from checkpoints at the end (median)": 700.0}
