@@ -100,3 +100,16 @@ def test_vit_lamb_32k_scales_the_4k_recipe_by_the_square_root():
     assert cfg.optim.target == "optim.LAMB" and p.global_batch == 32768
     assert p.peak_lr == pytest.approx(0.003 * math.sqrt(8))
     assert p.warmup_steps == 30 * (IMAGENET // 32768) and cfg.data.mixup_alpha == 0.2 and cfg.ema.enabled
+
+
+@pytest.mark.parametrize("optim,batch,peak_lr,warmup_steps,total_steps,accum", [
+    ("sgd", "256", 0.2, 117, 936, 2),      # 234 steps/epoch; warmup half an epoch; linear rule
+    ("sgd", "16k", 12.8, 2, 12, 128),      # 3 steps/epoch (the partial 4th batch is dropped)
+    ("lars", "4k", 16.0, 7, 56, 32),       # sqrt rule: 4 x sqrt(16)
+    ("adamw", "1k", 4e-3, 29, 232, 8),     # sqrt rule: 2e-3 x sqrt(4)
+])
+def test_accuracy_vs_batch_recipe_keeps_each_optimizers_rule(optim, batch, peak_lr, warmup_steps, total_steps, accum):
+    cfg, p = plan_of("fmnist_accuracy_vs_batch", f"optim={optim}", f"batch={batch}")
+    assert (p.peak_lr, p.warmup_steps, p.total_steps, p.accum_steps) == (pytest.approx(peak_lr), warmup_steps,
+                                                                         total_steps, accum)
+    assert cfg.eval.every_epochs == 0.25 and cfg.label_smoothing == 0 and cfg.checkpoint.keep_steps[0] == 16
