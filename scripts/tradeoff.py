@@ -104,7 +104,7 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
             seeds = by_batch[batch]
             reached = [s for s, _ in seeds if s is not None]
             mean = statistics.mean(reached) if reached else None
-            cells.append(f"{batch}: {'-' if mean is None else f'{mean:.0f}'} ({len(reached)}/{len(seeds)})")
+            cells.append(f"{_label(batch)}: {'-' if mean is None else f'{mean:.0f}'} ({len(reached)}/{len(seeds)})")
             if reached and len(reached) == len(seeds):
                 fit_b.append(batch)
                 fit_s.append(mean)
@@ -121,6 +121,10 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
                      + (f"{f['s_min']:.1f} | {f['e_min']:,.0f} | {f['b_crit']:,.0f}" if f else "no fit | - | -")
                      + f" | {_median(online)} | {_median(offline)} |")
     return "\n".join(lines), fits
+
+
+def _label(batch: int) -> str:
+    return f"{batch // 1024}k" if batch >= 1024 and batch % 1024 == 0 else str(batch)
 
 
 def _median(values: list[float]) -> str:
@@ -159,7 +163,7 @@ def plot(found: dict, fits: dict, out: Path, b_marks: dict[str, float]) -> None:
                            label=f"{label}: {value:,.0f}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xticks(ticks, [f"{b // 1024}k" if b >= 1024 and b % 1024 == 0 else str(b) for b in ticks])
+            ax.set_xticks(ticks, [_label(b) for b in ticks])
             ax.set_xlabel("global batch")
             ax.set_ylabel(f"{what} to reach test accuracy {target:g}")
             ax.grid(alpha=0.3, which="both")

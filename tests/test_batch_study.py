@@ -143,7 +143,7 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
                            "--noise-scale", str(noise_csv)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     md = (sweep / "summary.md").read_text()
-    assert ("| optim=sgd | 0.9 | 256: 600 (2/2); 1024: 300 (2/2); 4096: 225 (2/2); 16384: 206 (2/2) | "
+    assert ("| optim=sgd | 0.9 | 256: 600 (2/2); 1k: 300 (2/2); 4k: 225 (2/2); 16k: 206 (2/2) | "
             "200.0 | 102,400 | 512 |") in md
     assert "| optim=lars | 0.9 | " in md and "| 100.0 | 409,600 | 4,096 |" in md
     assert "- knee of optim=sgd: batch 16k (best 0.9005" in md  # every batch's mean is 0.9005 here
