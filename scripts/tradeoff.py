@@ -50,7 +50,8 @@ def fit(batches: list[float], steps: list[float]) -> dict | None:
     (s_min, e_min), *_ = np.linalg.lstsq(design, np.ones_like(s), rcond=None)
     if s_min <= 0 or e_min <= 0:
         return None
-    return {"s_min": float(s_min), "e_min": float(e_min), "b_crit": float(e_min / s_min)}
+    worst = float(np.max(np.abs(s_min + e_min / b - s) / s))  # how well the hyperbola holds at the measured points
+    return {"s_min": float(s_min), "e_min": float(e_min), "b_crit": float(e_min / s_min), "worst": worst}
 
 
 def crossings(jobs: list[dict], targets: list[float], series_of) -> dict:
@@ -95,8 +96,9 @@ def read_noise_csv(path: Path | None) -> list[dict]:
 def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
     """The markdown table (per series and target: every batch's steps/images, the fit, B_simple) and the fits."""
     lines = ["| setting | target | batch: steps to target, mean over seeds (seeds reached) | S_min | E_min (images) | "
-             "B_crit = E_min/S_min | B_simple online EMA at target (median) | B_simple from checkpoints at target |",
-             "|---|---|---|---|---|---|---|---|"]
+             "B_crit = E_min/S_min | fit's worst point | B_simple online EMA at target (median) | "
+             "B_simple from checkpoints at target (median) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fits = {}
     for (series, target), by_batch in sorted(found.items()):
         cells, fit_b, fit_s, online, offline = [], [], [], [], []
@@ -118,7 +120,8 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
         f = fit(fit_b, fit_s)
         fits[(series, target)] = f
         lines.append(f"| {series} | {target:g} | {'; '.join(cells)} | "
-                     + (f"{f['s_min']:.1f} | {f['e_min']:,.0f} | {f['b_crit']:,.0f}" if f else "no fit | - | -")
+                     + (f"{f['s_min']:.1f} | {f['e_min']:,.0f} | {f['b_crit']:,.0f} | {f['worst']:.0%} off" if f
+                        else "no fit | - | - | -")
                      + f" | {_median(online)} | {_median(offline)} |")
     return "\n".join(lines), fits
 

@@ -105,7 +105,7 @@ def test_fit_recovers_a_known_hyperbola_and_refuses_no_trade_off():
     batches = [256, 512, 1024, 2048, 4096]
     steps = [300 + 150_000 / b for b in batches]  # S_min 300, E_min 150k: B_crit 500
     f = tradeoff.fit(batches, steps)
-    assert f == pytest.approx({"s_min": 300, "e_min": 150_000, "b_crit": 500})
+    assert f == pytest.approx({"s_min": 300, "e_min": 150_000, "b_crit": 500, "worst": 0}, abs=1e-9)
     # McCandlish's form: (S/S_min - 1)(E/E_min - 1) = 1 at every point
     assert all(((s / 300 - 1) * (s * b / 150_000 - 1)) == pytest.approx(1) for b, s in zip(batches, steps))
     assert tradeoff.fit(batches, [100 * b for b in batches]) is None  # more steps at larger batch: no trade-off
@@ -144,7 +144,7 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
     assert done.returncode == 0, done.stderr
     md = (sweep / "summary.md").read_text()
     assert ("| optim=sgd | 0.9 | 256: 600 (2/2); 1k: 300 (2/2); 4k: 225 (2/2); 16k: 206 (2/2) | "
-            "200.0 | 102,400 | 512 |") in md
+            "200.0 | 102,400 | 512 | 0% off |") in md
     assert "| optim=lars | 0.9 | " in md and "| 100.0 | 409,600 | 4,096 |" in md
     assert "- knee of optim=sgd: batch 16k (best 0.9005" in md  # every batch's mean is 0.9005 here
     assert "B_simple online EMA at the end, batch 256 (median): 1,000" in md
