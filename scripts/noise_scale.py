@@ -71,14 +71,14 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
 
 
 def logged_ema(run_dir: Path, step: int) -> float | None:
-    """The run's online B_simple (EMA) at the last logged train row at or before ``step``."""
+    """The run's online B_simple (EMA) at the last logged train row at or before ``step`` (nan where undefined)."""
     path = run_dir / "metrics.jsonl"
     best = None
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if "noise_scale/b_simple" in row and row["step"] <= step:
-                best = row["noise_scale/b_simple"]
+                best = float(row["noise_scale/b_simple"])  # "nan" (text in JSON) where |G|^2's estimate was <= 0
     return best
 
 
@@ -98,7 +98,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.micro_batch < 1 or args.micro_batches < 4:
         sys.exit(f"error: --micro-batch {args.micro_batch} must be >= 1 and --micro-batches {args.micro_batches} >= 4")
-    rows = []
+    out = args.out.open("w", newline="") if args.out else None
+    writer = csv.DictWriter(out, fieldnames=FIELDS) if out else None
+    if writer:
+        writer.writeheader()
     for run_dir in args.run_dirs:
         found = checkpoints_of(run_dir)
         if not found:
@@ -115,16 +118,15 @@ def main() -> None:
                    **measure(model, data, cfg, args.micro_batch, args.micro_batches, args.seed),
                    "b_simple_ema_logged": logged_ema(run_dir, ckpt["step"]),
                    "micro_batch": args.micro_batch, "micro_batches": args.micro_batches}
-            rows.append(row)
+            if writer:  # row by row: what was measured survives a later failure
+                writer.writerow(row)
+                out.flush()
             ema = row["b_simple_ema_logged"]
             print(f"{run_dir.name} {path.name:>12} step {row['step']:>5}: B_simple {row['b_simple']:8.1f} (halves "
                   f"{row['b_simple_half1']:.1f}, {row['b_simple_half2']:.1f}); online EMA "
                   f"{'-' if ema is None else f'{ema:.1f}'}", flush=True)
-    if args.out:
-        with args.out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    if out:
+        out.close()
         print(f"wrote {args.out}")
 
 

@@ -73,15 +73,15 @@ def logged_b_simple(job_dir: Path, step: float) -> float | None:
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
         if row.get("noise_scale/b_simple") is not None and row["step"] <= step:
-            value = row["noise_scale/b_simple"]
-    return value
+            value = float(row["noise_scale/b_simple"])  # "nan" (text in JSON) where |G|^2's estimate was <= 0
+    return value if value is not None and math.isfinite(value) else None
 
 
 def measured_b_simple(rows: list[dict], job: Path, step: float) -> float | None:
     """scripts/noise_scale.py's B_simple for run ``job`` at ``step``, interpolated log-linearly between its
     checkpoints (None if that run was not measured, or ``step`` lies outside its checkpoints)."""
     points = sorted((int(r["step"]), float(r["b_simple"])) for r in rows
-                    if Path(r["run"]).resolve() == job.resolve() and float(r["b_simple"]) > 0)
+                    if Path(r["run"]).resolve() == job.resolve() and float(r["b_simple"]) > 0)  # nan > 0 is False
     for (s0, b0), (s1, b1) in zip(points, points[1:]):
         if s0 <= step <= s1:
             w = (step - s0) / (s1 - s0) if s1 > s0 else 0.0

@@ -166,3 +166,11 @@ def test_noise_marks_use_the_smallest_batch_that_measured_it():
     rows = [{"checkpoint": "last.pt", "b_simple": "700"}, {"checkpoint": "step-16.pt", "b_simple": "5"}]
     assert summarize.noise_marks(jobs, rows) == {"B_simple online EMA at the end, batch 256 (median)": 1000.0,
                                                  "B_simple from checkpoints at the end (median)": 700.0}
+
+
+def test_an_undefined_logged_noise_scale_is_read_as_nan_not_a_crash(tmp_path):
+    """metrics.jsonl stores a non-finite value as text ("nan": the |G|^2 estimate fell to <= 0 as the LR reached 0)."""
+    rows = [{"step": 10, "noise_scale/b_simple": 500.0}, {"step": 20, "noise_scale/b_simple": "nan"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert noise_scale.logged_ema(tmp_path, 15) == 500.0 and math.isnan(noise_scale.logged_ema(tmp_path, 20))
+    assert tradeoff.logged_b_simple(tmp_path, 15) == 500.0 and tradeoff.logged_b_simple(tmp_path, 20) is None
