@@ -15,7 +15,7 @@ On a batch axis the gradient noise scale is marked: the median online B_simple (
 jobs that measured it, and with --noise-scale (scripts/noise_scale.py's CSV) the median measured at their last checkpoints. With
 --targets, also the steps and images each constant-batch job needed to first reach each target test accuracy,
 McCandlish et al.'s trade-off fitted per line (scripts/tradeoff.py): a table appended to summary.md and
-OUT/steps_examples_tradeoff.png.
+OUT/steps_examples_tradeoff.png (with the B_simple measured where the runs reached each target).
 """
 from __future__ import annotations
 
@@ -273,10 +273,10 @@ def main() -> None:
     if args.targets:
         common = shared_overrides(jobs)
         found = tradeoff.crossings(jobs, args.targets, lambda j: series_key(j, common=common))
-        trade_md, fits = tradeoff.table(found, noise_rows)
+        trade_md, fits, target_marks = tradeoff.table(found, noise_rows)
         md += "\n\nSteps to a target test accuracy (McCandlish et al.'s S = S_min + E_min/B fitted):\n\n" + trade_md
         wrote.append(out / "steps_examples_tradeoff.png")
-        tradeoff.plot(found, fits, wrote[-1], marks)
+        tradeoff.plot(found, fits, wrote[-1], target_marks)
     print(md)
     wrote[0].write_text(md + "\n")
     plot(jobs, wrote[1], x_key, marks)

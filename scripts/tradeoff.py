@@ -93,13 +93,14 @@ def read_noise_csv(path: Path | None) -> list[dict]:
     return list(csv.DictReader(path.open())) if path else []
 
 
-def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
-    """The markdown table (per series and target: every batch's steps/images, the fit, B_simple) and the fits."""
+def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict, dict]:
+    """The markdown table (per series and target: every batch's steps/images, the fit, B_simple), the fits, and per
+    target the median B_simple where the runs reached it, over every line (to mark on the plot)."""
     lines = ["| setting | target | batch: steps to target, mean over seeds (seeds reached) | S_min | E_min (images) | "
              "B_crit = E_min/S_min | fit's worst point | B_simple online EMA at target (median) | "
              "B_simple from checkpoints at target (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    fits = {}
+    fits, pooled = {}, defaultdict(lambda: ([], []))
     for (series, target), by_batch in sorted(found.items()):
         cells, fit_b, fit_s, online, offline = [], [], [], [], []
         for batch in sorted(by_batch):
@@ -119,11 +120,17 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict]:
                     offline.append(v)
         f = fit(fit_b, fit_s)
         fits[(series, target)] = f
+        pooled[target][0].extend(offline)
+        pooled[target][1].extend(online)
         lines.append(f"| {series} | {target:g} | {'; '.join(cells)} | "
                      + (f"{f['s_min']:.1f} | {f['e_min']:,.0f} | {f['b_crit']:,.0f} | {f['worst']:.0%} off" if f
                         else "no fit | - | - | -")
                      + f" | {_median(online)} | {_median(offline)} |")
-    return "\n".join(lines), fits
+    marks = {t: {label: statistics.median(v) for label, v in
+                 (("B_simple at target, checkpoints (median)", offline), ("B_simple at target, online EMA (median)",
+                                                                          online)) if v}
+             for t, (offline, online) in pooled.items()}
+    return "\n".join(lines), fits, marks
 
 
 def _label(batch: int) -> str:
@@ -134,8 +141,9 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} (n={len(values)})" if values else "-"
 
 
-def plot(found: dict, fits: dict, out: Path, b_marks: dict[str, float]) -> None:
-    """Steps and images to each target against batch, log-log, the fitted curves dashed, B_crit dotted."""
+def plot(found: dict, fits: dict, out: Path, marks: dict[float, dict[str, float]]) -> None:
+    """Steps and images to each target against batch, log-log, the fitted curves dashed, each line's B_crit dotted,
+    and the B_simple measured where the runs reached the target in black."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,7 +169,7 @@ def plot(found: dict, fits: dict, out: Path, b_marks: dict[str, float]) -> None:
     ticks = sorted({b for by_batch in found.values() for b in by_batch})
     for target, row in zip(targets, axes):
         for ax, what in zip(row, ("optimizer steps", "images")):
-            for i, (label, value) in enumerate(b_marks.items()):
+            for i, (label, value) in enumerate(marks.get(target, {}).items()):
                 ax.axvline(value, color="k", linestyle=["-.", (0, (1, 3))][i % 2], alpha=0.6,
                            label=f"{label}: {value:,.0f}")
             ax.set_xscale("log", base=2)
