@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from engine.config import load_config
 from engine.data import load_data
 from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
+from tradeoff import last_logged_b_simple as logged_ema  # scripts/tradeoff.py, beside this file
 
 FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_ema_logged",
           "micro_batch", "micro_batches"]
@@ -68,18 +68,6 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
     return {"b_simple": b_simple(norms, mean_sq(sums, micro_batches), micro_batch),
             "b_simple_half1": b_simple(norms[:half], mean_sq(halves[0], half), micro_batch),
             "b_simple_half2": b_simple(norms[half:], mean_sq(halves[1], micro_batches - half), micro_batch)}
-
-
-def logged_ema(run_dir: Path, step: int) -> float | None:
-    """The run's online B_simple (EMA) at the last logged train row at or before ``step`` (nan where undefined)."""
-    path = run_dir / "metrics.jsonl"
-    best = None
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if "noise_scale/b_simple" in row and row["step"] <= step:
-                best = float(row["noise_scale/b_simple"])  # "nan" (text in JSON) where |G|^2's estimate was <= 0
-    return best
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:

@@ -31,6 +31,7 @@ import yaml
 
 
 import tradeoff  # scripts/tradeoff.py, beside this file
+from tradeoff import batch_label
 from engine.config import parse_batch
 
 
@@ -97,10 +98,6 @@ def series_key(job: dict, drop=("batch", "seed"), common=frozenset()) -> str:
 def shared_overrides(jobs: list[dict]) -> frozenset:
     sets = [set(j["overrides"]) for j in jobs]
     return frozenset(set.intersection(*sets)) if len(sets) > 1 else frozenset()
-
-
-def batch_label(b: int) -> str:
-    return f"{b // 1024}k" if b >= 1024 and b % 1024 == 0 else str(b)
 
 
 def fmt(v, digits=4):

@@ -10,6 +10,7 @@ images = steps x batch. The fit is least squares on the relative error of S over
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import statistics
@@ -19,12 +20,17 @@ from pathlib import Path
 import numpy as np
 
 
+@functools.lru_cache(maxsize=None)
+def metrics_rows(job_dir: Path) -> tuple[dict, ...]:
+    """The run's metrics.jsonl rows, read once per run however many targets and checkpoints ask."""
+    path = job_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return tuple(json.loads(line) for line in lines if line.strip())
+
+
 def eval_rows(job_dir: Path) -> list[tuple[int, float]]:
     """(step, val_acc) of every evaluation the run logged, in step order."""
-    path = job_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = metrics_rows(job_dir)
     return sorted((r["step"], r["val_acc"]) for r in rows if isinstance(r.get("val_acc"), (int, float)))
 
 
@@ -66,14 +72,19 @@ def crossings(jobs: list[dict], targets: list[float], series_of) -> dict:
     return out
 
 
-def logged_b_simple(job_dir: Path, step: float) -> float | None:
-    """The run's online B_simple (EMA) at the last train row at or before ``step``."""
+def last_logged_b_simple(job_dir: Path, step: float) -> float | None:
+    """The run's online B_simple (EMA) at the last train row at or before ``step``: None where never logged, nan
+    where logged as undefined ("nan", text in JSON: the |G|^2 estimate was <= 0)."""
     value = None
-    path = job_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        row = json.loads(line)
+    for row in metrics_rows(job_dir):
         if row.get("noise_scale/b_simple") is not None and row["step"] <= step:
-            value = float(row["noise_scale/b_simple"])  # "nan" (text in JSON) where |G|^2's estimate was <= 0
+            value = float(row["noise_scale/b_simple"])
+    return value
+
+
+def logged_b_simple(job_dir: Path, step: float) -> float | None:
+    """As last_logged_b_simple, None unless a finite number."""
+    value = last_logged_b_simple(job_dir, step)
     return value if value is not None and math.isfinite(value) else None
 
 
@@ -107,7 +118,8 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict, dict]:
             seeds = by_batch[batch]
             reached = [s for s, _ in seeds if s is not None]
             mean = statistics.mean(reached) if reached else None
-            cells.append(f"{_label(batch)}: {'-' if mean is None else f'{mean:.0f}'} ({len(reached)}/{len(seeds)})")
+            steps = "-" if mean is None else f"{mean:.0f}"
+            cells.append(f"{batch_label(batch)}: {steps} ({len(reached)}/{len(seeds)})")
             if reached and len(reached) == len(seeds):
                 fit_b.append(batch)
                 fit_s.append(mean)
@@ -133,7 +145,7 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict, dict]:
     return "\n".join(lines), fits, marks
 
 
-def _label(batch: int) -> str:
+def batch_label(batch: int) -> str:
     return f"{batch // 1024}k" if batch >= 1024 and batch % 1024 == 0 else str(batch)
 
 
@@ -174,7 +186,7 @@ def plot(found: dict, fits: dict, out: Path, marks: dict[float, dict[str, float]
                            label=f"{label}: {value:,.0f}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xticks(ticks, [_label(b) for b in ticks])
+            ax.set_xticks(ticks, [batch_label(b) for b in ticks])
             ax.set_xlabel("global batch")
             ax.set_ylabel(f"{what} to reach test accuracy {target:g}")
             ax.grid(alpha=0.3, which="both")
