@@ -164,6 +164,7 @@ class DataConfig(Group):
     val_split: NonNeg                              # training images held out for val_*; 0 = the test split
     repeated_aug: Optional[NonNeg] = None         # imagenet: DeiT's repeated augmentation, N copies per image; 0 = off
     auto_augment: Optional[Literal["ra", "ta_wide"]] = None  # imagenet: RandAugment / TrivialAugmentWide per image
+    decode: Optional[Literal["workers", "device"]] = None  # imagenet: JPEG decoding in the workers or batched on device
     mixup_alpha: Optional[NonNegFloat] = None      # MixUp's Beta(alpha, alpha); 0 = off (torchvision.transforms.v2)
     cutmix_alpha: Optional[NonNegFloat] = None     # CutMix's Beta(alpha, alpha); 0 = off; both > 0: one per step
 

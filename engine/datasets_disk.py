@@ -83,36 +83,87 @@ def load_cifar(name: str, root: str | None) -> TensorData:
 # --- ImageNet (ImageFolder of JPEGs) --------------------------------------------------------------------------------
 
 class DecodedImages(torch.utils.data.Dataset):
-    """ImageFolder samples decoded with ``torchvision.io.decode_image`` (libjpeg-turbo) and ``transforms.v2``.
+    """ImageFolder samples decoded with ``torchvision.io`` (libjpeg-turbo) and ``transforms.v2``.
 
     Training keys are (index, epoch, seed, copy): RandomResizedCrop and the flip run under a generator seeded by the key,
     so an image's augmentation is a pure function of (seed, epoch, image index, copy), the same in any worker, on any rank,
     at any micro_batch, and after a resume. An image that cannot be decoded stops the run with one line naming it.
+    With ``on_device`` the workers only read the files, and ``decode_batch`` decodes a whole batch in the training
+    process on the training device (batched nvjpeg on CUDA), then transforms each image there under the same key: the
+    same crops and flips as decoding in the workers (bit for bit on CPU, where both use libjpeg-turbo; tested).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform, train: bool):
-        self.samples, self.transform, self.train = samples, transform, train
+    def __init__(self, samples: list[tuple[str, int]], transform, train: bool, on_device: bool = False):
+        self.samples, self.transform, self.train, self.on_device = samples, transform, train, on_device
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, key):
-        from torchvision.io import ImageReadMode, decode_image, read_file
-        index, epoch, seed, copy = key if self.train else (key, 0, 0, 0)
-        path, label = self.samples[index]
-        try:
-            with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; these decoders still ship
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except Exception as e:
-            raise RunError(f"{path} cannot be decoded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); replace it "
-                           f"with a readable copy (removing it would shift every later image's index and so the data "
-                           f"order) and continue with resume=auto") from None
+        path, label = self.samples[self._index(key)]
+        try:  # not torchvision.io.read_file: its tensor, sent from a worker, never arrives (torch 2.14, tv 0.29)
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        except Exception as e:  # removed, unreadable or empty since the run started
+            raise _undecodable(path, e) from None
+        if self.on_device:
+            return key, data, label
+        return self._transformed(_decode_on_cpu(path, data), key), label
+
+    def decode_batch(self, items: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, file bytes, label) items from the workers -> a batch of transformed images on ``device``."""
+        keys, files, labels = zip(*items)
+        paths = [self.samples[self._index(k)][0] for k in keys]
+        images = _decode_batch_on(device, paths, list(files))
+        x = torch.stack([self._transformed(image, k) for image, k in zip(images, keys)])
+        return x, torch.tensor(labels, device=device)
+
+    def _index(self, key) -> int:
+        return key[0] if self.train else key
+
+    def _transformed(self, image: torch.Tensor, key) -> torch.Tensor:
         if not self.train:
-            return self.transform(image), label
+            return self.transform(image)
+        index, epoch, seed, copy = key
+        # transforms.v2 draws its parameters from the CPU generator whatever the image's device: seed only that one
+        # (torch.manual_seed would also reseed CUDA's, which dropout in the training process draws from)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy) % 2 ** 63)
-            return self.transform(image), label
+            torch.default_generator.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy) % 2 ** 63)
+            return self.transform(image)
+
+
+def _undecodable(path: str, error: Exception) -> RunError:
+    return RunError(f"{path} cannot be decoded ({type(error).__name__}: {str(error).splitlines()[0][:120]}); replace it "
+                    f"with a readable copy (removing it would shift every later image's index and so the data "
+                    f"order) and continue with resume=auto")
+
+
+def _decode_on_cpu(path: str, data: torch.Tensor) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; these decoders still ship
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(data, mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise _undecodable(path, e) from None
+
+
+def _decode_batch_on(device, paths: list[str], files: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One batched ``decode_jpeg`` call on ``device``. If the batch holds a file it cannot take (ImageNet's train set
+    has a PNG and some CMYK JPEGs under .JPEG names), each image is decoded by itself and those that still fail
+    on the CPU (decode_image, as the workers do), then moved to ``device``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError):
+            images = []
+            for path, data in zip(paths, files):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except (RuntimeError, ValueError):
+                    images.append(_decode_on_cpu(path, data).to(device))
+            return images
 
 
 def _first_line_of(error: Exception) -> str:
@@ -129,7 +180,7 @@ class ImageFolderData:
     """
 
     def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None,
-                 repeated_aug: int = 0):
+                 repeated_aug: int = 0, decode: str | None = None):
         from torchvision import datasets
         from torchvision.transforms import v2
         policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
@@ -140,10 +191,10 @@ class ImageFolderData:
                               f"({len(train.classes)} vs {len(val.classes)})")
         self.train = DecodedImages(train.samples, v2.Compose([
             v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *policy, *to_float]),
-            train=True)  # torchvision's reference order: crop, flip, auto-augment, then to float
+            train=True, on_device=decode == "device")  # torchvision's reference order: crop, flip, policy, to float
         self.val = DecodedImages(val.samples, v2.Compose([
             v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size), *to_float]),
-            train=False)
+            train=False, on_device=decode == "device")
         self.num_workers, self.repeats = num_workers, max(repeated_aug or 0, 1)
         self.num_classes = len(train.classes)
         self.image_shape = (3, image_size, image_size)
@@ -159,7 +210,8 @@ class ImageFolderData:
         """One loader per split for the whole run: its workers persist across epochs, and each epoch only swaps
         the list of index batches they are fed (the batch sampler is iterated in this process)."""
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                           pin_memory=torch.cuda.is_available(),
+                                           collate_fn=_as_list if dataset.on_device else None,
+                                           pin_memory=torch.cuda.is_available() and not dataset.on_device,
                                            persistent_workers=self.num_workers > 0)
 
     def train_micro_batches(self, epoch, first_step, plan, rank, seed, augment, device, mix=None):
@@ -176,7 +228,7 @@ class ImageFolderData:
         self._train_batches.batches = batches
         if self._train_loader is None:
             self._train_loader = self._loader(self.train, self._train_batches)
-        for j, (x, y) in enumerate(self._batches(self._train_loader, device)):
+        for j, (x, y) in enumerate(_batches(self._train_loader, device)):
             if mix is not None:
                 step, m = epoch * plan.steps_per_epoch + first_step + j // plan.accum_steps, plan.micro_batch
                 x, y = mix.apply(x[:m], y[:m], x[m:], y[m:], seed, step)
@@ -204,15 +256,26 @@ class ImageFolderData:
         if self._val_loader is None:
             idx = torch.arange(rank, len(self.val), world_size)
             self._val_loader = self._loader(self.val, _Batches([p.tolist() for p in idx.split(chunk)]))
-        yield from self._batches(self._val_loader, device)
+        yield from _batches(self._val_loader, device)
 
-    @staticmethod
-    def _batches(loader, device):
-        try:
-            for x, y in loader:
+
+def _batches(loader, device):
+    """The loader's batches on ``device``: moved there, or with on-device decoding decoded there."""
+    dataset = loader.dataset
+    try:
+        for batch in loader:
+            if dataset.on_device:
+                yield dataset.decode_batch(batch, device)
+            else:
+                x, y = batch
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        except RunError as e:
-            raise RunError(_first_line_of(e)) from None
+    except RunError as e:
+        raise RunError(_first_line_of(e)) from None
+
+
+def _as_list(items: list) -> list:
+    """collate_fn for on-device decoding: the files' bytes differ in length, so they travel as a list."""
+    return items
 
 
 def _image_folder(datasets, folder: Path):
@@ -264,5 +327,6 @@ def check(name: str, cfg_data) -> None:
 def load(name: str, cfg_data):
     if name == "imagenet":
         return ImageFolderData(str(_check_imagenet(cfg_data.root)), cfg_data.num_workers,
-                               auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug)
+                               auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug,
+                               decode=cfg_data.decode)
     return load_cifar(name, cfg_data.root)

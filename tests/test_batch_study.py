@@ -17,7 +17,6 @@ from engine.data import TensorData, normalize
 from tests.helpers import TINY, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 import noise_scale  # noqa: E402  scripts/noise_scale.py
 import tradeoff  # noqa: E402  scripts/tradeoff.py
 

@@ -124,8 +124,5 @@ def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):
     ([["seed=0"], ["seed=1"]], "batch"),
 ])
 def test_summarize_plots_against_what_the_sweep_varied(overrides, expected):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("summarize", ROOT / "scripts" / "summarize.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    import summarize  # scripts/ is on the path (conftest.py)
     assert summarize.varied_key([{"overrides": o} for o in overrides]) == expected

@@ -155,6 +155,32 @@ def test_imagenet_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path, p
         assert not torch.equal(imagenet_epoch(ImageFolderData(root, num_workers=0, image_size=32), 4, 2), reference)
 
 
+@pytest.mark.parametrize("policy", [None, "ra"])
+def test_decoding_on_the_device_gives_the_images_the_workers_give(tmp_path, policy):
+    """data.decode=device: the workers only read the files; the training process decodes each batch with one
+    decode_jpeg call on the device (the CPU here: the same libjpeg-turbo), then transforms each image under its own
+    key: bit for bit the workers' images, for training and validation. A PNG under a .JPEG name (ImageNet's train set
+    has one) makes the batched call fail, and that batch is decoded image by image instead."""
+    from PIL import Image
+
+    from engine.datasets_disk import ImageFolderData
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    png = tmp_path / "imagenet" / "train" / "n01" / "n01_2.JPEG"
+    Image.open(png).save(png, format="PNG")
+    root = str(tmp_path / "imagenet")
+    workers = ImageFolderData(root, num_workers=2, image_size=32, auto_augment=policy)
+    on_device = ImageFolderData(root, num_workers=1, image_size=32, auto_augment=policy, decode="device")
+    assert torch.equal(imagenet_epoch(on_device, 2, 4), imagenet_epoch(workers, 4, 2))
+    assert torch.equal(imagenet_epoch(on_device, 2, 2, world_size=2), imagenet_epoch(workers, 4, 2))
+
+    def val(data):
+        return torch.cat([x for x, _ in data.test_batches(0, 1, "cpu", chunk=3)])
+    assert torch.equal(val(on_device), val(workers))
+    from engine.datasets_disk import load  # and the setting reaches the loader
+    assert load("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=root, decode="device")
+                ).train.on_device
+
+
 def test_auto_augment_is_refused_for_in_memory_data(tmp_path):
     r = subprocess.run([sys.executable, "train.py", *TINY, "data.auto_augment=ra", f"hydra.run.dir={tmp_path / 'r'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -162,13 +188,15 @@ def test_auto_augment_is_refused_for_in_memory_data(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_an_undecodable_image_stops_the_run_with_one_line_naming_it(tmp_path):
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_an_undecodable_image_stops_the_run_with_one_line_naming_it(tmp_path, decode):
     write_imagenet(tmp_path / "imagenet")
     bad = tmp_path / "imagenet" / "train" / "n02" / "n02_1.JPEG"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan
     r = subprocess.run([sys.executable, "train.py", *[o for o in TINY if not o.startswith("data")], "data=imagenet",
                         f"data.root={tmp_path / 'imagenet'}", "data.num_workers=1", "model=resnet18", "batch=6",
-                        "micro_batch=3", "epochs=2", "warmup=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                        "micro_batch=3", "epochs=2", "warmup=none", f"data.decode={decode}",
+                        f"hydra.run.dir={tmp_path / 'run'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-3000:]
     assert r.stderr.startswith(f"error: {bad} cannot be decoded") and "resume=auto" in r.stderr
