@@ -243,8 +243,8 @@ def parse_batch(value: Any, name: str = "batch") -> int:
     """256 -> 256, '4k' -> 4096, '32k' -> 32768, '32768' -> 32768; anything else is a ConfigError naming ``name``."""
     m = _BATCH.match(str(value)) if not isinstance(value, (bool, float)) else None
     if m is None or int(m.group(1)) == 0:
-        raise ConfigError(f"{name}={value!r} is not a valid {'global batch' if name == 'batch' else 'batch size'}: use a positive integer, optionally with "
-                          f"a k suffix meaning x1024 (256, 4k, 32k, 32768)")
+        raise ConfigError(f"{name}={value!r} is not a valid {'global batch' if name == 'batch' else 'batch size'}: "
+                          f"use a positive integer, k = x1024 (256, 4k, 32k)")
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 
 
@@ -258,6 +258,15 @@ def load_config(cfg) -> Config:
         raise
     except ValidationError as e:
         raise ConfigError(_one_line(e, data)) from None
+
+
+def _holds(data: dict, loc: list[str]) -> bool:
+    """Whether the config ``data`` has a setting at ``loc`` (pydantic also puts a union member's tag in the path)."""
+    for p in loc:
+        if not isinstance(data, dict) or p not in data:
+            return False
+        data = data[p]
+    return True
 
 
 def _one_line(e: ValidationError, data: dict) -> str:
@@ -275,6 +284,10 @@ def _one_line(e: ValidationError, data: dict) -> str:
     if err["type"] == "missing":
         return f"{key} is missing: the option's YAML file must set it"
     msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith(("warmup", "schedule", "scaling", "model", "data", "batch_schedule")):  # already one line
+    if len(loc) > 1 and not _holds(data, loc):  # a union's member tag (micro_batch: int | 'auto'): name the setting
+        key = ".".join(loc[:-1])
+        parts = [x["msg"].split(",")[0] for x in e.errors() if [str(p) for p in x["loc"]][:-1] == loc[:-1]]
+        msg = " or ".join(dict.fromkeys(m[:1].lower() + m[1:] for m in parts))
+    if msg.startswith(("warmup", "schedule", "scaling", "model", "data", "batch_schedule", f"{key}=")):  # one line
         return msg
     return f"{key}={err.get('input')!r} is invalid: {msg[0].lower()}{msg[1:]}"

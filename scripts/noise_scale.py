@@ -76,6 +76,17 @@ def checkpoints_of(run_dir: Path) -> list[Path]:
     return kept + ([last] if last.is_file() else [])
 
 
+def open_new_csv(path: Path):
+    """--out: a new file (an existing one is a finished measurement: never overwritten), its folder made if missing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("x", newline="")
+    except FileExistsError:
+        sys.exit(f"error: --out {path} exists: remove it or choose another file (a measurement is never overwritten)")
+    except OSError as e:
+        sys.exit(f"error: --out {path} cannot be written ({e.strerror})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", type=Path, nargs="+")
@@ -86,14 +97,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.micro_batch < 1 or args.micro_batches < 4:
         sys.exit(f"error: --micro-batch {args.micro_batch} must be >= 1 and --micro-batches {args.micro_batches} >= 4")
-    out = args.out.open("w", newline="") if args.out else None
+    runs = {run_dir: checkpoints_of(run_dir) for run_dir in args.run_dirs}
+    for run_dir, found in runs.items():
+        if not found:
+            sys.exit(f"error: {run_dir} has no checkpoints/step-*.pt or last.pt (train with checkpoint.keep_steps)")
+    out = open_new_csv(args.out) if args.out else None
     writer = csv.DictWriter(out, fieldnames=FIELDS) if out else None
     if writer:
         writer.writeheader()
-    for run_dir in args.run_dirs:
-        found = checkpoints_of(run_dir)
-        if not found:
-            sys.exit(f"error: {run_dir} has no checkpoints/step-*.pt or last.pt (train with checkpoint.keep_steps)")
+    for run_dir, found in runs.items():
         data = None
         for path in found:
             ckpt = load_checkpoint(path)

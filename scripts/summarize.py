@@ -255,11 +255,14 @@ def main() -> None:
             j["sweep"] = f"{sweep.name}/" if len(args.sweep_dirs) > 1 else ""
         jobs += found
     x_key = args.x or varied_key(jobs)
-    out = args.out or args.sweep_dirs[0]
-    out.mkdir(parents=True, exist_ok=True)
     if args.noise_scale is not None and not args.noise_scale.is_file():
         sys.exit(f"error: --noise-scale {args.noise_scale}: no such file (write it with scripts/noise_scale.py --out)")
-    noise_rows = tradeoff.read_noise_csv(args.noise_scale)
+    try:
+        noise_rows = tradeoff.read_noise_csv(args.noise_scale)
+    except ValueError as e:
+        sys.exit(f"error: --noise-scale {e}")
+    out = args.out or args.sweep_dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
     md = table(jobs, args.seeds_mean)
     wrote = [out / "summary.md", out / ("accuracy_vs_" + x_key.replace(".", "_").replace("/", "_") + ".png")]
     marks = noise_marks(jobs, noise_rows) if x_key == "batch" else {}

@@ -100,8 +100,29 @@ def measured_b_simple(rows: list[dict], job: Path, step: float) -> float | None:
     return None
 
 
+NOISE_COLUMNS = ("run", "step", "b_simple")
+
+
 def read_noise_csv(path: Path | None) -> list[dict]:
-    return list(csv.DictReader(path.open())) if path else []
+    """scripts/noise_scale.py's rows; a file that is not such a CSV raises ValueError saying what is wrong."""
+    if path is None:
+        return []
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path} is not a CSV file ({type(e).__name__})") from None
+    missing = [c for c in NOISE_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} column: not scripts/noise_scale.py's CSV")
+    for line, row in enumerate(rows, start=2):
+        try:
+            int(row["step"]), float(row["b_simple"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} line {line}: step={row['step']!r} and b_simple={row['b_simple']!r} must be "
+                             f"numbers") from None
+    return rows
 
 
 def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict, dict]:

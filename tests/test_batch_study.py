@@ -84,9 +84,18 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     logged = {r["step"]: r["noise_scale/b_simple"] for r in rows_logged if "noise_scale/b_simple" in r}
     assert all(float(r["b_simple_ema_logged"]) == pytest.approx(logged[int(r["step"])]) for r in rows)
     assert all(math.isfinite(float(r["b_simple"])) for r in rows)
-    bad = subprocess.run([sys.executable, "scripts/noise_scale.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no checkpoints" in bad.stderr
+    measured = out.read_bytes()
+    for args, message in [([str(tmp_path)], "no checkpoints"),  # before anything is measured or written
+                          ([str(run_dir), "--out", str(out)], "exists"),
+                          ([str(run_dir), str(tmp_path), "--out", str(tmp_path / "b.csv")], "no checkpoints")]:
+        bad = subprocess.run([sys.executable, "scripts/noise_scale.py", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and message in bad.stderr, bad.stderr
+    assert out.read_bytes() == measured and not (tmp_path / "b.csv").exists()
+    nested = tmp_path / "new" / "folder" / "noise.csv"  # a missing folder is made
+    assert subprocess.run([sys.executable, "scripts/noise_scale.py", str(run_dir), "--micro-batch", "16",
+                           "--micro-batches", "4", "--out", str(nested)], cwd=ROOT, capture_output=True,
+                          timeout=300).returncode == 0 and nested.is_file()
 
 
 @pytest.mark.parametrize("evals, target, expected", [
@@ -155,6 +164,15 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--targets", "90"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+    for content, message in [("step,b_simple\n1,2\n", "has no run column"),
+                             ("run,step,b_simple\nx,ten,5\n", "line 2: step='ten'"),
+                             ("\x00\xff\xfe", "is not a CSV file")]:
+        noise_csv.write_bytes(content.encode("latin-1"))
+        bad = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--noise-scale", str(noise_csv),
+                              "--out", str(tmp_path / "not_made")], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+        assert not (tmp_path / "not_made").exists()
 
 
 def test_noise_marks_use_the_smallest_batch_that_measured_it():

@@ -29,6 +29,7 @@ BAD_INPUT = [
     (["epochs=0"], "epochs=0 is invalid"),
     (["batch=12q"], "batch='12q' is not a valid global batch"),
     (["batch=0"], "batch=0 is not a valid global batch"),
+    (["micro_batch=3x"], "micro_batch='3x' is invalid: input should be a valid integer or input should be 'auto'"),
     (["micro_batch=100"], "micro_batch must divide 256"),
     (["warmup.epochs=10"], "as long as the run or longer"),
     (["precision=fp64"], "input should be 'fp32', 'bf16' or 'fp16'"),
@@ -51,6 +52,8 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert message in lines[0]
+    key = args[-1].lstrip("+").split("=")[0]
+    assert f"is invalid: {key}=" not in lines[0]  # the value named once, not "batch=0 is invalid: batch=0 is ..."
     assert "Traceback" not in r.stderr + r.stdout
     assert not run_dir.exists()
 
