@@ -219,19 +219,38 @@ class ImageFolderData:
         loads its images' partners (drawn from the whole global batch, so the pairs do not depend on micro_batch or
         ranks): twice the decoding, the price of exactness."""
         per_rank = plan.micro_batch * plan.accum_steps
-        batches = []
+        batches, steps = [], []
         for j, (index, copies) in enumerate(self._epoch(plan.global_batch, seed, epoch)[first_step:]):
-            partner = mix.partners(len(index), seed, epoch * plan.steps_per_epoch + first_step + j) if mix else None
+            step = epoch * plan.steps_per_epoch + first_step + j
+            partner = mix.partners(len(index), seed, step) if mix else None
             for mine in self._rank_positions(rank, plan.world_size, per_rank).split(plan.micro_batch):
                 at = torch.cat([mine, partner[mine]]) if mix else mine
                 batches.append([(i, epoch, seed, c) for i, c in zip(index[at].tolist(), copies[at].tolist())])
+                steps.append(step)
+        yield from self._load(batches, steps, plan.micro_batch, seed, device, mix)
+
+    def step_micro_batches(self, index, step, micro_batch, world_size, rank, seed, augment, device, mix=None):
+        """This rank's micro-batches of one step whose global batch is the images ``index``: a changing batch
+        (batch_schedule), which walks the image stream. Each image appears once per step, so its crop is drawn
+        from (seed, step, image index); the workers' pipeline drains at each step's end, since the next batch may
+        depend on this step's gradients (batch_schedule=adaptive)."""
+        per_rank = len(index) // world_size
+        partner = mix.partners(len(index), seed, step) if mix else None
+        batches = []
+        for mine in torch.arange(rank * per_rank, (rank + 1) * per_rank).split(micro_batch):
+            at = torch.cat([mine, partner[mine]]) if mix else mine
+            batches.append([(i, step, seed, 0) for i in index[at].tolist()])
+        yield from self._load(batches, [step] * len(batches), micro_batch, seed, device, mix)
+
+    def _load(self, batches: list, steps: list[int], micro_batch: int, seed: int, device, mix):
+        """Decode ``batches`` of keys through the run's one training loader (its workers persist), then mix each
+        micro-batch with its partners (the second half of each batch) at its step."""
         self._train_batches.batches = batches
         if self._train_loader is None:
             self._train_loader = self._loader(self.train, self._train_batches)
-        for j, (x, y) in enumerate(_batches(self._train_loader, device)):
+        for step, (x, y) in zip(steps, _batches(self._train_loader, device)):
             if mix is not None:
-                step, m = epoch * plan.steps_per_epoch + first_step + j // plan.accum_steps, plan.micro_batch
-                x, y = mix.apply(x[:m], y[:m], x[m:], y[m:], seed, step)
+                x, y = mix.apply(x[:micro_batch], y[:micro_batch], x[micro_batch:], y[micro_batch:], seed, step)
             yield x, y
 
     def _epoch(self, global_batch: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

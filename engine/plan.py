@@ -414,10 +414,10 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
         raise ConfigError(f"data.auto_augment={cfg.data.auto_augment} runs per image in DataLoader workers (data=imagenet); "
                           f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "
                           f"(measured here: about 10x a default step), so it is not offered: set data.auto_augment=null")
-    if not plan.fixed and cfg.data.name == "imagenet":
-        raise ConfigError(f"batch_schedule={batches.kind} / scaling={rule} change the batch during the run, which "
-                          f"the in-memory datasets support; data=imagenet keeps batch_schedule=constant and a fixed "
-                          f"scaling rule for now")
+    if not plan.fixed and (cfg.data.repeated_aug or 0) > 1:
+        raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} deals each global batch's copies to ranks and "
+                          f"needs a constant batch; batch_schedule={batches.kind} / scaling={rule} change it during "
+                          f"the run: set data.repeated_aug=0 or batch_schedule=constant with a fixed scaling rule")
     _check_measured(cfg, plan)
     _check_constructor(plan)
     return plan

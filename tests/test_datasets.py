@@ -181,6 +181,45 @@ def test_decoding_on_the_device_gives_the_images_the_workers_give(tmp_path, poli
                 ).train.on_device
 
 
+def test_imagenet_under_a_changing_batch_sees_the_same_images_at_any_micro_batch_or_ranks(tmp_path):
+    """A batch schedule walks the image stream (a step may straddle two epochs): each step's images, crops and
+    MixUp/CutMix pairs are the same for micro-batches 6, 3 (decoded on the device) and 1 rank or 2."""
+    from engine.data import Mix, stream_indices
+    from engine.datasets_disk import ImageFolderData
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    root = str(tmp_path / "imagenet")
+    index = stream_indices(8, seed=3, start=5, count=6)  # images 5..10 of the stream: the end of epoch 0, then 1
+
+    def step(data, micro, ranks, mix=None):
+        return torch.cat([x for r in range(ranks)
+                          for x, _ in data.step_micro_batches(index, 7, micro, ranks, r, 3, None, "cpu", mix)])
+    data = ImageFolderData(root, num_workers=0, image_size=32)
+    for mix in (None, Mix(0.2, 1.0, 2)):
+        reference = step(data, 6, 1, mix)
+        assert torch.equal(step(ImageFolderData(root, 2, 32, decode="device"), 3, 1, mix), reference)
+        assert torch.equal(step(data, 3, 2, mix), reference)
+    assert not torch.equal(step(data, 6, 1), torch.cat([x for x, _ in data.step_micro_batches(
+        index, 8, 6, 1, 0, 3, None, "cpu")]))  # another step, other crops
+
+
+def test_an_imagenet_batch_ramp_resumes_bit_exact(tmp_path):
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    run = [o for o in TINY if not o.startswith("data")] + [
+        "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=1", "model=resnet18", "batch=8",
+        "batch_schedule=ramp", "batch_schedule.start=4", "batch_schedule.epochs=1", "micro_batch=4", "epochs=2",
+        "warmup=none"]
+    straight, straight_dir = run_train(tmp_path, run, "straight")
+    assert straight["steps"] == 3 and straight["images"] == 16  # 4, 4, then 8
+    run_train(tmp_path, run + ["max_steps=2"], "resumed")
+    resumed, resumed_dir = run_train(tmp_path, run + ["resume=auto"], "resumed")
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"] for d in (straight_dir, resumed_dir))
+    assert resumed["steps"] == 3 and all(torch.equal(a[k], b[k]) for k in a)
+    r = subprocess.run([sys.executable, "train.py", *run, "data.repeated_aug=2", f"hydra.run.dir={tmp_path / 'ra'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # its copies need a constant batch
+    assert r.returncode == 2 and r.stderr.startswith("error: data.repeated_aug=2 deals each global batch"), r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "ra").exists()
+
+
 def test_auto_augment_is_refused_for_in_memory_data(tmp_path):
     r = subprocess.run([sys.executable, "train.py", *TINY, "data.auto_augment=ra", f"hydra.run.dir={tmp_path / 'r'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
