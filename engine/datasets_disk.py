@@ -85,9 +85,10 @@ def load_cifar(name: str, root: str | None) -> TensorData:
 class DecodedImages(torch.utils.data.Dataset):
     """ImageFolder samples decoded with ``torchvision.io`` (libjpeg-turbo) and ``transforms.v2``.
 
-    Training keys are (index, epoch, seed, copy): RandomResizedCrop and the flip run under a generator seeded by the key,
-    so an image's augmentation is a pure function of (seed, epoch, image index, copy), the same in any worker, on any rank,
-    at any micro_batch, and after a resume. An image that cannot be decoded stops the run with one line naming it.
+    Training keys are (index, epoch, seed, copy), with the step in place of the epoch under a batch schedule:
+    RandomResizedCrop and the flip run under a generator seeded by the key, so an image's augmentation is a pure
+    function of the key, the same in any worker, on any rank, at any micro_batch, and after a resume. An image that
+    cannot be decoded stops the run with one line naming it.
     With ``on_device`` the workers only read the files, and ``decode_batch`` decodes a whole batch in the training
     process on the training device (batched nvjpeg on CUDA), then transforms each image there under the same key: the
     same crops and flips as decoding in the workers (bit for bit on CPU, where both use libjpeg-turbo; tested).
@@ -127,14 +128,15 @@ class DecodedImages(torch.utils.data.Dataset):
         # transforms.v2 draws its parameters from the CPU generator whatever the image's device: seed only that one
         # (torch.manual_seed would also reseed CUDA's, which dropout in the training process draws from)
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy) % 2 ** 63)
+            torch.default_generator.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy)
+                                                % 2 ** 63)
             return self.transform(image)
 
 
 def _undecodable(path: str, error: Exception) -> RunError:
-    return RunError(f"{path} cannot be decoded ({type(error).__name__}: {str(error).splitlines()[0][:120]}); replace it "
-                    f"with a readable copy (removing it would shift every later image's index and so the data "
-                    f"order) and continue with resume=auto")
+    return RunError(f"{path} cannot be decoded ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                    f"replace it with a readable copy (removing it would shift every later image's index and so the "
+                    f"data order) and continue with resume=auto")
 
 
 def _decode_on_cpu(path: str, data: torch.Tensor) -> torch.Tensor:
