@@ -48,7 +48,7 @@ def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path):
     from tests.test_datasets import write_imagenet
     write_imagenet(tmp_path / "imagenet", per_class=4)
     root = str(tmp_path / "imagenet")
-    plan = SimpleNamespace(micro_batch=4, accum_steps=2, global_batch=8, world_size=1)
+    plan = SimpleNamespace(micro_batch=4, accum_steps=2, global_batch=8, world_size=1, steps_per_epoch=1)
 
     def epoch(data, device):
         return torch.cat([x.cpu() for x, _ in data.train_micro_batches(1, 0, plan, 0, 3, None, device)])

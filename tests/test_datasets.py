@@ -130,7 +130,7 @@ def test_augmentation_keeps_labels_aligned_and_is_exact():
 def imagenet_epoch(data, micro_batch, accum, world_size=1, seed=3, epoch=1):
     from types import SimpleNamespace
     plan = SimpleNamespace(micro_batch=micro_batch, accum_steps=accum, global_batch=micro_batch * accum * world_size,
-                           world_size=world_size)
+                           world_size=world_size, steps_per_epoch=1)
     xs = []
     for rank in range(world_size):
         xs += [x for x, _ in data.train_micro_batches(epoch, 0, plan, rank, seed, None, "cpu")]
