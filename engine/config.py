@@ -260,12 +260,13 @@ def load_config(cfg) -> Config:
         raise ConfigError(_one_line(e, data)) from None
 
 
-def _holds(data: dict, loc: list[str]) -> bool:
+def _holds(data: dict, loc: tuple) -> bool:
     """Whether the config ``data`` has a setting at ``loc`` (pydantic also puts a union member's tag in the path)."""
     for p in loc:
-        if not isinstance(data, dict) or p not in data:
+        if isinstance(data, dict) and p in data or isinstance(data, list) and isinstance(p, int) and p < len(data):
+            data = data[p]
+        else:
             return False
-        data = data[p]
     return True
 
 
@@ -284,7 +285,7 @@ def _one_line(e: ValidationError, data: dict) -> str:
     if err["type"] == "missing":
         return f"{key} is missing: the option's YAML file must set it"
     msg = err["msg"].removeprefix("Value error, ")
-    if len(loc) > 1 and not _holds(data, loc):  # a union's member tag (micro_batch: int | 'auto'): name the setting
+    if len(loc) > 1 and not _holds(data, err["loc"]):  # a union's member tag (micro_batch: int | 'auto'): name the setting
         key = ".".join(loc[:-1])
         parts = [x["msg"].split(",")[0] for x in e.errors() if [str(p) for p in x["loc"]][:-1] == loc[:-1]]
         msg = " or ".join(dict.fromkeys(m[:1].lower() + m[1:] for m in parts))
