@@ -255,8 +255,6 @@ def main() -> None:
             j["sweep"] = f"{sweep.name}/" if len(args.sweep_dirs) > 1 else ""
         jobs += found
     x_key = args.x or varied_key(jobs)
-    if args.noise_scale is not None and not args.noise_scale.is_file():
-        sys.exit(f"error: --noise-scale {args.noise_scale}: no such file (write it with scripts/noise_scale.py --out)")
     try:
         noise_rows = tradeoff.read_noise_csv(args.noise_scale)
     except ValueError as e:

@@ -107,6 +107,8 @@ def read_noise_csv(path: Path | None) -> list[dict]:
     """scripts/noise_scale.py's rows; a file that is not such a CSV raises ValueError saying what is wrong."""
     if path is None:
         return []
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (write it with scripts/noise_scale.py --out)")
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)

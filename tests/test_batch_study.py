@@ -17,8 +17,8 @@ from engine.data import TensorData, normalize
 from tests.helpers import TINY, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
-import noise_scale  # noqa: E402  scripts/noise_scale.py
-import tradeoff  # noqa: E402  scripts/tradeoff.py
+import noise_scale  # scripts/noise_scale.py (scripts/ is on the path: conftest.py)
+import tradeoff  # scripts/tradeoff.py
 
 
 def eval_steps(run_dir: Path) -> list[int]:
