@@ -31,7 +31,7 @@ from engine.ema import make_ema
 from engine.loop import Run, evaluate, fit, largest_fitting_micro_batch, try_micro_batch
 from engine.metrics import Progress, RunLogger
 from engine.models import build_model
-from engine.plan import make_plan
+from engine.plan import make_plan, plural
 
 
 def train(cfg, run_dir: Path) -> dict:
@@ -140,7 +140,7 @@ def report(run: Run, summary: dict) -> None:
     else:
         status = (f"final test accuracy {summary['test_acc']:.4f} (validation {summary['val_acc']:.4f})"
                   if "test_acc" in summary else f"final test accuracy {summary['val_acc']:.4f}")
-    print(f"{status} ({summary['steps']} steps, {summary['wall_s']:.0f} s, "
+    print(f"{status} ({plural(summary['steps'], 'step')}, {summary['wall_s']:.0f} s, "
           f"{summary['images_per_s']:.0f} images/s) -> {run.run_dir}", flush=True)
 
 

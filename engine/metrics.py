@@ -149,8 +149,10 @@ class RunLogger:
 class Progress:
     """A tqdm bar on a terminal; plain periodic lines when stdout is not one (CI logs, multirun)."""
 
+    ESTIMATE_AFTER = 3  # timed steps before the one-line estimate of the run's training time
+
     def __init__(self, total: int, initial: int = 0, every: int = 50, enabled: bool = True):
-        self.total, self.every, self.enabled = total, every, enabled
+        self.total, self.initial, self.every, self.enabled = total, initial, every, enabled
         self.bar = None
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
@@ -163,6 +165,11 @@ class Progress:
         elif self.enabled and (step % self.every == 0 or step == self.total):
             eta = f", ETA {_duration(seconds_per_step * (self.total - step))}" if seconds_per_step else ""
             print(f"step {step}/{self.total} {text}, {images_per_s:,.0f} images/s{eta}", flush=True)
+        if step - self.initial == self.ESTIMATE_AFTER and step < self.total and seconds_per_step:
+            steps = self.total - self.initial
+            self.write(f"estimate: {_duration(seconds_per_step * steps)} of training for {steps:,} steps at "
+                       f"{seconds_per_step:.3g} s/step (timed over the first {self.ESTIMATE_AFTER}; evaluation "
+                       f"not included)")
 
     def write(self, text: str) -> None:
         if self.enabled:

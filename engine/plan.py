@@ -29,7 +29,7 @@ def auto_micro_batch(per_rank: int, cap: int = MICRO_BATCH_CAP) -> int:
     return 1
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
@@ -145,8 +145,8 @@ class Plan:
         s = self.schedule
         dropped = self.train_size - self.steps_per_epoch * self.global_batch
         lines = [f"plan: global batch {self.global_batch:,} = micro {self.micro_batch} x accum {self.accum_steps} "
-                 f"x ranks {self.world_size}; {_plural(self.steps_per_epoch, 'step')}/epoch, "
-                 f"{_plural(self.total_steps, 'step')} in all"
+                 f"x ranks {self.world_size}; {plural(self.steps_per_epoch, 'step')}/epoch, "
+                 f"{plural(self.total_steps, 'step')} in all"
                  + (f" (stopping at {self.run_steps:,})" if self.run_steps < self.total_steps else "")]
         if not self.fixed:
             lines = [f"plan: target global batch {self.global_batch:,} = micro {self.micro_batch} x accum "
@@ -160,7 +160,8 @@ class Plan:
         else:
             lr = (f"lr {self.base_lr:g} @ batch {self.ref_batch} x {self.peak_lr / self.base_lr:.4g} ({self.rule} "
                   f"rule) = peak {self.peak_lr:g}")
-        lines.append(f"      {self.optimizer_name}: {lr}" + "".join(f"; {n}" for n in self.notes))
+        lines.append(f"      {self.optimizer_name}: {lr}")
+        lines += [f"      {note}" for note in self.notes]  # e.g. adam_sde's rescaled betas and eps
         first, end = s(0), s(self.total_steps - 1)
         unit = "" if self.fixed else (" (steps of the reference batch, tau)" if self.rule == "adascale" else
                                      f" (steps at batch {self.global_batch:,}, counted in images)")
@@ -188,7 +189,7 @@ class Plan:
         lines = []
         if b.kind == "ramp" and b.varies:
             stages = (b.batch - b.start) // b.increment
-            lines.append(f"      batch ramp: {b.start:,} -> {b.batch:,} in {_plural(stages, 'stage')} of +{b.increment:,} "
+            lines.append(f"      batch ramp: {b.start:,} -> {b.batch:,} in {plural(stages, 'stage')} of +{b.increment:,} "
                          f"over {b.ramp_images:,} images; " + (
                              "the LR follows AdaScale's gain at the current batch" if self.rule == "adascale" else
                              f"the LR follows the {self.rule} rule at the current batch "
@@ -202,18 +203,18 @@ class Plan:
                                                b.lr_residual(b.milestones[-1]) < 1 else ""))
         elif b.kind == "adaptive":
             lines.append(f"      adaptive batch: clamp({b.k:g} x B_simple, {b.start:,}, {b.batch:,}) in multiples of "
-                         f"{b.multiple:,}, decided every {_plural(b.every, 'step')} from a probe of "
+                         f"{b.multiple:,}, decided every {plural(b.every, 'step')} from a probe of "
                          f"{self.probe_micro * self.micro_batch} images per rank; the LR follows "
                          + ("AdaScale's gain" if self.rule == "adascale" else f"the {self.rule} rule")
                          + " at the current batch")
         if self.rule == "adascale":
             lines.append(f"      AdaScale: the reference schedule (lr {self.base_lr:g} at batch {self.ref_batch}, "
-                         f"{_plural(self.total_steps, 'step')}) times the measured gain r in [1, batch/"
+                         f"{plural(self.total_steps, 'step')}) times the measured gain r in [1, batch/"
                          f"{self.ref_batch}]; tau advances by r per step and the run ends at tau = {self.total_steps:,}")
         if not self.fixed and self.rule != "adascale":
             bound = "exactly" if b.kind != "adaptive" else "at most"
             lines.append(f"      {self.total_images:,} images (the budget of batch {self.global_batch:,} for "
-                         f"{self.total_steps:,} steps) in {bound} {_plural(self.run_steps, 'step')}")
+                         f"{self.total_steps:,} steps) in {bound} {plural(self.run_steps, 'step')}")
         return lines
 
     def _ramp(self) -> str:

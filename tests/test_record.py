@@ -9,7 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import TINY
+import pytest
+
+from engine.data import train_size_of
+from engine.metrics import Progress
+from engine.plan import make_plan
+from tests.helpers import TINY, load_cfg
 from tests.wandb_records import runs as wandb_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,3 +125,41 @@ def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):
     assert sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()) == jobs
     assert (jobs[0] / "summary.json").read_bytes() == finished  # the finished job is left alone
     assert json.loads((jobs[1] / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # Goyal et al.: the LR where the warmup starts, its peak, and the decay's end
+    (["recipe=goyal2017_resnet50_8k"], ["lr 0.1 @ batch 256 x 32 (linear rule) = peak 3.2",
+                                        "LR 0.1 at step 0 -> peak 3.2 at step 780 (linear warmup)",
+                                        "-> 0.0032 at step 14039 (step decay)"]),
+    # adam_sde rescales betas and eps, not only the LR
+    (["optim=adamw", "scaling=adam_sde", "batch=2k"], ["betas (0.9, 0.999) -> (0.2, 0.992), eps 1e-08 -> 3.54e-09"]),
+    # 32k on Fashion-MNIST drops 45 % of each epoch
+    (["batch=32k"], ["27,232 of 60,000 images (45%) are left out", "0.55 passes' worth", "1 step/epoch"]),
+    # a recipe whose lr is already the global LR
+    (["recipe=mlperf_lars_resnet50_16k"], ["LARS: global LR 25 (no scaling)"]),
+    # the first step is never at LR 0
+    (["warmup=cosine"], ["LR 9.012e-06 at step 0 -> peak 0.2 at step 234 (cosine warmup)"]),
+])
+def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
+    cfg = load_cfg(overrides)
+    text = make_plan(cfg, train_size_of(cfg.data)).describe()
+    for piece in expected:
+        assert piece in text, text
+    assert "lr 25 @" not in text and "1 steps" not in text
+    assert max(len(line) for line in text.splitlines()) <= 120  # a few short lines, not one long one
+
+
+def test_progress_estimates_the_run_and_says_eta(capsys):
+    progress = Progress(total=100, initial=40, every=50)
+    for step in range(41, 51):
+        progress.update(step, "loss 1", images_per_s=500.0, seconds_per_step=2.0)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("estimate: 2m00s of training for 60 steps at 2 s/step (timed over the first 3; "
+                      "evaluation not included)")
+    assert out[1] == "step 50/100 loss 1, 500 images/s, ETA 1m40s"
+
+
+def test_a_one_step_run_says_step(tmp_path):
+    r = train([*RUN, "max_steps=1", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0 and "(1 step," in r.stdout, r.stdout[-2000:]
