@@ -29,7 +29,7 @@ from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
 from engine.loop import Run, evaluate, fit, largest_fitting_micro_batch, try_micro_batch
-from engine.metrics import Progress, RunLogger
+from engine.metrics import Progress, RunLogger, log, say
 from engine.models import build_model
 from engine.plan import make_plan, plural
 
@@ -49,7 +49,7 @@ def train(cfg, run_dir: Path) -> dict:
     resume = to_resume(cfg, run_dir, plan)
     if resume is not None and (done := already_done(run_dir, resume[0], plan)):
         if dist.is_main:
-            print(done, flush=True)  # a sweep re-run with resume=auto skips its finished and diverged jobs
+            say(done)  # a sweep re-run with resume=auto skips its finished and diverged jobs
         summary_path = run_dir / "summary.json"
         return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
@@ -118,14 +118,14 @@ def announce(run: Run, resume) -> None:
     if not run.dist.is_main:
         return
     data, cfg = run.data, run.cfg
-    print(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
-          f"device {run.device}, {cfg.precision}", flush=True)
-    print(run.plan.describe(), flush=True)
+    say(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
+        f"device {run.device}, {cfg.precision}")
+    say(run.plan.describe())
     if run.ema is not None:
-        print(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
-              f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
+        say(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
+            f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
     if resume is not None:
-        print(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume[1]})", flush=True)
+        say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume[1]})")
 
 
 def report(run: Run, summary: dict) -> None:
@@ -140,8 +140,8 @@ def report(run: Run, summary: dict) -> None:
     else:
         status = (f"final test accuracy {summary['test_acc']:.4f} (validation {summary['val_acc']:.4f})"
                   if "test_acc" in summary else f"final test accuracy {summary['val_acc']:.4f}")
-    print(f"{status} ({plural(summary['steps'], 'step')}, {summary['wall_s']:.0f} s, "
-          f"{summary['images_per_s']:.0f} images/s) -> {run.run_dir}", flush=True)
+    say(f"{status} ({plural(summary['steps'], 'step')}, {summary['wall_s']:.0f} s, "
+        f"{summary['images_per_s']:.0f} images/s) -> {run.run_dir}")
 
 
 def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
@@ -167,8 +167,8 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
         summary.update({f"{k}_ema": v for k, v in ema_eval.items()})
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"evaluated {path} (step {ckpt['step']}): test accuracy {summary['val_acc']:.4f}"
-              + (f", EMA {summary['val_acc_ema']:.4f}" if "val_acc_ema" in summary else "") + f" -> {run_dir}")
+        say(f"evaluated {path} (step {ckpt['step']}): test accuracy {summary['val_acc']:.4f}"
+            + (f", EMA {summary['val_acc_ema']:.4f}" if "val_acc_ema" in summary else "") + f" -> {run_dir}")
     return summary
 
 
@@ -204,7 +204,7 @@ def job_failed(run_dir: Path, error: str) -> dict:
     path = run_dir / "summary.json"
     summary = {**(json.loads(path.read_text()) if path.exists() else {"diverged": False}), "error": error}
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"error in job {run_dir}: {error}", file=sys.stderr, flush=True)
+    log.error(f"error in job {run_dir}: {error}")
     FAILED_JOBS.append(str(run_dir))
     return summary
 
@@ -220,7 +220,7 @@ def main(cfg: DictConfig) -> float:
         summary = train(cfg, run_dir)
     except (ConfigError, RunError) as e:
         if not multirun:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            log.error(f"error: {e}")
             sys.exit(2 if isinstance(e, ConfigError) else 1)
         summary = job_failed(run_dir, str(e))
     except Exception as e:  # in a sweep one failing job must not stop the others

@@ -7,10 +7,26 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import sys
 from pathlib import Path
+
+# The run's own lines (plan, progress, evaluations, warnings): Hydra's job logging sends them to the console and
+# to the run dir's train.log (conf/hydra/job_logging/run_log.yaml).
+log = logging.getLogger("train")
+
+
+class BelowWarning(logging.Filter):
+    """stdout gets info; warnings and errors go to stderr alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def say(text: str) -> None:
+    log.info(text)
 
 
 def _jsonable(v):
@@ -69,7 +85,7 @@ class RunLogger:
 
     @staticmethod
     def _warn(msg: str) -> None:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
+        log.warning(f"warning: {msg}")
 
     def log(self, step: int, values: dict) -> None:
         if self.jsonl is None:
@@ -164,7 +180,7 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
         elif self.enabled and (step % self.every == 0 or step == self.total):
             eta = f", ETA {_duration(seconds_per_step * (self.total - step))}" if seconds_per_step else ""
-            print(f"step {step}/{self.total} {text}, {images_per_s:,.0f} images/s{eta}", flush=True)
+            say(f"step {step}/{self.total} {text}, {images_per_s:,.0f} images/s{eta}")
         if step - self.initial == self.ESTIMATE_AFTER and step < self.total and seconds_per_step:
             steps = self.total - self.initial
             self.write(f"estimate: {_duration(seconds_per_step * steps)} of training for {steps:,} steps at "
@@ -173,7 +189,12 @@ class Progress:
 
     def write(self, text: str) -> None:
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            if self.bar is None:
+                say(text)
+                return
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # above the bar, not through it
+                say(text)
 
     def close(self) -> None:
         if self.bar is not None:

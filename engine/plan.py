@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -116,14 +117,17 @@ class Plan:
             return step % self.steps_per_epoch == 0
         return images_before // self.train_size != images_after // self.train_size
 
+    @property
+    def epoch_images(self) -> int:
+        """Images an epoch trains on: a fixed batch drops each pass's last partial batch; a changing one does not."""
+        return self.steps_per_epoch * self.global_batch if self.fixed else self.train_size
+
     def crossed(self, every_epochs: float | None, images_before: int, images_after: int) -> bool:
         """Whether this step crossed a multiple of ``every_epochs`` epochs' images (counted in images, so the
         points are the same at every batch and under a changing batch)."""
         if not every_epochs:
             return False
-        # a fixed batch drops the last partial batch of each pass: its epochs are steps_per_epoch x batch images
-        epoch_images = self.steps_per_epoch * self.global_batch if self.fixed else self.train_size
-        interval = every_epochs * epoch_images
+        interval = every_epochs * self.epoch_images
         return math.floor(images_before / interval + 1e-9) != math.floor(images_after / interval + 1e-9)
 
     def epoch_of(self, step: int, images: int) -> float:
@@ -143,7 +147,7 @@ class Plan:
     def describe(self) -> str:
         """The whole arithmetic on a few short lines: what a user checks before spending a cluster on it."""
         s = self.schedule
-        dropped = self.train_size - self.steps_per_epoch * self.global_batch
+        dropped = self.train_size - self.epoch_images
         lines = [f"plan: global batch {self.global_batch:,} = micro {self.micro_batch} x accum {self.accum_steps} "
                  f"x ranks {self.world_size}; {plural(self.steps_per_epoch, 'step')}/epoch, "
                  f"{plural(self.total_steps, 'step')} in all"
@@ -154,7 +158,7 @@ class Plan:
         if dropped:
             lines.append(f"      {dropped:,} of {self.train_size:,} images ({dropped / self.train_size:.0%}) are left "
                          f"out of each epoch (the last partial batch): an epoch is "
-                         f"{self.steps_per_epoch * self.global_batch / self.train_size:.2f} passes' worth")
+                         f"{self.epoch_images / self.train_size:.2f} passes' worth")
         if self.rule == "none":
             lr = f"global LR {self.peak_lr:g} (no scaling)"
         else:
@@ -168,7 +172,8 @@ class Plan:
         lines.append(f"      LR {first:.4g} at step 0 -> peak {s.peak_lr:.4g} at step {s.ramp_steps} "
                      f"({self._ramp()}) -> {end:.4g} at step {self.total_steps - 1} ({s.decay} decay){unit}")
         lines += self._describe_batches()
-        return "\n".join(lines)
+        # short lines a terminal or a Slurm log shows whole; a long one continues indented under its first
+        return "\n".join(textwrap.fill(line, 120, subsequent_indent=" " * 8, break_on_hyphens=False) for line in lines)
 
     def preview(self) -> list[tuple[float, int]]:
         """(LR, global batch) of every optimizer step, without training: what scripts/lr_schedule.py plots."""

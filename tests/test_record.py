@@ -140,6 +140,10 @@ def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):
     (["recipe=mlperf_lars_resnet50_16k"], ["LARS: global LR 25 (no scaling)"]),
     # the first step is never at LR 0
     (["warmup=cosine"], ["LR 9.012e-06 at step 0 -> peak 0.2 at step 234 (cosine warmup)"]),
+    # a changing batch: nothing is dropped (the stream runs on across epochs), and its longer lines wrap
+    (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k"], ["in exactly 86 steps"]),
+    (["batch_schedule=step", "batch_schedule.start=64", "schedule=step"], ["batch steps (Smith et al.): 64 x"]),
+    (["batch=4k", "batch_schedule=adaptive", "scaling=adascale"], ["adaptive batch: clamp("]),
 ])
 def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
     cfg = load_cfg(overrides)
@@ -147,6 +151,7 @@ def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
     for piece in expected:
         assert piece in text, text
     assert "lr 25 @" not in text and "1 steps" not in text
+    assert "left out" not in text or cfg.batch_schedule.name == "constant"
     assert max(len(line) for line in text.splitlines()) <= 120  # a few short lines, not one long one
 
 
@@ -160,6 +165,11 @@ def test_progress_estimates_the_run_and_says_eta(capsys):
     assert out[1] == "step 50/100 loss 1, 500 images/s, ETA 1m40s"
 
 
-def test_a_one_step_run_says_step(tmp_path):
+def test_train_log_holds_the_runs_lines(tmp_path):
+    """Hydra's train.log has every line the console showed (it was 0 bytes); a one-step run says 'step'."""
     r = train([*RUN, "max_steps=1", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0 and "(1 step," in r.stdout, r.stdout[-2000:]
+    log = (tmp_path / "train.log").read_text()
+    for line in r.stdout.splitlines():
+        assert line in log
+    assert "plan: global batch 32" in log and "final test accuracy" in log
