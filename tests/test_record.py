@@ -155,11 +155,12 @@ def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
     assert max(len(line) for line in text.splitlines()) <= 120  # a few short lines, not one long one
 
 
-def test_progress_estimates_the_run_and_says_eta(capsys):
+def test_progress_estimates_the_run_and_says_eta(caplog):
+    caplog.set_level("INFO", logger="train")
     progress = Progress(total=100, initial=40, every=50)
     for step in range(41, 51):
         progress.update(step, "loss 1", images_per_s=500.0, seconds_per_step=2.0)
-    out = capsys.readouterr().out.splitlines()
+    out = caplog.messages
     assert out[0] == ("estimate: 2m00s of training for 60 steps at 2 s/step (timed over the first 3; "
                       "evaluation not included)")
     assert out[1] == "step 50/100 loss 1, 500 images/s, ETA 1m40s"
