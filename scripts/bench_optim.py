@@ -1,25 +1,24 @@
 """Time one optimizer step on ResNet-50's parameters: ours against torch's SGD/AdamW and the notes' LARS.
 
-    python scripts/bench_optim.py [--threads 2] [--repeats 20]
+    python scripts/bench_optim.py [--threads 2] [--repeats 20] [--alone]
 
 torch's SGD and AdamW are each timed with foreach=True and False and the faster counts; ours are timed with both
 kernels, and the ratio line uses the one `foreach=None` picks on the device (foreach on CUDA, the loop on CPU). All timings come from this
-one process, interleaved round-robin, and the median is reported; ratios are what to compare across machines.
+one process, interleaved round-robin (nine models' parameters, gradients and state, about 2 GB: mostly a
+measure of memory traffic), and the median is reported; ratios are what to compare across machines. ``--alone``
+steps one model at a time instead (its tensors stay warmer in the caches).
 Runs on CUDA too when a GPU is present (--device cuda).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import torch
+from torchvision.models import resnet50
 
-import torch  # noqa: E402
-from torchvision.models import resnet50  # noqa: E402
-
-from optim import LAMB, LARS, param_groups  # noqa: E402
+from optim import LAMB, LARS, param_groups
 
 
 class SeedLARS(torch.optim.Optimizer):
@@ -68,38 +67,51 @@ NAMES = ["torch SGD (foreach)", "torch SGD (for-loop)", "torch AdamW (foreach)",
          "notes' LARS (seed)"]
 
 
+def model_with_grads(device) -> torch.nn.Module:
+    model = resnet50().to(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-3
+    return model
+
+
+def timed_step(opt, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--alone", action="store_true", help="one model at a time instead of nine interleaved")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    models = {n: resnet50().to(device) for n in NAMES}  # one model per optimizer: states stay independent
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for m in models.values():
-        for p in m.parameters():
-            p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-3
-    opts = {n: make(n, models[n]) for n in NAMES}
-    for opt in opts.values():  # first step allocates state
-        opt.step()
     times = {n: [] for n in NAMES}
-    for _ in range(args.repeats):
-        for n, opt in opts.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    for names in ([[n] for n in NAMES] if args.alone else [NAMES]):
+        models = {n: model_with_grads(device) for n in names}  # one model per optimizer: states stay independent
+        opts = {n: make(n, models[n]) for n in names}
+        for opt in opts.values():  # first step allocates state
             opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
+        for _ in range(args.repeats):
+            for n, opt in opts.items():
+                times[n].append(timed_step(opt, device))
+        n_params = sum(p.numel() for p in models[names[0]].parameters())
+        n_tensors = len(list(models[names[0]].parameters()))
+        del models, opts
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     sgd = min(med["torch SGD (foreach)"], med["torch SGD (for-loop)"])
     adamw = min(med["torch AdamW (foreach)"], med["torch AdamW (for-loop)"])
-    n_params = sum(p.numel() for p in models[NAMES[0]].parameters())
-    print(f"ResNet-50 ({n_params / 1e6:.1f}M params, {len(list(models[NAMES[0]].parameters()))} tensors), "
-          f"{device}{f', {args.threads} threads' if device.type == 'cpu' else ''}, median of {args.repeats} steps")
+    print(f"ResNet-50 ({n_params / 1e6:.1f}M params, {n_tensors} tensors), "
+          f"{device}{f', {args.threads} threads' if device.type == 'cpu' else ''}, median of {args.repeats} steps"
+          f"{', each optimizer alone' if args.alone else ', interleaved'}")
     print(f"| optimizer | ms/step | vs torch SGD | vs torch AdamW |\n|---|---|---|---|")
     for n in NAMES:
         print(f"| {n} | {med[n]:.1f} | {med[n] / sgd:.2f}x | {med[n] / adamw:.2f}x |")
