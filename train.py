@@ -68,7 +68,8 @@ def train(cfg, run_dir: Path) -> dict:
         train_model = torch.compile(train_model)
     logger = RunLogger(run_dir, cfg.logger.name if dist.is_main else None,
                        config=cfg.model_dump(mode="json", by_alias=True), mode=cfg.logger.mode,
-                       project=cfg.logger.project, group=cfg.logger.group, name=run_dir.name,
+                       project=cfg.logger.project, group=cfg.logger.group,
+                       name=cfg.logger.run_name or run_dir.name,
                        run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
     state.wandb_id = logger.wandb_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
     progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
@@ -209,13 +210,22 @@ def job_failed(run_dir: Path, error: str) -> dict:
     return summary
 
 
+def single_run_name(run_dir: Path) -> str:
+    """What the command line changed, and the run dir's name (a time, or the user's own name for it)."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    return f"{' '.join(overrides) or 'defaults'} ({run_dir.name})"
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and cfg.logger.name == "wandb" and not cfg.logger.get("group"):
+    if cfg.logger.name == "wandb":
         with open_dict(cfg):  # one wandb group per sweep: its folder; each job is named by its own folder
-            cfg.logger.group = Path(HydraConfig.get().sweep.dir).name
+            if multirun and not cfg.logger.get("group"):
+                cfg.logger.group = Path(HydraConfig.get().sweep.dir).name
+            if not cfg.logger.get("run_name"):
+                cfg.logger.run_name = run_dir.name if multirun else single_run_name(run_dir)
     try:
         summary = train(cfg, run_dir)
     except (ConfigError, RunError) as e:

@@ -174,7 +174,8 @@ class LoggerConfig(Group):
     every_steps: Pos                               # train metrics every N optimizer steps
     mode: Optional[Literal["offline", "online", "disabled"]] = None  # wandb
     project: Optional[str] = None
-    group: Optional[str] = None
+    group: Optional[str] = None                    # null: a sweep's folder name (set by train.py)
+    run_name: Optional[str] = None                 # null: a sweep job's folder; a single run's overrides and folder
 
 
 class CheckpointConfig(Group):

@@ -174,3 +174,23 @@ def test_train_log_holds_the_runs_lines(tmp_path):
     for line in r.stdout.splitlines():
         assert line in log
     assert "plan: global batch 32" in log and "final test accuracy" in log
+
+
+def test_wandb_groups_a_sweep_and_names_every_run(tmp_path):
+    """Read back as `wandb sync` would: a sweep is one group named by its folder, each job is named by its own
+    (unique) folder, numbers are numbers (batch 32, not '32' or '1k'); a single run is named by its overrides."""
+    sweep = tmp_path / "sweep"
+    r = train(["-m", *RUN, "max_steps=1", "logger=wandb", "batch=32,64", f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    found = [wandb_runs(job)[0] for job in jobs]
+    assert [f["group"] for f in found] == [sweep.name] * 2
+    assert [f["name"] for f in found] == [job.name for job in jobs] and len({f["name"] for f in found}) == 2
+    assert sorted(f["config"]["batch"] for f in found) == [32, 64]
+
+    single = tmp_path / "lars_run"
+    r = train([*RUN, "max_steps=1", "logger=wandb", "optim=lars", f"hydra.run.dir={single}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = wandb_runs(single)
+    assert "optim=lars" in run["name"] and run["name"].endswith("(lars_run)") and run["group"] == ""
+    assert run["config"]["optim"]["lr"] == 4.0 and isinstance(run["config"]["seed"], int)

@@ -1,5 +1,6 @@
 """Read back an offline run's .wandb file as `wandb sync` does: the LevelDB-log framing (32 KiB blocks, 7-byte
 record headers) around wandb's own protobuf Records (wandb.proto.wandb_internal_pb2)."""
+import json
 import struct
 from pathlib import Path
 
@@ -32,14 +33,17 @@ def records(path: Path):
 
 
 def runs(run_dir: Path) -> list[dict]:
-    """One dict per offline wandb run in run_dir/wandb: its id, group, name, history steps, exit code."""
+    """One dict per offline wandb run in run_dir/wandb: its id, group, name, config, history steps, exit code."""
     out = []
     for f in sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb")):
-        info = {"history_steps": [], "exit_code": None, "preempting": False}
+        info = {"history_steps": [], "exit_code": None, "preempting": False, "config": {}}
         for r in records(f):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 info.update(run_id=r.run.run_id, group=r.run.run_group, name=r.run.display_name)
+                info["config"].update({c.key: json.loads(c.value_json) for c in r.run.config.update})
+            elif kind == "config":
+                info["config"].update({c.key: json.loads(c.value_json) for c in r.config.update})
             elif kind == "history":
                 info["history_steps"].append(r.history.step.num)
             elif kind == "exit":
