@@ -120,9 +120,10 @@ class BatchScheduleConfig(Group):
     name: Option("batch_schedule", lambda: BATCH_SCHEDULES)
     start: Optional[Pos] = None                    # the first global batch (ramp, step, adaptive)
     increment: Optional[Pos] = None                # ramp: batch increment per stage; null = start
-    epochs: Optional[NonNegFloat] = None           # ramp: its length in epochs of images
+    epochs: Optional[PosFloat] = None              # ramp: its length in epochs of images (0 would be `constant`)
     factor: Optional[Annotated[float, Field(gt=1, allow_inf_nan=False)]] = None  # step: batch x factor per milestone
-    milestones: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = None  # step: fractions of the run's images
+    milestones: Optional[Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(min_length=1)]] = None  # step:
+    # fractions of the run's images (at least one: without, the batch never grows)
     k: Optional[PosFloat] = None                   # adaptive: B = k * B_simple
     every: Optional[Pos] = None                    # adaptive: steps between decisions
     multiple: Optional[Pos] = None                 # adaptive: batches are multiples of this

@@ -61,19 +61,26 @@ def _read_cifar_files(folder: Path, files: list[str], spec: dict) -> tuple[torch
     return torch.cat(xs), torch.cat(ys)
 
 
-def load_cifar(name: str, root: str | None) -> TensorData:
+def _find_cifar(name: str, root: str | None) -> Path:
+    """data.root's CIFAR folder, or torchvision's download cache (downloading into it when online)."""
     spec = CIFAR[name]
     folder = _cifar_folder(name, root)
-    if folder is None:
-        if root is not None:
-            raise ConfigError(f"data.root={root} holds no {spec['folder']}/ folder (the python-pickle CIFAR release)")
-        try:
-            import torchvision
-            getattr(torchvision.datasets, spec["tv"])(str(DOWNLOAD_CACHE), download=True)
-        except Exception as e:
-            raise ConfigError(f"{name} not found: set data.root to the folder holding {spec['folder']}/ "
-                              f"(download failed: {type(e).__name__})") from None
-        folder = DOWNLOAD_CACHE / spec["folder"]
+    if folder is not None:
+        return folder
+    if root is not None:
+        raise ConfigError(f"data.root={root} holds no {spec['folder']}/ folder (the python-pickle CIFAR release)")
+    try:
+        import torchvision
+        getattr(torchvision.datasets, spec["tv"])(str(DOWNLOAD_CACHE), download=True)
+    except Exception as e:
+        raise ConfigError(f"{name} not found: set data.root to the folder holding {spec['folder']}/ "
+                          f"(download failed: {type(e).__name__})") from None
+    return DOWNLOAD_CACHE / spec["folder"]
+
+
+def load_cifar(name: str, root: str | None) -> TensorData:
+    spec = CIFAR[name]
+    folder = _find_cifar(name, root)
     train_x, train_y = _read_cifar_files(folder, spec["train"], spec)
     test_x, test_y = _read_cifar_files(folder, spec["test"], spec)
     return TensorData(train_x, train_y, test_x, test_y, num_classes=spec["classes"], mean=spec["mean"],
@@ -340,9 +347,8 @@ def _check_imagenet(root: str | None) -> Path:
 def check(name: str, cfg_data) -> None:
     if name == "imagenet":
         _check_imagenet(cfg_data.root)
-    elif cfg_data.root is not None and _cifar_folder(name, cfg_data.root) is None:
-        raise ConfigError(f"data.root={cfg_data.root} holds no {CIFAR[name]['folder']}/ folder "
-                          f"(the python-pickle CIFAR release)")
+    else:
+        _find_cifar(name, cfg_data.root)  # before any run dir exists: a missing dataset is one line
 
 
 def load(name: str, cfg_data):

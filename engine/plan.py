@@ -259,8 +259,17 @@ def _scaled_kwargs(cls: type, kwargs: dict, rule: str, batch: int, ref_batch: in
     return {**kwargs, "betas": (b1, b2), "eps": eps2}, [note]
 
 
+# Keywords many optimizer classes share, with the range outside which no run can work, for classes that do not
+# check them themselves (torch's SGD and RMSprop take momentum=1.5: a buffer that never forgets, a step that grows).
+SHARED_KEYWORD_RANGES = {"momentum": (0.0, 1.0), "dampening": (0.0, 1.0)}
+
+
 def _check_constructor(plan: Plan) -> None:
     """Build the optimizer on a dummy parameter: its own TypeError / ValueError is the one line."""
+    for key, (lo, hi) in SHARED_KEYWORD_RANGES.items():
+        value = plan.optimizer_kwargs.get(key)
+        if isinstance(value, (int, float)) and not lo <= value < hi:
+            raise ConfigError(f"optim.{key}={value:g} is invalid: {key} must lie in [{lo:g}, {hi:g})")
     try:
         plan.build_optimizer(torch.nn.Linear(2, 2))
     except TypeError as e:

@@ -38,7 +38,12 @@ REFUSED = [  # (overrides, what the one line must say)
     (["seed=-1"], "seed=-1 is invalid"),
     (["threads=4096"], "threads=4096 is more than the"),
     (["label_smoothing=1"], "label_smoothing=1 is invalid"),
-    (["optim=lars", "optim.momentum=1.5"], "LARS: momentum must be in [0, 1), got 1.5"),
+    (["optim=lars", "optim.momentum=1.5"], "optim.momentum=1.5 is invalid: momentum must lie in [0, 1)"),
+    (["optim.momentum=1.5"], "optim.momentum=1.5 is invalid"),  # torch's SGD itself takes it
+    (["batch=64", "batch_schedule=ramp", "batch_schedule.start=32", "batch_schedule.epochs=0"],
+     "batch_schedule.epochs=0 is invalid"),
+    (["batch=64", "batch_schedule=step", "batch_schedule.start=32", "batch_schedule.milestones=[]"],
+     "batch_schedule.milestones=[] is invalid"),
     (["optim=adamw", "optim.betas=[0.9,1.5]"], "AdamW rejects its settings: Invalid beta parameter at index 1"),
     (["logger.every_steps=0"], "logger.every_steps=0 is invalid"),
     (["data.val_split=512"], "data.val_split=512 must be below the training set's 512 images"),
@@ -149,6 +154,24 @@ def test_corrupt_fashion_mnist_is_one_line_naming_the_file(tmp_path, capsys, dam
         preflight([f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {bad} {message}") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_cifar_is_one_line_before_any_run_dir(tmp_path, capsys, monkeypatch):
+    """No data.root and no download (offline): refused in preflight, as a missing Fashion-MNIST is (the run dir
+    used to be created first, and the download tried in training)."""
+    import torchvision
+    from engine import datasets_disk
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(datasets_disk, "DOWNLOAD_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit) as exit_:
+        preflight(["data=cifar10", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: cifar10 not found: set data.root") and "\n" not in err
     assert not (tmp_path / "run").exists()
 
 
