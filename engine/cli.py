@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def lock_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"hydra.run.dir={run_dir}: {existing} is not writable; choose a folder you can write to")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / ".lock", "w")
+        handle = open(run_dir / ".lock", "a")  # not "w": the holder's pid stays until the lock is ours
     except OSError as e:
         raise ConfigError(f"hydra.run.dir={run_dir}: cannot write there ({e.strerror})") from None
     try:
@@ -160,6 +161,18 @@ def lock_run_dir(run_dir: Path) -> None:
             raise ConfigError(f"hydra.run.dir={run_dir} is in use by another running train.py; wait for it, or "
                               f"choose another folder") from None
         raise
+    try:  # a few bytes on disk now: a full disk is this one line, not Hydra's traceback writing .hydra/
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+        if existing != run_dir:  # this call made the folder: leave nothing behind
+            handle.close()
+            shutil.rmtree(existing / run_dir.relative_to(existing).parts[0], ignore_errors=True)
+        raise ConfigError(f"hydra.run.dir={run_dir}: cannot write there ({why}); free space or choose another "
+                          f"folder") from None
     _LOCKS.append(handle)
     for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):
         stale.unlink(missing_ok=True)

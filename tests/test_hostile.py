@@ -89,6 +89,20 @@ def test_stale_temporaries_are_cleaned_at_start(tmp_path):
     assert not stale.exists()
 
 
+def test_a_full_disk_at_start_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """The lock file's few bytes are written and synced in preflight: on a full disk that is one line (Hydra's
+    own OSError traceback writing .hydra/ came before), and the folder this attempt made is removed."""
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as exit_:
+        preflight([*TINY, f"hydra.run.dir={tmp_path / 'new' / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "cannot write there (the disk is full)" in err and "\n" not in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere")
