@@ -47,11 +47,14 @@ def train(cfg, run_dir: Path) -> dict:
     data = load_data(cfg.data)
     plan = make_plan(cfg, data.train_size, dist.world_size)
     resume = to_resume(cfg, run_dir, plan)
-    if resume is not None and (done := already_done(run_dir, resume[0], plan)):
+    if (resume is not None or cfg.resume == "auto") and (done := already_done(run_dir, resume and resume[0], plan)):
         if dist.is_main:
             say(done)  # a sweep re-run with resume=auto skips its finished and diverged jobs
         summary_path = run_dir / "summary.json"
         return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if resume is None and cfg.resume == "auto" and (run_dir / "metrics.jsonl").exists() and dist.is_main:
+        say(f"{run_dir} has no checkpoint (stopped before its first one, or checkpoint.enabled=false): it starts "
+            f"again from step 0 and its metrics.jsonl starts over")
 
     torch.manual_seed(cfg.seed)
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))

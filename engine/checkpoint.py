@@ -129,12 +129,19 @@ def to_resume(cfg, run_dir: Path, plan=None) -> tuple[dict, Path] | None:
     return ckpt, path
 
 
-def already_done(run_dir: Path, ckpt: dict, plan) -> str | None:
-    """Why resuming this run dir has nothing to do (finished or diverged), or None."""
+def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
+    """Why resuming this run dir has nothing to do (finished or diverged), or None. Without a checkpoint
+    (checkpoint.enabled=false, or killed before the first one) only the summary can say how the run ended: one
+    that ended on its own is left alone; one stopped by a signal, or killed, starts again from step 0."""
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary.get("diverged"):
         return f"{run_dir} diverged at step {summary.get('steps')}; nothing to resume (start a new run to retry)"
+    if ckpt is None:
+        if summary and not summary.get("stopped_by") and not summary.get("error"):
+            return (f"{run_dir} ended at step {summary.get('steps')} and has no checkpoint to continue from; "
+                    f"nothing to do (choose a new hydra.run.dir to train again)")
+        return None
     tau = (ckpt.get("batch_state") or {}).get("tau", 0.0)
     if plan.finished(ckpt["step"], ckpt.get("images", 0), tau):
         of = f" of {plan.run_steps}" if plan.fixed else f", {ckpt.get('images', 0):,} images"

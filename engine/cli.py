@@ -215,7 +215,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                     resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
                 if run_dir is not None and env_rank() == 0:
                     lock_run_dir(Path(run_dir))
-                if resume and run_dir and (done := already_done(Path(run_dir), resume[0], plan)):
+                if run_dir and (resume or cfg.resume == "auto") and (
+                        done := already_done(Path(run_dir), resume and resume[0], plan)):
                     print(done, flush=True)
                     sys.exit(0)  # a finished run stays exactly as it was
             except ConfigError as e:

@@ -194,3 +194,21 @@ def test_wandb_groups_a_sweep_and_names_every_run(tmp_path):
     (run,) = wandb_runs(single)
     assert "optim=lars" in run["name"] and run["name"].endswith("(lars_run)") and run["group"] == ""
     assert run["config"]["optim"]["lr"] == 4.0 and isinstance(run["config"]["seed"], int)
+
+
+def test_resume_without_a_checkpoint_never_rewrites_a_finished_record(tmp_path):
+    """checkpoint.enabled=false: resume=auto on a run that ended on its own changes nothing (it used to train again
+    from step 0 over the finished record); one killed before it ended starts again, its metrics.jsonl once."""
+    run_dir = tmp_path / "run"
+    args = [*RUN, "checkpoint.enabled=false", "max_steps=4", f"hydra.run.dir={run_dir}"]
+    assert train(args).returncode == 0
+    before = {f: (run_dir / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "train.log")}
+    r = train([*args, "resume=auto"])
+    assert r.returncode == 0 and "ended at step 4 and has no checkpoint to continue from; nothing to do" in r.stdout
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+    assert not (run_dir / ".hydra" / "resume-1").exists()
+
+    (run_dir / "summary.json").unlink()  # as if killed before the end: no summary, no checkpoint
+    r = train([*args, "resume=auto"])
+    assert r.returncode == 0 and "it starts again from step 0" in r.stdout, r.stdout[-2000:]
+    assert [x["step"] for x in rows(run_dir) if "loss" in x] == [1, 2, 3, 4]
