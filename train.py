@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from engine import distributed
-from engine.checkpoint import RunState, already_done, to_resume
+from engine.checkpoint import RunState, already_done, changed_settings, to_resume
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import preflight, register_resolvers
 from engine.config import ConfigError, RunError, load_config
@@ -130,6 +130,8 @@ def announce(run: Run, resume) -> None:
             f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
     if resume is not None:
         say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume[1]})")
+        if changed := changed_settings(resume[0], cfg):
+            say(f"      changed since that checkpoint: {', '.join(changed)}")
 
 
 def report(run: Run, summary: dict) -> None:

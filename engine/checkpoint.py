@@ -129,6 +129,22 @@ def to_resume(cfg, run_dir: Path, plan=None) -> tuple[dict, Path] | None:
     return ckpt, path
 
 
+def changed_settings(ckpt: dict, cfg) -> list[str]:
+    """Settings a resume changes against the checkpoint's own (what may change and did, e.g. micro_batch, max_steps,
+    or an LR a user raised by hand): said when the run resumes, so a change of course is on the record."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    if "config" not in ckpt:
+        return []
+    before, now = flat(ckpt["config"]), flat(cfg.model_dump(mode="json", by_alias=True))
+    ignored = {"resume", "logger.run_name", "logger.group"}  # the resume itself, and names derived from the command
+    return [f"{k} {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
+            if k not in ignored and before.get(k) != now.get(k)]
+
+
 def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
     """Why resuming this run dir has nothing to do (finished or diverged), or None. Without a checkpoint
     (checkpoint.enabled=false, or killed before the first one) only the summary can say how the run ended: one

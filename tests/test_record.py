@@ -62,6 +62,7 @@ def test_resume_is_one_record(tmp_path):
     r = train([*RUN, "logger=wandb", "epochs=4", "seed=0", "resume=auto", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from step {stopped_at} of 64" in r.stdout
+    assert "changed since that checkpoint" not in r.stdout  # the same settings: nothing to report
     assert (run_dir / ".hydra" / "config.yaml").read_bytes() == first_record
     assert "resume=auto" in (run_dir / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     train_steps = [x["step"] for x in rows(run_dir) if "loss" in x]
@@ -212,3 +213,13 @@ def test_resume_without_a_checkpoint_never_rewrites_a_finished_record(tmp_path):
     r = train([*args, "resume=auto"])
     assert r.returncode == 0 and "it starts again from step 0" in r.stdout, r.stdout[-2000:]
     assert [x["step"] for x in rows(run_dir) if "loss" in x] == [1, 2, 3, 4]
+
+
+def test_a_resume_says_what_it_changed(tmp_path):
+    """Accepted changes (max_steps, micro_batch, an LR raised by hand) are on the record: one line at resume."""
+    run_dir = tmp_path / "run"
+    assert train([*RUN, "max_steps=2", f"hydra.run.dir={run_dir}"]).returncode == 0
+    r = train([*RUN, "max_steps=4", "micro_batch=16", "optim.lr=0.3", "resume=auto", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("changed since that checkpoint: max_steps 2 -> 4, micro_batch None -> 16, optim.lr 0.2 -> 0.3"
+            in r.stdout), r.stdout
