@@ -40,10 +40,20 @@ def load_jobs(sweep: Path) -> list[dict]:
     for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_num(p.parent.parent)):
         job_dir = overrides_file.parent.parent
         overrides = yaml.safe_load(overrides_file.read_text()) or []
-        summary_file = job_dir / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"error": "no summary.json"}
-        jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": overrides, **summary})
+        jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": overrides, **read_summary(job_dir)})
     return jobs
+
+
+def read_summary(job_dir: Path) -> dict:
+    """The job's summary.json; a missing or unreadable one is the job's error (shown in the table, not a crash)."""
+    path = job_dir / "summary.json"
+    if not path.exists():
+        return {"error": "no summary.json"}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {"error": f"summary.json unreadable ({type(e).__name__})"}
+    return summary if isinstance(summary, dict) else {"error": "summary.json is not an object"}
 
 
 def _job_num(job_dir: Path) -> int:

@@ -129,3 +129,20 @@ def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):
 def test_summarize_plots_against_what_the_sweep_varied(overrides, expected):
     import summarize  # scripts/ is on the path (conftest.py)
     assert summarize.varied_key([{"overrides": o} for o in overrides]) == expected
+
+
+@pytest.mark.parametrize("content,error", [
+    (None, "no summary.json"),
+    ("{broken", "summary.json unreadable (JSONDecodeError)"),
+    ("[1, 2]", "summary.json is not an object"),
+])
+def test_summarize_reports_a_job_without_a_readable_summary(tmp_path, content, error):
+    """A job whose summary.json is missing or damaged is a failed row of the table (it was a traceback)."""
+    import summarize
+    job = tmp_path / "0_batch=256"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- batch=256\n")
+    if content is not None:
+        (job / "summary.json").write_text(content)
+    (row,) = summarize.load_jobs(tmp_path)
+    assert row["error"] == error and summarize.ended(row) == f"failed: {error}"
