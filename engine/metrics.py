@@ -165,27 +165,34 @@ class RunLogger:
 class Progress:
     """A tqdm bar on a terminal; plain periodic lines when stdout is not one (CI logs, multirun)."""
 
-    ESTIMATE_AFTER = 3  # timed steps before the one-line estimate of the run's training time
-
     def __init__(self, total: int, initial: int = 0, every: int = 50, enabled: bool = True):
         self.total, self.initial, self.every, self.enabled = total, initial, every, enabled
+        # the one-line estimate of the run's training time: timed over the steps after the first (whose one-time
+        # set-up made it 3x too long), 1 % of the run, at least 3 steps and at most 20
+        self.window = min(20, max(3, (total - initial) // 100))
+        self.first_step_s = 0.0
         self.bar = None
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, text: str, images_per_s: float = 0.0, seconds_per_step: float = 0.0) -> None:
+        """``seconds_per_step``: the mean over this process's steps so far; the ETA and the estimate leave the
+        first step out (its one-time set-up made a run's estimate 3x too long)."""
+        done = step - self.initial
+        if done == 1:
+            self.first_step_s = seconds_per_step
+        rate = (seconds_per_step * done - self.first_step_s) / (done - 1) if done > 1 else seconds_per_step
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
         elif self.enabled and (step % self.every == 0 or step == self.total):
-            eta = f", ETA {_duration(seconds_per_step * (self.total - step))}" if seconds_per_step else ""
+            eta = f", ETA {_duration(rate * (self.total - step))}" if rate else ""
             say(f"step {step}/{self.total} {text}, {images_per_s:,.0f} images/s{eta}")
-        if step - self.initial == self.ESTIMATE_AFTER and step < self.total and seconds_per_step:
+        if done == 1 + self.window and step < self.total and rate:
             steps = self.total - self.initial
-            self.write(f"estimate: {_duration(seconds_per_step * steps)} of training for {steps:,} steps at "
-                       f"{seconds_per_step:.3g} s/step (timed over the first {self.ESTIMATE_AFTER}; evaluation "
-                       f"not included)")
+            self.write(f"estimate: {_duration(rate * steps)} of training for {steps:,} steps at {rate:.3g} s/step "
+                       f"(timed over steps {step - self.window + 1}-{step}; evaluation not included)")
 
     def write(self, text: str) -> None:
         if self.enabled:

@@ -159,11 +159,12 @@ def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
 def test_progress_estimates_the_run_and_says_eta(caplog):
     caplog.set_level("INFO", logger="train")
     progress = Progress(total=100, initial=40, every=50)
-    for step in range(41, 51):
-        progress.update(step, "loss 1", images_per_s=500.0, seconds_per_step=2.0)
+    for step in range(41, 51):  # the first step took 8 s (set-up), every later one 2 s
+        done = step - 40
+        progress.update(step, "loss 1", images_per_s=500.0, seconds_per_step=(8 + 2 * (done - 1)) / done)
     out = caplog.messages
-    assert out[0] == ("estimate: 2m00s of training for 60 steps at 2 s/step (timed over the first 3; "
-                      "evaluation not included)")
+    assert out[0] == ("estimate: 2m00s of training for 60 steps at 2 s/step (timed over steps 42-44; "
+                      "evaluation not included)")  # not the first step's 8 s
     assert out[1] == "step 50/100 loss 1, 500 images/s, ETA 1m40s"
 
 
