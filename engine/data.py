@@ -89,6 +89,12 @@ class TensorData:
                 x, y = mix.apply(x, y, *self._images(index, partner[at], aug, augment, device), seed, step)
             yield x, y
 
+    def steps_micro_batches(self, steps: list, micro_batch: int, world_size: int, rank: int, seed: int,
+                            augment: "Augment | None", device, mix: "Mix | None" = None):
+        """``step_micro_batches`` of several ``(step, index)`` in a row (built lazily, one step at a time)."""
+        for step, index in steps:
+            yield from self.step_micro_batches(index, step, micro_batch, world_size, rank, seed, augment, device, mix)
+
     def _images(self, index, at, aug, augment, device):
         """Normalised, augmented images (and labels) at positions ``at`` of the global batch ``index``."""
         part = index[at]
@@ -364,8 +370,8 @@ def training_steps(data, plan, cfg, rank: int, device, state):
     ``micro_batches`` yields this rank's (x, y) pairs of that step, normalised, augmented (a pure function of
     (seed, step)) and in the memory format the model wants: the loop sees only ready tensors. Under a constant
     batch the steps walk the epochs' global batches (the last partial one dropped); under a batch schedule they
-    walk the image stream (``stream_indices``), reading ``state`` before each step, so an adaptive batch decided
-    after step t sizes step t + 1.
+    walk the image stream (``stream_indices``), as many steps at a time as are known ahead (``steps_ahead``), reading
+    ``state`` before each group, so an adaptive batch decided after step t sizes step t + 1.
     """
     augment = Augment(cfg.data.crop_padding or 0, bool(cfg.data.hflip)) if cfg.data.augment else None
     mix = make_mix(cfg.data, data.num_classes)
@@ -384,8 +390,24 @@ def training_steps(data, plan, cfg, rank: int, device, state):
             step += 1
         return
     while not plan.finished(state.step, state.images, state.tau):
-        batch = plan.batch_at(state.images, state.batch)
-        index = stream_indices(data.train_size, cfg.seed, state.images, batch)
-        stream = data.step_micro_batches(index, state.step, plan.micro_batch, plan.world_size, rank, cfg.seed, augment,
-                                         device, mix)
-        yield state.step, batch, ready(stream, plan.accum_at(batch))
+        ahead = steps_ahead(plan, state, data.train_size)
+        stream = data.steps_micro_batches([(step, stream_indices(data.train_size, cfg.seed, images, batch))
+                                           for step, images, batch in ahead],
+                                          plan.micro_batch, plan.world_size, rank, cfg.seed, augment, device, mix)
+        for step, _, batch in ahead:
+            yield step, batch, ready(stream, plan.accum_at(batch))
+
+
+def steps_ahead(plan, state, train_size: int) -> list[tuple[int, int, int]]:
+    """(step, images before it, its batch) of the steps whose batches are known now: the next one under
+    batch_schedule=adaptive or AdaScale (they depend on this step's gradients, or end on a measured clock), else
+    the steps that start in the current epoch, so a loader with workers reads on across their boundaries."""
+    step, images, epoch = state.step, state.images, state.images // train_size
+    ahead = []
+    while not plan.finished(step, images, state.tau) and images // train_size == epoch:
+        batch = plan.batch_at(images, state.batch)
+        ahead.append((step, images, batch))
+        if plan.batches.kind == "adaptive" or plan.rule == "adascale":
+            break
+        step, images = step + 1, images + batch
+    return ahead

@@ -238,18 +238,26 @@ class ImageFolderData:
                 steps.append(step)
         yield from self._load(batches, steps, plan.micro_batch, seed, device, mix)
 
+    def steps_micro_batches(self, steps, micro_batch, world_size, rank, seed, augment, device, mix=None):
+        """This rank's micro-batches of the ``(step, index)`` given, each step's global batch the images ``index``:
+        a changing batch (batch_schedule), which walks the image stream. Each image appears once per step, so its
+        crop is drawn from (seed, step, image index). The steps pass through the workers in one go, so their queue
+        runs on across the steps' boundaries; the training loop hands over as many steps as are known ahead (one
+        under batch_schedule=adaptive, whose next batch depends on this step's gradients)."""
+        batches, owners = [], []
+        for step, index in steps:
+            per_rank = len(index) // world_size
+            partner = mix.partners(len(index), seed, step) if mix else None
+            for mine in torch.arange(rank * per_rank, (rank + 1) * per_rank).split(micro_batch):
+                at = torch.cat([mine, partner[mine]]) if mix else mine
+                batches.append([(i, step, seed, 0) for i in index[at].tolist()])
+                owners.append(step)
+        yield from self._load(batches, owners, micro_batch, seed, device, mix)
+
     def step_micro_batches(self, index, step, micro_batch, world_size, rank, seed, augment, device, mix=None):
-        """This rank's micro-batches of one step whose global batch is the images ``index``: a changing batch
-        (batch_schedule), which walks the image stream. Each image appears once per step, so its crop is drawn
-        from (seed, step, image index); the workers' pipeline drains at each step's end, since the next batch may
-        depend on this step's gradients (batch_schedule=adaptive)."""
-        per_rank = len(index) // world_size
-        partner = mix.partners(len(index), seed, step) if mix else None
-        batches = []
-        for mine in torch.arange(rank * per_rank, (rank + 1) * per_rank).split(micro_batch):
-            at = torch.cat([mine, partner[mine]]) if mix else mine
-            batches.append([(i, step, seed, 0) for i in index[at].tolist()])
-        yield from self._load(batches, [step] * len(batches), micro_batch, seed, device, mix)
+        """This rank's micro-batches of one step (``steps_micro_batches`` of that step alone)."""
+        yield from self.steps_micro_batches([(step, index)], micro_batch, world_size, rank, seed, augment, device,
+                                            mix)
 
     def _load(self, batches: list, steps: list[int], micro_batch: int, seed: int, device, mix):
         """Decode ``batches`` of keys through the run's one training loader (its workers persist), then mix each

@@ -83,6 +83,26 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
     assert step.total_images == 6 * 2 * 256 and seen - rows[-1][1] < step.total_images <= seen
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    # a ramp is known ahead: the steps that start in the current epoch (512 images), handed to the loader at once;
+    # Megatron's stages of 512/3 images: 32 below 170.7 images, 64 below 341.3, then 96 (the last straddles epochs)
+    (["batch=128", "batch_schedule=ramp", "batch_schedule.start=32", "batch_schedule.epochs=1"],
+     [(0, 0, 32), (1, 32, 32), (2, 64, 32), (3, 96, 32), (4, 128, 32), (5, 160, 32), (6, 192, 64), (7, 256, 64),
+      (8, 320, 64), (9, 384, 96), (10, 480, 96)]),
+    # adaptive and AdaScale decide from this step's gradients: one step at a time
+    (["batch=128", "batch_schedule=adaptive", "batch_schedule.start=32", "batch_schedule.multiple=32",
+      "batch_schedule.probe=16", "micro_batch=16"], [(0, 0, 32)]),
+    (["batch=128", "scaling=adascale", "micro_batch=32"], [(0, 0, 128)]),
+])
+def test_steps_known_ahead(overrides, expected):
+    from engine.checkpoint import RunState
+    from engine.data import steps_ahead, train_size_of
+    from engine.plan import make_plan
+    cfg = load_cfg([*TINY, *overrides])
+    plan = make_plan(cfg, train_size_of(cfg.data))
+    assert steps_ahead(plan, RunState(), 512) == expected
+
+
 def test_batch_sizes_of_a_schedule_take_the_k_suffix():
     cfg = load_cfg([*TINY, "batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k", "batch_schedule.increment=512"])
     assert (cfg.batch_schedule.start, cfg.batch_schedule.increment) == (1024, 512)

@@ -200,6 +200,13 @@ def test_imagenet_under_a_changing_batch_sees_the_same_images_at_any_micro_batch
         assert torch.equal(step(data, 3, 2, mix), reference)
     assert not torch.equal(step(data, 6, 1), torch.cat([x for x, _ in data.step_micro_batches(
         index, 8, 6, 1, 0, 3, None, "cpu")]))  # another step, other crops
+    # steps known ahead (a ramp) pass through the workers in one go: the same images as one step at a time
+    steps = [(7, index), (8, stream_indices(8, seed=3, start=11, count=4))]
+    workers = ImageFolderData(root, num_workers=2, image_size=32)
+    for mix in (None, Mix(0.2, 1.0, 2)):
+        together = torch.cat([x for x, _ in workers.steps_micro_batches(steps, 2, 1, 0, 3, None, "cpu", mix)])
+        apart = torch.cat([x for s, i in steps for x, _ in data.step_micro_batches(i, s, 2, 1, 0, 3, None, "cpu", mix)])
+        assert torch.equal(together, apart)
 
 
 def test_an_imagenet_batch_ramp_resumes_bit_exact(tmp_path):
@@ -210,7 +217,7 @@ def test_an_imagenet_batch_ramp_resumes_bit_exact(tmp_path):
         "warmup=none"]
     straight, straight_dir = run_train(tmp_path, run, "straight")
     assert straight["steps"] == 3 and straight["images"] == 16  # 4, 4, then 8
-    run_train(tmp_path, run + ["max_steps=2"], "resumed")
+    run_train(tmp_path, run + ["max_steps=1"], "resumed")  # inside the first epoch's steps, read ahead together
     resumed, resumed_dir = run_train(tmp_path, run + ["resume=auto"], "resumed")
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"] for d in (straight_dir, resumed_dir))
     assert resumed["steps"] == 3 and all(torch.equal(a[k], b[k]) for k in a)
