@@ -168,7 +168,7 @@ def log_step(run: Run, stats: dict, batch: int, seconds: float, last: bool) -> N
         run.logger.log(state.step, row)
     images_per_s = state.images_this_process / state.train_time
     run.progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.4g}" + (
-        f" batch {batch}" if not plan.fixed else ""), images_per_s, state.train_time / state.steps_this_process)
+        f" batch {batch}" if not plan.fixed else ""), images_per_s, state.train_time)
 
 
 def log_layers(run: Run, before: list[torch.Tensor]) -> None:

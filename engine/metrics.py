@@ -176,13 +176,13 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, text: str, images_per_s: float = 0.0, seconds_per_step: float = 0.0) -> None:
-        """``seconds_per_step``: the mean over this process's steps so far; the ETA and the estimate leave the
-        first step out (its one-time set-up made a run's estimate 3x too long)."""
+    def update(self, step: int, text: str, images_per_s: float = 0.0, train_time: float = 0.0) -> None:
+        """``train_time``: seconds this process has trained so far. The ETA and the estimate leave the first step
+        out (its one-time set-up made a run's estimate 3x too long)."""
         done = step - self.initial
         if done == 1:
-            self.first_step_s = seconds_per_step
-        rate = (seconds_per_step * done - self.first_step_s) / (done - 1) if done > 1 else seconds_per_step
+            self.first_step_s = train_time
+        rate = (train_time - self.first_step_s) / (done - 1) if done > 1 else train_time
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)

@@ -161,7 +161,7 @@ def test_progress_estimates_the_run_and_says_eta(caplog):
     progress = Progress(total=100, initial=40, every=50)
     for step in range(41, 51):  # the first step took 8 s (set-up), every later one 2 s
         done = step - 40
-        progress.update(step, "loss 1", images_per_s=500.0, seconds_per_step=(8 + 2 * (done - 1)) / done)
+        progress.update(step, "loss 1", images_per_s=500.0, train_time=8 + 2 * (done - 1))
     out = caplog.messages
     assert out[0] == ("estimate: 2m00s of training for 60 steps at 2 s/step (timed over steps 42-44; "
                       "evaluation not included)")  # not the first step's 8 s
