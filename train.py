@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,10 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from engine import distributed
+from engine import distributed, slurm
 from engine.checkpoint import RunState, already_done, changed_settings, to_resume
 from engine.checkpoint import load as load_checkpoint
-from engine.cli import preflight, register_resolvers
+from engine.cli import fail, preflight, register_resolvers
 from engine.config import ConfigError, RunError, load_config
 from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
@@ -41,7 +41,9 @@ def train(cfg, run_dir: Path) -> dict:
     device = distributed.resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist = distributed.init(device.type)
+    dist = distributed.init(device)
+    if cfg.resume is None and slurm.requeued():
+        cfg.resume = "auto"  # Slurm requeued this job: it continues its own run
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, run_dir, device, dist)
     data = load_data(cfg.data)
@@ -88,9 +90,27 @@ def train(cfg, run_dir: Path) -> dict:
         summary = write_summary(run, started)
         logger.finish(exit_code=0 if not state.diverged and state.stopped_by is None else 1)
     report(run, summary)
+    if state.stopped_by == "SIGUSR2":
+        requeue_warned_job(run)
     if state.stopped_by is not None:
-        sys.exit(128 + {"SIGTERM": 15, "SIGINT": 2}[state.stopped_by])  # checkpoint is saved; resume=auto goes on
+        sys.exit(128 + signal.Signals[state.stopped_by].value)  # checkpoint is saved; resume=auto goes on
     return summary
+
+
+def requeue_warned_job(run: Run) -> None:
+    """Near its time limit (SIGUSR2) a Slurm job requeues itself, after its checkpoint and summary are written;
+    Slurm's SIGTERM to the requeued job is ignored from here on. Under Hydra's submitit launcher, submitit's own
+    handler requeues (it counts hydra.launcher.max_num_timeout); from an sbatch script, ``scontrol requeue``, at most
+    checkpoint.max_requeues times."""
+    if not run.dist.is_main or not slurm.in_job():
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    handler = signal.getsignal(signal.SIGUSR2)
+    if slurm.submitit_job() and callable(handler):
+        say("SIGUSR2: handing the requeue to submitit")
+        handler(signal.SIGUSR2, None)  # requeues and exits, or raises when max_num_timeout is spent
+    else:
+        say(f"SIGUSR2: {slurm.requeue(run.cfg.checkpoint.max_requeues)}")
 
 
 def choose_micro_batch(plan, model, data, cfg, device, dist) -> None:
@@ -206,7 +226,10 @@ FAILED_JOBS: list[str] = []  # sweep jobs that ended in an error (divergence is 
 
 
 def job_failed(run_dir: Path, error: str) -> dict:
-    """Record a sweep job's error in its summary.json (keeping what the run wrote there) and go on."""
+    """Record a sweep job's error in its summary.json (keeping what the run wrote there) and go on; under DDP
+    rank 0 writes it."""
+    if distributed.env_rank() != 0:
+        return {"error": error}
     path = run_dir / "summary.json"
     summary = {**(json.loads(path.read_text()) if path.exists() else {"diverged": False}), "error": error}
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -251,8 +274,12 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    if distributed.env_world_size() > 1 and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
-        sys.argv.append(f"hydra.run.dir={distributed.shared_run_dir()}")
+    try:
+        if ((distributed.env_world_size() > 1 or slurm.in_job()) and "-m" not in sys.argv
+                and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:])):
+            sys.argv.append(f"hydra.run.dir={distributed.shared_run_dir()}")  # one folder for all ranks and requeues
+    except ConfigError as e:
+        fail(str(e))
     preflight(sys.argv[1:], conf_dir=Path(__file__).resolve().parent / "conf")
     main()
     if FAILED_JOBS:

@@ -26,6 +26,7 @@ FORMAT = 3  # 3: batch schedules (identity and state); a format-2 checkpoint is 
 # adaptive and scaling=adascale, whose decisions depend on gradients measured per micro-batch and rank.
 IDENTITY = ("global_batch", "batch_schedule", "seed", "optimizer", "model", "dataset")
 MEASURED = ("micro_batch", "world_size")
+RUN_FILES = ("checkpoints/last.pt", "summary.json", "metrics.jsonl")  # a folder with any of these holds a run
 
 
 def identity(cfg, plan=None) -> dict:
@@ -116,7 +117,7 @@ def to_resume(cfg, run_dir: Path, plan=None) -> tuple[dict, Path] | None:
             raise ConfigError(f"{run_dir} already holds a result: choose a new hydra.run.dir for the evaluation")
         return None
     if cfg.resume is None:
-        held = [f for f in ("checkpoints/last.pt", "summary.json", "metrics.jsonl") if (run_dir / f).exists()]
+        held = [f for f in RUN_FILES if (run_dir / f).exists()]
         if held:
             raise ConfigError(f"{run_dir} already holds a run ({held[0]}): pass resume=auto to continue it, or "
                               f"choose another hydra.run.dir")

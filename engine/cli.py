@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import re
 import shutil
 import sys
@@ -11,15 +12,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, load_config
-
+from . import slurm
+from .checkpoint import RUN_FILES
 from .compose import CONF_DIR
+from .config import ConfigError, load_config
+from .distributed import env_rank
 MAX_CHECKED_JOBS = 256
 
 
 def register_resolvers() -> None:
     """The resolvers conf/ uses for run folders (config.yaml's hydra: section, hparams_search's study file)."""
-    def resume_subdir(output_dir: str) -> str:
+    def resume_subdir(output_dir: str) -> str | None:
+        if env_rank() != 0:
+            return None  # Hydra writes no record: the run's one record is rank 0's
         record = Path(output_dir) / ".hydra"
         if not (record / "config.yaml").exists():
             return ".hydra"
@@ -39,10 +44,13 @@ def register_resolvers() -> None:
 
 
 def fail(message: str) -> None:
-    """One line on stderr and exit 2. Under torchrun every rank runs the same checks: only rank 0 prints, so the
-    line appears once, before torchrun's own report of the failed workers."""
-    import os
-    if int(os.environ.get("RANK", 0)) == 0:
+    """One line on stderr and exit 2. Under torchrun or srun every rank runs the same checks: only rank 0 prints,
+    so the line appears once, before the launcher's own report of the failed workers."""
+    try:
+        rank = env_rank()
+    except ConfigError:  # a Slurm step that cannot hold one DDP run: still one line, from its first task
+        rank = int(os.environ.get("SLURM_PROCID", 0))
+    if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -129,7 +137,6 @@ def _check_group_options(args: list[str], conf_dir: Path) -> None:
 
 def check_threads(threads: int | None) -> None:
     """More threads than this process may run on is a 100x slowdown from oversubscription, not a speedup."""
-    import os
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if threads is not None and threads > allowed:
         raise ConfigError(f"threads={threads} is more than the {allowed} CPUs this process may use: use 1..{allowed} "
@@ -145,7 +152,6 @@ def lock_run_dir(run_dir: Path) -> None:
     temporaries a killed run left behind."""
     import errno
     import fcntl
-    import os
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"hydra.run.dir={run_dir}: {existing} is not writable; choose a folder you can write to")
@@ -178,6 +184,18 @@ def lock_run_dir(run_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def check_sweep_dir(sweep_dir: str | None) -> None:
+    """A sweep launched again into a folder whose jobs hold runs, without resume=auto, is refused before any job
+    starts, whatever the launcher (otherwise each job would refuse inside itself, next to a finished run)."""
+    if sweep_dir is None or "${" in sweep_dir or not Path(sweep_dir).is_dir():
+        return
+    root = Path(sweep_dir)
+    held = sorted(p for f in RUN_FILES for p in root.glob(f"*/{f}"))
+    if held:
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir} already holds the runs of a sweep ({held[0]}): pass "
+                          f"resume=auto to continue its jobs, or choose another hydra.sweep.dir")
+
+
 def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> None:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
     with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither)."""
@@ -186,13 +204,14 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         return
     args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
-    if any(a in ("-m", "--multirun") for a in argv):
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if multirun:
         run_dir = None  # each job's folder is decided by the sweep
     _check_group_options(args, conf_dir)
     from hydra import compose, initialize_config_dir
     from .checkpoint import already_done, to_resume
     from .data import check_data_available, train_size_of
-    from .distributed import env_rank, env_world_size, resolve_device
+    from .distributed import env_world_size, resolve_device
     from .plan import make_plan
     try:
         jobs = _jobs(args)
@@ -204,6 +223,14 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         for overrides in jobs:
             try:
                 cfg = load_config(compose("config", overrides=overrides))
+                if cfg.resume is None and slurm.requeued():
+                    cfg.resume = "auto"  # as train.py: a requeued job continues its own run
+                if multirun and cfg.resume is None and check_files and overrides is jobs[0]:
+                    try:
+                        check_sweep_dir(next((a.split("=", 1)[1] for a in argv
+                                              if a.startswith("hydra.sweep.dir=")), None))
+                    except ConfigError as e:
+                        fail(str(e))
                 plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 if not check_files:
                     continue
@@ -217,7 +244,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                     lock_run_dir(Path(run_dir))
                 if run_dir and (resume or cfg.resume == "auto") and (
                         done := already_done(Path(run_dir), resume and resume[0], plan)):
-                    print(done, flush=True)
+                    if env_rank() == 0:
+                        print(done, flush=True)
                     sys.exit(0)  # a finished run stays exactly as it was
             except ConfigError as e:
                 fail(str(e) + (f" [job: {' '.join(overrides)}]" if len(jobs) > 1 else ""))

@@ -183,6 +183,7 @@ class CheckpointConfig(Group):
     enabled: bool
     every_steps: Optional[Pos] = None              # null = at epoch ends only
     keep_steps: list[Pos]                          # kept beside last.pt as checkpoints/step-N.pt
+    max_requeues: NonNeg = 3                       # the default also reads configs saved before this setting
 
 
 class EvalConfig(Group):

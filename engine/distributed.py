@@ -1,4 +1,6 @@
-"""torchrun / DistributedDataParallel plumbing: process group from torchrun's env vars, one run dir for all ranks.
+"""The process group of one DDP run, whoever started the processes: torchrun (its RANK/WORLD_SIZE/LOCAL_RANK), or
+Slurm's srun and Hydra's submitit launcher without torchrun (Slurm's own variables, engine/slurm.py); one run dir for
+all ranks.
 
 Only rank 0 writes (logs, checkpoints, summary, wandb). Under DDP each rank takes a disjoint, contiguous slice of
 every global batch (see engine/loop.py), so the union of the ranks' data is exactly the single-process batch.
@@ -8,9 +10,41 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from . import slurm
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the run, read from its launcher's variables before any process group exists."""
+    launcher: str = "single"        # single | torchrun | slurm
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str | None = None  # Slurm only: torchrun's env:// rendezvous has its own
+    master_port: int | None = None
+
+
+def launch(environ: Mapping[str, str] = os.environ) -> Launch:
+    """torchrun's variables win (torchrun inside an sbatch script); then a multi-task srun step; else one process."""
+    if "RANK" in environ:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        return Launch("torchrun", int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", "0")),
+                      int(environ.get("LOCAL_WORLD_SIZE", world)))
+    try:
+        task = slurm.task(environ)
+    except slurm.SlurmError as e:
+        raise ConfigError(str(e)) from None
+    if task is None:
+        return Launch()
+    return Launch("slurm", task.rank, task.world_size, task.local_rank, task.local_world_size, task.master_addr,
+                  task.master_port)
 
 
 @dataclass
@@ -28,53 +62,69 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto = the GPU where there is one; cuda without a GPU is an input error, caught before any work."""
-    from .config import ConfigError
+def cuda_index(where: Launch, visible: int) -> int:
+    """The GPU this rank trains on. One task per GPU: a task that sees all of its node's GPUs takes cuda:local_rank;
+    one that Slurm bound to its own GPU (--gpus-per-task=1) sees one and takes cuda:0. Under Slurm any other count is
+    refused (tasks would share a GPU or leave some idle); torchrun may use fewer processes than GPUs."""
+    if visible == 1 or where.world_size == 1:
+        return 0
+    if visible == where.local_world_size or (where.launcher == "torchrun" and where.local_rank < visible):
+        return where.local_rank
+    raise ConfigError(f"{where.local_world_size} tasks per node but each task sees {visible} GPUs: run one task "
+                      f"per GPU (--ntasks-per-node=GPUS_PER_NODE), or bind one GPU per task (--gpus-per-task=1)")
+
+
+def resolve_device(name: str, where: Launch | None = None) -> torch.device:
+    """auto = the GPU where there is one; cuda without a GPU is an input error, caught before any work. Under DDP,
+    the rank's own GPU (cuda_index)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", cuda_index(where or launch(), torch.cuda.device_count()))
     return torch.device(name)
 
 
 def env_rank() -> int:
-    return int(os.environ.get("RANK", 0))
+    return launch().rank
 
 
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch().world_size
 
 
-def init(device_type: str = "cpu") -> DistContext:
-    """Join torchrun's process group (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
-    world = env_world_size()
-    if world == 1:
+def init(device: torch.device) -> DistContext:
+    """Join the run's process group (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
+    where = launch()
+    if where.world_size == 1:
         return DistContext()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        _init_group()
-    ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    if device_type == "cuda":
-        torch.cuda.set_device(ctx.local_rank)
-    return ctx
+        _init_group(where)
+    return DistContext(dist.get_rank(), dist.get_world_size(), where.local_rank)
 
 
-def _init_group() -> None:
-    """gloo for CPU tensors, and NCCL for CUDA tensors where a GPU exists (one group serves both)."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+def _init_group(where: Launch) -> None:
+    """gloo for CPU tensors, and NCCL for CUDA tensors where a GPU exists (one group serves both). torchrun's
+    rendezvous is env://; under Slurm every task knows the master and port from the job (engine/slurm.py)."""
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if where.launcher == "slurm":
+        dist.init_process_group(backend, init_method=f"tcp://{where.master_addr}:{where.master_port}",
+                                rank=where.rank, world_size=where.world_size)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
 
 
 def shared_run_dir(pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:
-    """Rank 0's timestamped run dir, broadcast to all ranks, so that Hydra gives every rank the same folder.
-
-    Hydra resolves ``${now:...}`` in each process; ranks started a second apart would write to different dirs.
-    """
+    """The run dir every rank uses when the command names none: a Slurm job's is named by its job id (a requeued job
+    finds it again); torchrun's is rank 0's time, broadcast to all ranks (Hydra resolves ``${now:...}`` in each
+    process, and ranks started a second apart would write to different dirs)."""
+    if (named := slurm.default_run_dir()) is not None:
+        return named
     if not dist.is_initialized():
-        _init_group()
+        _init_group(launch())
     name = [time.strftime(pattern) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(name, src=0)
     return name[0]

@@ -32,7 +32,7 @@ from .checkpoint import RunState
 from .config import RunError
 from .data import training_steps
 from .ema import update_ema
-from .distributed import DistContext, all_reduce_sum
+from .distributed import DistContext, all_reduce_sum, barrier
 from .plan import auto_micro_batch
 
 
@@ -65,7 +65,7 @@ def fit(run: Run) -> RunState:
             t0 = time.perf_counter()
             inspect = _inspecting(run, step)
             before = [p.detach().clone() for p in run.params] if inspect else None
-            stats = train_step(run, micro_batches, batch, stop.signal_name is not None)
+            stats = train_step(run, micro_batches, batch, stop.signal_name is not None, stop.warned)
             if stats is None:  # diverged: the weights are those before this step
                 break
             images_before = state.images
@@ -85,7 +85,7 @@ def fit(run: Run) -> RunState:
                     or state.improved):
                 save(run, epoch)
             if stats["stop"]:  # a signal reached this rank or another one: all ranks stop after the same step
-                preempt(run, stop.signal_name or "SIGTERM", epoch)
+                preempt(run, "SIGUSR2" if stats["warned"] else stop.signal_name or "SIGTERM", epoch)
                 break
     return state
 
@@ -104,10 +104,10 @@ def advance(state: RunState, plan, batch: int, stats: dict, seconds: float) -> N
         state.batch = plan.batches.decide(state.noise_scale.b_simple, batch)
 
 
-def train_step(run: Run, micro_batches, batch: int, stop: bool = False) -> dict | None:
+def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: bool = False) -> dict | None:
     """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
-    numbers (and whether any rank was asked to stop), or None when the loss or gradient is not finite (the
-    optimizer does not step then)."""
+    numbers (and whether any rank was asked to stop, and whether any was warned of its time limit), or None when
+    the loss or gradient is not finite (the optimizer does not step then)."""
     plan, model, params, state = run.plan, run.model, run.params, run.state
     accum = plan.accum_at(batch)
     probe = plan.probe_micro  # micro-batches in the noise scale's small-batch gradient
@@ -130,9 +130,9 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False) -> dict 
     if run.cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
     # the loss, every rank's stop request and small-batch norm in one all-reduce; the host reads once
-    reduced = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(stop), device=run.device,
-                                                                          dtype=torch.float64), small_sq]))
-    loss, stops, small, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
+    flags = torch.tensor([float(stop), float(warned)], device=run.device, dtype=torch.float64)
+    reduced = all_reduce_sum(torch.cat([loss_sum.double().view(1), small_sq.view(1), flags]))
+    loss, small, stops, warnings, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
     loss, small = loss / run.dist.world_size, small / run.dist.world_size
     # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
     lr = plan.lr(state.step, state.images, batch, state.tau)
@@ -150,7 +150,8 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False) -> dict 
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": gnorm_value, "stop": stops > 0, "lr": lr, "gain": gain}
+    return {"loss": loss, "grad_norm": gnorm_value, "stop": stops > 0, "warned": warnings > 0, "lr": lr,
+            "gain": gain}
 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
@@ -216,9 +217,12 @@ def save(run: Run, epoch: int) -> bool:
 
 
 def preempt(run: Run, signal_name: str, epoch: int) -> None:
+    """Every rank: rank 0 writes the checkpoint, and no rank leaves before it is written (a rank that exits early
+    would let Slurm or torchrun tear the job down mid-save)."""
     run.state.stopped_by = signal_name
     run.logger.mark_preempting()
     saved = save(run, epoch)
+    barrier()
     run.progress.write(f"{signal_name}: " + (f"checkpoint saved at step {run.state.step}, exiting" if saved else
                                              f"stopping at step {run.state.step}; checkpoint.enabled=false, so "
                                              f"nothing is saved to resume from"))
@@ -282,15 +286,20 @@ def _inspecting(run: Run, step: int) -> bool:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint at the next step boundary and exit (what Slurm and cloud
-    preemption send). A second signal falls back to the default behaviour."""
+    """SIGTERM and SIGINT (preemption, a requeue, Ctrl-C) and SIGUSR2 (Slurm's warning of the time limit:
+    ``--signal=USR2@N``, submitit's ``signal_delay_s``) ask the loop to checkpoint at the next step boundary that
+    every rank agrees on, and exit; a warned job then requeues itself (train.py). A repeated signal (torchrun's agent
+    passes Slurm's SIGTERM on once more; Slurm signals again when it requeues) is absorbed: the checkpoint is written
+    in full and every rank reaches the barrier after it."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self):
         self.signal_name = None
+        self.warned = False  # SIGUSR2 came: the job is near its time limit
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. some launchers): no preemption handling
@@ -302,10 +311,9 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
-        if self.signal_name is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.signal_name = signal.Signals(signum).name
+        self.warned = self.warned or signum == signal.SIGUSR2
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
 
 
 def autocast(device: torch.device, precision: str):
