@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -29,7 +30,7 @@ from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
 from engine.loop import Run, evaluate, fit, largest_fitting_micro_batch, try_micro_batch
-from engine.metrics import Progress, RunLogger, log, say
+from engine.metrics import FAILED_JOBS, Progress, RunLogger, log, record_job_failure, say
 from engine.models import build_model
 from engine.plan import make_plan, plural
 
@@ -222,22 +223,9 @@ def write_summary(run: Run, started: float) -> dict:
 
 
 register_resolvers()
-FAILED_JOBS: list[str] = []  # sweep jobs that ended in an error (divergence is a result, not a failure)
-
-
-def job_failed(run_dir: Path, error: str) -> dict:
-    """Record a sweep job's error in its summary.json (keeping what the run wrote there) and go on; under DDP
-    rank 0 writes it."""
-    if distributed.env_rank() != 0:
-        return {"error": error}
-    path = run_dir / "summary.json"
-    summary = {**(json.loads(path.read_text()) if path.exists() else {"diverged": False}), "error": error}
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    log.error(f"error in job {run_dir}: {error}")
-    FAILED_JOBS.append(str(run_dir))
-    return summary
-
-
+# conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name; Hydra checks it against the plugin's schema of that
+# name, as wanted, and warns that it does so
+warnings.filterwarnings("ignore", message=r"\s*.hydra/launcher/submitit_slurm. is validated against ConfigStore schema")
 def single_run_name(run_dir: Path) -> str:
     """What the command line changed, and the run dir's name (a time, or the user's own name for it)."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
@@ -260,11 +248,11 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             log.error(f"error: {e}")
             sys.exit(2 if isinstance(e, ConfigError) else 1)
-        summary = job_failed(run_dir, str(e))
+        summary = record_job_failure(run_dir, str(e))
     except Exception as e:  # in a sweep one failing job must not stop the others
         if not multirun:
             raise
-        summary = job_failed(run_dir, f"{type(e).__name__}: {e}")
+        summary = record_job_failure(run_dir, f"{type(e).__name__}: {e}")
     finally:
         distributed.cleanup()
     if not multirun and summary.get("diverged"):

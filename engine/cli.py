@@ -46,11 +46,7 @@ def register_resolvers() -> None:
 def fail(message: str) -> None:
     """One line on stderr and exit 2. Under torchrun or srun every rank runs the same checks: only rank 0 prints,
     so the line appears once, before the launcher's own report of the failed workers."""
-    try:
-        rank = env_rank()
-    except ConfigError:  # a Slurm step that cannot hold one DDP run: still one line, from its first task
-        rank = int(os.environ.get("SLURM_PROCID", 0))
-    if rank == 0:
+    if env_rank() == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 

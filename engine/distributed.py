@@ -87,7 +87,11 @@ def resolve_device(name: str, where: Launch | None = None) -> torch.device:
 
 
 def env_rank() -> int:
-    return launch().rank
+    """This process's rank from its launcher's variables (0 when alone). Never raises: error paths use it so that
+    only rank 0 speaks."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0")) if slurm.in_step() else 0
 
 
 def env_world_size() -> int:

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .distributed import env_rank
+
 # The run's own lines (plan, progress, evaluations, warnings): Hydra's job logging sends them to the console and
 # to the run dir's train.log (conf/hydra/job_logging/run_log.yaml).
 log = logging.getLogger("train")
@@ -27,6 +29,28 @@ class BelowWarning(logging.Filter):
 
 def say(text: str) -> None:
     log.info(text)
+
+
+FAILED_JOBS: list[str] = []  # this sweep's jobs that ended in an error (divergence is a result, not a failure)
+
+
+def record_job_failure(run_dir: Path, error: str, **details) -> dict:
+    """A sweep job's error, in its own summary.json (keeping what the run wrote there) and in the list the launching
+    command reports before it exits 1. In the job's process only rank 0 writes; the Slurm launcher records the jobs
+    that Slurm killed (they cannot write their own)."""
+    if env_rank() != 0:
+        return {"error": error}
+    path = run_dir / "summary.json"
+    try:
+        before = json.loads(path.read_text()) if path.exists() else {"diverged": False}
+    except (OSError, ValueError):
+        before = {"diverged": False}
+    summary = {**(before if isinstance(before, dict) else {}), "error": error, **details}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    log.error(f"error in job {run_dir}: {error}")
+    FAILED_JOBS.append(str(run_dir))
+    return summary
 
 
 def _jsonable(v):

@@ -52,7 +52,7 @@ MpiDefault=none
 KillWait=30
 MinJobAge=600
 SlurmdTimeout=60
-NodeName=$HOST CPUs=$(nproc) State=UNKNOWN
+NodeName=$HOST CPUs=$(nproc) RealMemory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 )) State=UNKNOWN
 PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 rm -f /etc/slurm/cgroup.conf
