@@ -80,7 +80,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
             sys.exit(1)
         say(f"Slurm: submitted job(s) {', '.join(j.job_id for j in jobs)}; waiting for them")
         states = wait(jobs)
-        return [self._outcome(job, idx, overrides, states.get(job.job_id, "UNKNOWN"))
+        return [outcome(job, self._job_dir(idx, overrides), overrides, states.get(job.job_id, "UNKNOWN"))
                 for job, (idx, overrides) in zip(jobs, numbered)]
 
     def _executor(self):
@@ -100,27 +100,28 @@ class SlurmLauncher(SubmititSlurmLauncher):
             cfg.hydra.job.num = idx
         return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
 
-    def _outcome(self, job, idx: int, overrides, state: str) -> JobReturn:
-        """The job's own result; a job that failed outside train.py's handling, or that Slurm killed, is recorded
-        here (nan for an optuna sweep) so that the sweep goes on and the command exits 1."""
-        job_dir = self._job_dir(idx, overrides)
-        error = None
-        if job.paths.result_pickle.exists():
-            try:
-                result = job.results()[0]
-            except Exception as e:  # the task raised past train.py (submitit's FailedJobError carries its log)
-                error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            else:
-                summary = _read_summary(job_dir)
-                if "error" in summary and str(job_dir) not in FAILED_JOBS:
-                    say(f"error in job {job_dir}: {summary['error']}")
-                    FAILED_JOBS.append(str(job_dir))
-                return result
+
+def outcome(job, job_dir: Path, overrides, state: str) -> JobReturn:
+    """The job's own result; a job that failed outside train.py's handling, or that Slurm killed, is recorded here
+    (its summary.json, the list the command reports; nan for an optuna sweep), so that the sweep goes on and the
+    command exits 1."""
+    if job.paths.result_pickle.exists():
+        try:
+            result = job.results()[0]
+        except Exception as e:  # the task raised past train.py (submitit's FailedJobError carries its log)
+            lines = str(e).strip().splitlines()
+            error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         else:
-            error = why_killed(state, _tail(job.paths.stderr))
-        record_job_failure(job_dir, error, slurm_job=job.job_id, slurm_state=state)
-        return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=float("nan"),
-                         working_dir=str(job_dir))
+            summary = _read_summary(job_dir)
+            if "error" in summary and str(job_dir) not in FAILED_JOBS:  # train.py recorded it in the job
+                log.error(f"error in job {job_dir}: {summary['error']}")
+                FAILED_JOBS.append(str(job_dir))
+            return result
+    else:
+        error = why_killed(state, _tail(job.paths.stderr))
+    record_job_failure(job_dir, error, slurm_job=job.job_id, slurm_state=state)
+    return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=float("nan"),
+                     working_dir=str(job_dir))
 
 
 def wait(jobs, poll_s: float = 2.0) -> dict[str, str]:

@@ -1,0 +1,224 @@
+"""Slurm for real: jobs submitted to a one-node Slurm on this machine (scripts/slurm/local_cluster.sh, started once
+per session as root) form one DDP run, resume by themselves after a requeue or a time-limit warning, and a job that
+Slurm kills is named by the launching command. Reference: the same run in one process, without Slurm."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from wandb_records import runs as wandb_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slurm
+
+# ~100 steps of ~0.1 s: long enough to be interrupted after the first checkpoint, short enough for CI
+RUN = ["data=synthetic", "data.train_size=4096", "data.test_size=128", "logger=none", "batch=256", "max_steps=100",
+       "epochs=7", "warmup.steps=5", "threads=1", "checkpoint.every_steps=5", "diagnostics.every=0",
+       "logger.every_steps=1"]
+TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=none", "batch=64", "micro_batch=16",
+        "max_steps=3", "epochs=2", "warmup.steps=2", "threads=1", "model=vit_tiny", "optim=lars"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm needs root (scripts/slurm/local_cluster.sh installs and starts its daemons)")
+    started = time.time()
+    r = subprocess.run(["bash", str(ROOT / "scripts/slurm/local_cluster.sh")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"the local Slurm did not start:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+    print(f"\nlocal Slurm up in {time.time() - started:.1f} s")
+    return True
+
+
+def reference(tmp_path_factory, overrides, name):
+    """The same run in one process, without Slurm, cached per session."""
+    run_dir = tmp_path_factory.getbasetemp() / f"reference-{name}"
+    if not (run_dir / "summary.json").exists():
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def assert_weights(a: dict, b: dict, exact: bool) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def sbatch(*options: str, overrides=(), run_dir: Path) -> str:
+    """The repository's sbatch script with this machine's resources (sbatch's options override its #SBATCH lines)."""
+    r = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G",
+                        f"--chdir={ROOT}", f"--output={run_dir.parent / (run_dir.name + '-%j.out')}", *options,
+                        str(ROOT / "scripts/slurm/train.sbatch"), *overrides, f"hydra.run.dir={run_dir}"],
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def state(job: str) -> tuple[str, str]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T|%r"], capture_output=True, text=True,
+                         timeout=60).stdout.strip()
+    return tuple(out.split("|", 1)) if out else ("GONE", "")
+
+
+def wait_for_end(job: str, timeout: float = 180) -> str:
+    """Until the job has ended; a requeued job's wait for its BeginTime is skipped (scontrol ... StartTime=now)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now, reason = state(job)
+        if now == "PENDING" and "BeginTime" in reason:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=60)
+        if now in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "GONE"):
+            return now
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], timeout=60)
+    raise AssertionError(f"job {job} did not end in {timeout} s (last state {state(job)})")
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    """Until metrics.jsonl has logged ``step`` (the run is past a checkpoint, with most of its steps to go)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(ln).get("step", 0) >= step for ln in metrics.read_text().splitlines()
+                                    if ln.strip().endswith("}")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run_dir} did not reach step {step}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r and "val_acc" not in r]
+
+
+# --- one DDP run ------------------------------------------------------------------------------------------------
+
+def test_srun_tasks_form_one_ddp_run(cluster, tmp_path, tmp_path_factory):
+    ref = reference(tmp_path_factory, TINY, "tiny")
+    r = subprocess.run(["srun", "-n2", "-c1", sys.executable, str(ROOT / "train.py"), *TINY], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "outputs").iterdir())
+    assert [p.name[:6] for p in runs] == ["slurm-"]  # one run dir, named by the job
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert (summary["world_size"], summary["accum_steps"]) == (2, 2)
+    assert sorted(p.name for p in (runs[0] / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert r.stdout.count("final test accuracy") == 1
+    assert_weights(weights(runs[0]), ref, exact=False)
+
+
+def test_submitit_launcher_tasks_form_one_ddp_run(cluster, tmp_path, tmp_path_factory):
+    ref = reference(tmp_path_factory, TINY, "tiny")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm",
+                        "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+                        *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "sacct" not in r.stdout + r.stderr  # no accounting here: submitit's fallback stays out of sight
+    (job,) = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert json.loads((job / "summary.json").read_text())["world_size"] == 2
+    assert not list((job / ".hydra").glob("resume-*"))  # one record: the second task wrote none
+    assert_weights(weights(job), ref, exact=False)
+
+
+# --- preemption, requeue and the time-limit warning ------------------------------------------------------------
+
+@pytest.mark.parametrize("tasks, how", [(1, "requeue"), (2, "usr2")])
+def test_interrupted_sbatch_job_resumes_by_itself(cluster, tmp_path, tmp_path_factory, tasks, how):
+    """`scontrol requeue` (SIGTERM to every task) or Slurm's time-limit warning (USR2: the job checkpoints and
+    requeues itself): the requeued job resumes without resume=auto and ends where the uninterrupted run ends."""
+    ref = reference(tmp_path_factory, RUN + ["micro_batch=128"], "run")
+    run_dir = tmp_path / "run"
+    job = sbatch(f"--ntasks-per-node={tasks}", overrides=RUN + ["micro_batch=128", "logger=wandb"], run_dir=run_dir)
+    wait_for_step(run_dir, 7)
+    if how == "requeue":
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    else:
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    assert wait_for_end(job) == "COMPLETED"
+    log = next(tmp_path.glob("run-*.out")).read_text()
+    stop = "SIGTERM" if how == "requeue" else "SIGUSR2"
+    assert f"{stop}: checkpoint saved at step" in log, log[-3000:]
+    if how == "usr2":
+        assert f"SIGUSR2: requeued job {job} (1 of at most 3)" in log
+    assert "resuming from step" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["world_size"], summary["stopped_by"]) == (100, tasks, None)
+    assert logged_steps(run_dir) == list(range(1, 101))  # each step once
+    assert len({r["id"] for r in wandb_runs(run_dir)}) == 1  # the same wandb run
+    assert_weights(weights(run_dir), ref, exact=tasks == 1)
+
+
+def test_submitit_job_requeued_resumes_by_itself(cluster, tmp_path, tmp_path_factory):
+    """The issue's own case: a launcher job requeued after its first checkpoint ended at once, refusing its folder."""
+    ref = reference(tmp_path_factory, RUN + ["micro_batch=128"], "run")
+    sweep = tmp_path / "sweep"
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=2", "hydra.launcher.max_num_timeout=3", *RUN, "micro_batch=128",
+         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(sweep.glob("0_*/metrics.jsonl")):
+            time.sleep(0.1)
+        (job_dir,) = [p.parent for p in sweep.glob("0_*/metrics.jsonl")]
+        wait_for_step(job_dir, 7)
+        (job,) = {p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        wait_for_end(job)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, out[-2000:] + err[-3000:]
+    assert json.loads((job_dir / "summary.json").read_text())["steps"] == 100
+    assert logged_steps(job_dir) == list(range(1, 101))
+    assert_weights(weights(job_dir), ref, exact=True)
+
+
+# --- failures are visible ----------------------------------------------------------------------------------------
+
+def test_a_job_killed_at_its_time_limit_is_named_and_recorded(cluster, tmp_path):
+    """--time=1 and no requeue left: Slurm ends the job (TIMEOUT); the launching command exits 1, names the job's
+    folder and why, and writes it into the job's summary.json."""
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm",
+                        "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=0", "hydra.launcher.cpus_per_task=1",
+                        "hydra.launcher.mem_gb=2", *RUN, "max_steps=100000", "epochs=10000",
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    (job_dir,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["slurm_state"] == "TIMEOUT" and "time limit" in summary["error"]
+    assert f"error in job {job_dir}: Slurm killed it at its time limit" in r.stdout + r.stderr
+    assert "job(s) of the sweep failed" in r.stderr
+
+
+def test_a_job_that_fails_outside_train_py_is_named(cluster, tmp_path):
+    """The job's batch script fails before train.py starts (here: a setup line that exits 3)."""
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm",
+                        "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", 'hydra.launcher.setup=["exit 3"]',
+                        *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    (job_dir,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["slurm_state"] == "FAILED" and "before its result was written" in summary["error"]
+    assert f"error in job {job_dir}" in r.stdout + r.stderr and "Traceback" not in r.stderr
