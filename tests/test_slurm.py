@@ -53,8 +53,12 @@ def weights(run_dir: Path) -> dict:
 
 
 def assert_weights(a: dict, b: dict, exact: bool) -> None:
+    """Bit for bit, or (several ranks) within 1e-4 for the trained weights; BatchNorm's running statistics are
+    rank 0's own under DDP (it broadcasts them), where one process averages over all its micro-batches."""
     assert a.keys() == b.keys()
     for k in a:
+        if not exact and k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
@@ -162,7 +166,11 @@ def test_interrupted_sbatch_job_resumes_by_itself(cluster, tmp_path, tmp_path_fa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["steps"], summary["world_size"], summary["stopped_by"]) == (100, tasks, None)
     assert logged_steps(run_dir) == list(range(1, 101))  # each step once
-    assert len({r["id"] for r in wandb_runs(run_dir)}) == 1  # the same wandb run
+    # two attempts, one wandb run (the first attempt's own history is lost: Slurm's SIGTERM reaches wandb's
+    # service process too, which exits without flushing; metrics.jsonl above holds every step)
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and len({p.name.rsplit("-", 1)[1] for p in attempts}) == 1
+    assert wandb_runs(run_dir)[-1]["history_steps"][-1] == 100
     assert_weights(weights(run_dir), ref, exact=tasks == 1)
 
 
