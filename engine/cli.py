@@ -211,6 +211,10 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
     from .plan import make_plan
     try:
         jobs = _jobs(args)
+        if multirun and check_files and not any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in args):
+            check_sweep_dir(next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")), None))
+    except ConfigError as e:
+        fail(str(e))
     except Exception as e:
         fail(condense(e))
     if jobs is None:
@@ -221,12 +225,6 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 cfg = load_config(compose("config", overrides=overrides))
                 if cfg.resume is None and slurm.requeued():
                     cfg.resume = "auto"  # as train.py: a requeued job continues its own run
-                if multirun and cfg.resume is None and check_files and overrides is jobs[0]:
-                    try:
-                        check_sweep_dir(next((a.split("=", 1)[1] for a in argv
-                                              if a.startswith("hydra.sweep.dir=")), None))
-                    except ConfigError as e:
-                        fail(str(e))
                 plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 if not check_files:
                     continue

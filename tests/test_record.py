@@ -101,6 +101,24 @@ def test_an_interrupted_sweep_resumes_in_place(tmp_path):
     assert json.loads((interrupted / "summary.json").read_text())["steps"] == 4
 
 
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=submitit_slurm"], ["hparams_search=lr_optuna"]])
+def test_a_sweep_launched_again_into_its_folder_is_refused_before_any_job(tmp_path, launcher):
+    """Without resume=auto, for every launcher: one line, exit 2, and the finished jobs' records untouched (each job
+    used to refuse inside itself and write the refusal into the finished job's summary.json)."""
+    sweep = tmp_path / "sweep"
+    job = sweep / "0_batch=32"
+    job.mkdir(parents=True)
+    finished = json.dumps({"steps": 2, "val_acc": 0.5, "diverged": False})
+    (job / "summary.json").write_text(finished)
+    (sweep / "optuna.db").write_text("")
+    r = train(["-m", *launcher, *RUN, "batch=32,64", "max_steps=2", f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: hydra.sweep.dir={sweep} already holds the runs of a sweep ({job / 'summary.json'}): pass resume=auto "
+        f"to continue its jobs, or choose another hydra.sweep.dir"], r.stderr[-2000:]
+    assert (job / "summary.json").read_text() == finished
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_batch=32", "optuna.db"]
+
+
 def test_sweep_job_folders_are_safe_for_any_value(tmp_path):
     sweep = tmp_path / "sweep"
     r = train(["-m", *RUN, "max_steps=1", "logger=wandb", "logger.group=a/b,c", f"hydra.sweep.dir={sweep}"])
