@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from engine import distributed, slurm
-from engine.checkpoint import RunState, already_done, changed_settings, to_resume
+from engine.checkpoint import RunState, already_done, changed_settings, seed_rank, to_resume
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import fail, preflight, register_resolvers
 from engine.config import ConfigError, RunError, load_config
@@ -62,13 +62,15 @@ def train(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
     optimizer = plan.build_optimizer(model)
+    seed_rank(cfg.seed, dist.rank)  # after the model: every rank builds the same one, then draws its own dropout
     if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
         choose_micro_batch(plan, model, data, cfg, device, dist)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(model, cfg, plan)
     state = RunState(noise_scale=NoiseScale(cfg.diagnostics.noise_ema))
     if resume is not None:
-        state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler, ema=ema)
+        state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
+                      seed=cfg.seed, device=device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     if cfg.compile:
         train_model = torch.compile(train_model)

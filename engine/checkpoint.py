@@ -20,7 +20,8 @@ import torch
 from .config import ConfigError
 from .diagnostics import NoiseScale
 
-FORMAT = 3  # 3: batch schedules (identity and state); a format-2 checkpoint is a constant-batch run and loads
+FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks)
+# a format-2 checkpoint is a constant-batch run, a format-3 one holds rank 0's generators: both load
 # What a resume must keep: the data order is a function of (seed, batch schedule), and the rest is the run itself.
 # micro_batch, the number of ranks, threads, the logger and max_steps may change, except under batch_schedule=
 # adaptive and scaling=adascale, whose decisions depend on gradients measured per micro-batch and rank.
@@ -67,13 +68,15 @@ class RunState:
     tau: float = 0.0            # scaling=adascale: the scale-invariant iteration (sum of the gains)
     gain: float = 1.0           # scaling=adascale: the last step's gain
 
-    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None) -> None:
+    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None,
+             rng: list | None = None) -> None:
+        """Rank 0 writes; ``rng`` is every rank's generators (gather_rng), rank 0's alone by default."""
         raw = getattr(model, "module", model)
         raw = getattr(raw, "_orig_mod", raw)
         save_atomic({"format": FORMAT, "identity": identity(cfg, plan), "model": raw.state_dict(),
                      "batch_state": {"batch": self.batch, "tau": self.tau, "gain": self.gain},
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
-                     "epoch": epoch, "images": self.images, "rng": rng_state(),
+                     "epoch": epoch, "images": self.images, "rng": {"ranks": rng or [rng_state()]},
                      "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id,
                      "best_val_acc": self.best_val_acc, "ema": ema.state_dict() if ema is not None else None,
                      "config": cfg.model_dump(mode="json", by_alias=True)}, path)
@@ -83,11 +86,16 @@ class RunState:
             os.replace(tmp, path.with_name("best.pt"))
             self.improved = False
 
-    def restore(self, ckpt: dict, *, model, optimizer, scaler, ema=None) -> None:
+    def restore(self, ckpt: dict, *, model, optimizer, scaler, ema=None, rank: int = 0, seed: int = 0,
+                device=None) -> None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt["rng"]["ranks"]
+        if rank < len(ranks):
+            set_rng_state(ranks[rank], device)
+        else:  # a resume onto more ranks than wrote the checkpoint: the new ranks start their own streams
+            seed_rank(seed, rank, ckpt["step"])
         self.step, self.images = ckpt["step"], ckpt["images"]
         batch_state = ckpt.get("batch_state") or {}
         self.batch, self.tau = batch_state.get("batch"), batch_state.get("tau", 0.0)
@@ -167,10 +175,17 @@ def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
 
 
 def migrate(ckpt: dict) -> dict:
-    """A format-2 checkpoint is a constant-batch run: it gains format 3's batch-schedule fields."""
+    """A format-2 checkpoint is a constant-batch run: it gains format 3's batch-schedule fields. A format-3 one
+    holds rank 0's generators, its CUDA states one per visible GPU: rank 0 keeps the first (its own device)."""
     if ckpt.get("format") == 2 and isinstance(ckpt.get("identity"), dict):
         ckpt["identity"].setdefault("batch_schedule", {"name": "constant"})
         ckpt["format"] = 3
+    if ckpt.get("format") == 3 and isinstance(ckpt.get("rng"), dict) and "ranks" not in ckpt["rng"]:
+        old = ckpt["rng"]
+        cuda = old.get("cuda")
+        ckpt["rng"] = {"ranks": [{"torch": old["torch"], "python": old["python"],
+                                  "cuda": cuda[0] if isinstance(cuda, (list, tuple)) and cuda else None}]}
+        ckpt["format"] = 4
     return ckpt
 
 
@@ -197,18 +212,29 @@ def check_resumable(ckpt: dict, cfg, path, plan=None) -> None:
                               f"change): start a new run dir to change it")
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def rng_state(device=None) -> dict:
+    """This process's generators: CPU, Python's, and its own GPU's (only that one: a checkpoint must restore on a
+    machine that sees fewer GPUs)."""
+    cuda = device is not None and getattr(device, "type", None) == "cuda"
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if cuda else None}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device=None) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and device is not None and getattr(device, "type", None) == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Ranks >= 1 draw dropout, drop-path and the like from their own generators, seeded by (seed, rank, step); rank 0
+    keeps the stream torch.manual_seed(seed) began, so a single process trains exactly as it always has."""
+    if rank == 0:
+        return
+    own = (seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63
+    torch.manual_seed(own)  # CPU and every CUDA generator of this process
+    random.seed(own)
 
 
 def save_atomic(obj: dict, path: Path) -> None:

@@ -193,8 +193,8 @@ class Mix:
     def apply(self, x, y, x_partner, y_partner, seed: int, step: int):
         pairs = torch.stack([x_partner, x], 1).flatten(0, 1)   # p0, x0, p1, x1, ...: x_i's neighbour is p_i
         labels = torch.stack([y_partner, y], 1).flatten(0, 1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._seed(seed, step) + 1)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed would also reseed CUDA's,
+            torch.default_generator.manual_seed(self._seed(seed, step) + 1)  # and every rank's dropout would repeat
             mixed, soft = self.transform(pairs, labels)
         return mixed[1::2].contiguous(), soft[1::2]
 

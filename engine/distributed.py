@@ -140,6 +140,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(obj) -> list:
+    """``obj`` from every rank, in rank order (a list of one in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_min(value: int, device) -> int:
     t = torch.tensor([value], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:

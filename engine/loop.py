@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from optim import adascale_gain, apply_lr
 
 from . import diagnostics as diag
-from .checkpoint import RunState
+from .checkpoint import RunState, rng_state
 from .config import RunError
 from .data import training_steps
 from .ema import update_ema
-from .distributed import DistContext, all_reduce_sum, barrier
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
 from .plan import auto_micro_batch
 
 
@@ -202,11 +202,12 @@ def save(run: Run, epoch: int) -> bool:
     """Checkpoint (rank 0; every rank holds the same weights). Returns whether a checkpoint was written."""
     if not run.cfg.checkpoint.enabled:
         return False
+    rng = gather_rng(run.device)  # every rank takes part; rank 0 writes them all
     if run.dist.is_main:
         path = run.run_dir / "checkpoints" / "last.pt"
         try:
             run.state.save(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler, cfg=run.cfg,
-                           epoch=epoch, ema=run.ema, plan=run.plan)
+                           epoch=epoch, ema=run.ema, plan=run.plan, rng=rng)
             if run.state.step in run.cfg.checkpoint.keep_steps:  # fixed points for later measurement
                 shutil.copyfile(path, path.with_name(f"step-{run.state.step}.pt"))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
@@ -214,6 +215,11 @@ def save(run: Run, epoch: int) -> bool:
             raise RunError(f"checkpoint at step {run.state.step} could not be written to {path}: "
                            f"{'the disk is full' if full else e}; the previous last.pt, if any, is intact") from None
     return True
+
+
+def gather_rng(device) -> list[dict]:
+    """Every rank's generators, in rank order (each rank restores its own on resume)."""
+    return all_gather_objects(rng_state(device))
 
 
 def preempt(run: Run, signal_name: str, epoch: int) -> None:

@@ -68,3 +68,13 @@ def test_resume_with_mixup_and_cutmix_is_bit_exact(tmp_path):
     wa = torch.load(a / "checkpoints" / "last.pt", weights_only=False)["model"]
     wb = torch.load(b / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert straight["steps"] == resumed["steps"] and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_mixing_leaves_the_cuda_generators_alone(monkeypatch):
+    """torch.manual_seed also reseeds every CUDA generator (and fork_rng(devices=[]) restores only the CPU one), so
+    every micro-batch's forward would start from one CUDA state and dropout masks would repeat."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    plain_and_mixed(Mix(0.2, 1.0, 10), 16)
+    assert reseeded == []

@@ -123,7 +123,7 @@ def test_an_old_checkpoint_format_is_refused(tmp_path):
     old = tmp_path / "old.pt"
     torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0}, old)  # what the previous version wrote
     r = run(["train.py", *TINY, f"resume={old}", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert r.returncode == 2 and "checkpoint format 1 is not this version's (3)" in r.stderr
+    assert r.returncode == 2 and "checkpoint format 1 is not this version's (4)" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -157,6 +157,8 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path):
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *common,
              "max_steps=2", f"hydra.run.dir={part}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    saved = torch.load(part / "checkpoints" / "last.pt", weights_only=False)["rng"]["ranks"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])  # each rank its own stream
     r = run(["train.py", *common, "max_steps=4", "resume=auto", f"hydra.run.dir={part}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from step 2" in r.stdout
