@@ -43,6 +43,7 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(device)
+    set_numerics(device, cfg.tf32, cfg.deterministic)
     if cfg.resume is None and slurm.requeued():
         cfg.resume = "auto"  # Slurm requeued this job: it continues its own run
     if cfg.eval_only:
@@ -71,9 +72,11 @@ def train(cfg, run_dir: Path) -> dict:
     if resume is not None:
         state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
                       seed=cfg.seed, device=device)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    # gradients as views of DDP's buckets: no copy into the buckets and back, one gradient's memory less
+    train_model = (torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if dist.enabled
+                   else model)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=cfg.compile_mode)
     logger = RunLogger(run_dir, cfg.logger.name if dist.is_main else None,
                        config=cfg.model_dump(mode="json", by_alias=True), mode=cfg.logger.mode,
                        project=cfg.logger.project, group=cfg.logger.group,
@@ -116,6 +119,17 @@ def requeue_warned_job(run: Run) -> None:
         say(f"SIGUSR2: {slurm.requeue(run.cfg.checkpoint.max_requeues)}")
 
 
+def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
+    """On CUDA, TF32 for fp32 matmuls and convolutions together (cuDNN's default runs convolutions in TF32 and
+    matmuls in full fp32: neither comparable nor fast). deterministic: cudnn.benchmark off and torch's deterministic
+    algorithms; otherwise cuDNN picks the fastest convolution per shape. The CPU's numerics are left as they are."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def choose_micro_batch(plan, model, data, cfg, device, dist) -> None:
     """micro_batch=auto on CUDA: the largest divisor of the per-rank batch whose forward/backward fits; every rank
     takes the smallest any rank found."""
@@ -145,8 +159,9 @@ def announce(run: Run, resume) -> None:
     if not run.dist.is_main:
         return
     data, cfg = run.data, run.cfg
+    numerics = f", tf32 {'on' if cfg.tf32 else 'off'}" if run.device.type == "cuda" else ""
     say(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
-        f"device {run.device}, {cfg.precision}")
+        f"device {run.device}, {cfg.precision}{numerics}" + (", deterministic" if cfg.deterministic else ""))
     say(run.plan.describe())
     if run.ema is not None:
         say(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
@@ -210,7 +225,7 @@ def write_summary(run: Run, started: float) -> dict:
                "peak_lr": plan.peak_lr, "base_lr": plan.base_lr, "scaling_rule": plan.rule,
                "optimizer": plan.optimizer_name, "diverged": state.diverged, "stopped_by": state.stopped_by,
                "noise_scale_b_simple": state.noise_scale.b_simple, "wall_s": time.time() - started,
-               "images_per_s": state.images_this_process / state.train_time if state.train_time else 0.0}
+               "images_per_s": state.images_per_s}  # steady state: each process's first step left out
     if plan.rule == "adascale":
         summary.update(adascale_tau=state.tau, adascale_gain=state.gain)
     if run.device.type == "cuda":

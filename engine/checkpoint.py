@@ -67,6 +67,15 @@ class RunState:
     batch: int | None = None    # batch_schedule=adaptive: the batch of the next step (its last decision)
     tau: float = 0.0            # scaling=adascale: the scale-invariant iteration (sum of the gains)
     gain: float = 1.0           # scaling=adascale: the last step's gain
+    first_step_time: float = 0.0  # this process's first step: its one-time set-up (cuDNN autotuning, NCCL, compile)
+    first_step_images: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        """This process's steady-state throughput: its first step left out (a run of one step has only that)."""
+        if self.steps_this_process > 1 and self.train_time > self.first_step_time:
+            return (self.images_this_process - self.first_step_images) / (self.train_time - self.first_step_time)
+        return self.images_this_process / self.train_time if self.train_time else 0.0
 
     def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None,
              rng: list | None = None) -> None:

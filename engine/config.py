@@ -226,7 +226,10 @@ class Config(Group):
     label_smoothing: UnitOpen
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["fp32", "bf16", "fp16"]
+    tf32: bool = True                              # the defaults also read configs saved before these settings
+    deterministic: bool = False
     compile: bool
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     channels_last: bool
     grad_clip: Optional[PosFloat] = None
     resume: Optional[str] = None

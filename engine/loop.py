@@ -97,6 +97,8 @@ def advance(state: RunState, plan, batch: int, stats: dict, seconds: float) -> N
     state.images += batch
     state.images_this_process += batch
     state.train_time += seconds
+    if state.steps_this_process == 1:
+        state.first_step_time, state.first_step_images = seconds, batch
     state.train_loss = stats["loss"]
     state.tau += stats["gain"]
     state.gain = stats["gain"]
@@ -126,9 +128,10 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
         if track_noise and k == probe - 1:  # this rank's first micro-batches alone: the small-batch gradient
             small_sq = diag.sq_norm(p.grad for p in params) * (accum / probe) ** 2
     run.scaler.unscale_(run.optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
-    gnorm = grad_norm(params)
-    if run.cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
+    if run.cfg.grad_clip is not None:  # it returns the norm before clipping: computed once
+        gnorm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip, foreach=True)
+    else:
+        gnorm = grad_norm(params)
     # the loss, every rank's stop request and small-batch norm in one all-reduce; the host reads once
     flags = torch.tensor([float(stop), float(warned)], device=run.device, dtype=torch.float64)
     reduced = all_reduce_sum(torch.cat([loss_sum.double().view(1), small_sq.view(1), flags]))
@@ -167,9 +170,8 @@ def log_step(run: Run, stats: dict, batch: int, seconds: float, last: bool) -> N
         if plan.rule == "adascale":
             row.update(adascale_gain=stats["gain"], adascale_tau=state.tau)
         run.logger.log(state.step, row)
-    images_per_s = state.images_this_process / state.train_time
     run.progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.4g}" + (
-        f" batch {batch}" if not plan.fixed else ""), images_per_s, state.train_time)
+        f" batch {batch}" if not plan.fixed else ""), state.images_per_s, state.train_time)
 
 
 def log_layers(run: Run, before: list[torch.Tensor]) -> None:

@@ -173,15 +173,16 @@ def _lars_foreach(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, 
         else:
             torch._foreach_add_(params, bufs, alpha=-lr)
         return list(trust.unbind(0))
+    inside = lr_in_momentum and momentum
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else torch._foreach_mul(grads, 1.0)
     if adapt:
         w_norm, g_norm = stacked_norms(params), stacked_norms(grads)
         raw = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
         trust = trust_ratio(_clip_vector(raw, lr, trust_clip), 1.0, w_norm, g_norm)
-    inside = lr_in_momentum and momentum
-    scale = trust * lr if inside else trust  # the coefficient of (g + wd*w) that enters the buffer
-    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else torch._foreach_mul(grads, 1.0)
-    if adapt or inside:
+        scale = trust * lr if inside else trust  # the coefficient of (g + wd*w) that enters the buffer
         torch._foreach_mul_(d, list(scale.to(dtype).unbind(0)))
+    elif inside:  # no trust ratios: the Python scalar keeps the fused kernel (a list of 0-d tensors falls off it)
+        torch._foreach_mul_(d, lr)
     if momentum:
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, d)

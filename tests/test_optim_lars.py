@@ -292,3 +292,36 @@ def test_unadapted_groups_under_a_changing_lr(lr_in_momentum, nesterov):
         sgd.step()
     for a, b in zip(ps, twins):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("lr_in_momentum, nesterov, weight_decay", [(True, False, 0.0), (True, True, 1e-4),
+                                                                     (False, False, 1e-4), (True, False, 5e-4)])
+def test_an_unadapted_group_multiplies_by_the_python_lr_and_reads_no_host(lr_in_momentum, nesterov, weight_decay):
+    """BatchNorm and bias tensors (adapt=False) take the plain update: lr as a Python scalar keeps _foreach_mul_ on
+    its fused path (a list of 0-d tensors launches one kernel per tensor), and step() never reads the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(6)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, reference):
+        p.grad = torch.randn(5)
+        q.grad = p.grad.clone()
+    hyper = dict(lr=0.3, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum)
+    fast = LARS([{"params": params, "adapt": False}], foreach=True, **hyper)
+    loop = LARS([{"params": reference, "adapt": False}], foreach=False, **hyper)
+    for _ in range(2):
+        with Ops() as ops:
+            fast.step()
+        loop.step()
+    assert "aten._foreach_mul_.List" not in ops.seen and "aten._local_scalar_dense.default" not in ops.seen
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,72 @@
+"""What the first GPU run depends on, checked on the CPU: TF32 and determinism settings, the steady-state images/s,
+the gradient norm computed once. (tests/test_cuda.py holds what needs a GPU.)"""
+import pytest
+import torch
+
+import train
+from engine import loop
+from engine.checkpoint import RunState
+from engine.config import ConfigError
+from tests.helpers import TINY, load_cfg, run_train
+
+
+@pytest.fixture
+def numerics():
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    torch.use_deterministic_algorithms(saved[3])
+
+
+@pytest.mark.parametrize("device, tf32, deterministic, precision, allow_tf32, cudnn_benchmark", [
+    ("cuda", True, False, "high", True, True),
+    ("cuda", False, False, "highest", False, True),
+    ("cuda", True, True, "high", True, False),
+    ("cpu", True, False, None, None, True),      # the CPU's matmul precision is left alone
+])
+def test_tf32_and_determinism_are_set_together(numerics, device, tf32, deterministic, precision, allow_tf32,
+                                               cudnn_benchmark):
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.allow_tf32 = before = not allow_tf32 if allow_tf32 is not None else not tf32
+    train.set_numerics(torch.device(device), tf32, deterministic)
+    assert torch.get_float32_matmul_precision() == (precision or "medium")
+    assert torch.backends.cudnn.allow_tf32 == (allow_tf32 if allow_tf32 is not None else before)
+    assert torch.backends.cudnn.benchmark is cudnn_benchmark
+    assert torch.are_deterministic_algorithms_enabled() is deterministic
+
+
+@pytest.mark.parametrize("overrides, ok", [(["tf32=false", "deterministic=true", "compile_mode=max-autotune"], True),
+                                           (["compile_mode=reduce-overhead"], True), (["compile_mode=fast"], False),
+                                           (["tf32=maybe"], False)])
+def test_settings_the_reference_trainers_use(overrides, ok):
+    if ok:
+        load_cfg([*TINY, *overrides])
+    else:
+        with pytest.raises(ConfigError):
+            load_cfg([*TINY, *overrides])
+
+
+@pytest.mark.parametrize("seconds, batches, expected", [
+    ([10.0, 0.1, 0.1, 0.1], [64, 64, 64, 64], 64 / 0.1),   # the first step's set-up is left out
+    ([5.0], [64], 64 / 5.0),                                # a run of one step has only that
+    ([2.0, 0.5, 0.25], [32, 64, 64], 128 / 0.75),            # a changing batch: images over seconds
+])
+def test_images_per_s_is_the_steady_state(seconds, batches, expected):
+    state = RunState()
+    plan = type("P", (), {"batches": type("B", (), {"kind": "constant"})()})()
+    for s, b in zip(seconds, batches):
+        loop.advance(state, plan, b, {"loss": 1.0, "gain": 1.0}, s)
+    assert state.images_per_s == pytest.approx(expected)
+
+
+def test_a_clipped_gradient_norm_is_computed_once(tmp_path, monkeypatch):
+    """clip_grad_norm_ returns the norm before clipping: the loop takes it instead of a second pass."""
+    def second_pass(params):
+        raise AssertionError("the norm was computed twice")
+    monkeypatch.setattr(loop, "grad_norm", second_pass)
+    summary, run_dir = run_train(tmp_path, [*TINY, "batch=32", "max_steps=2", "grad_clip=0.01"])
+    rows = [r for r in map(__import__("json").loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "grad_norm" in r]
+    assert rows and all(r["grad_norm"] > 0.01 for r in rows)  # the norm before clipping is what is logged
