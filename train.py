@@ -29,7 +29,7 @@ from engine.config import ConfigError, RunError, load_config
 from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
-from engine.loop import Run, evaluate, fit, largest_fitting_micro_batch, try_micro_batch
+from engine.loop import Run, check_headroom, evaluate, fit, largest_fitting_micro_batch, try_training_step
 from engine.metrics import FAILED_JOBS, Progress, RunLogger, log, record_job_failure, say
 from engine.models import build_model
 from engine.plan import make_plan, plural
@@ -64,10 +64,10 @@ def train(cfg, run_dir: Path) -> dict:
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
     optimizer = plan.build_optimizer(model)
     seed_rank(cfg.seed, dist.rank)  # after the model: every rank builds the same one, then draws its own dropout
-    if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
-        choose_micro_batch(plan, model, data, cfg, device, dist)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(model, cfg, plan)
+    if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
+        choose_micro_batch(plan, model, optimizer, data, cfg, device, dist)
     state = RunState(noise_scale=NoiseScale(cfg.diagnostics.noise_ema))
     if resume is not None:
         state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
@@ -130,14 +130,21 @@ def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
 
 
-def choose_micro_batch(plan, model, data, cfg, device, dist) -> None:
-    """micro_batch=auto on CUDA: the largest divisor of the per-rank batch whose forward/backward fits; every rank
-    takes the smallest any rank found."""
-    say = print if dist.is_main else (lambda *_: None)
-    fits = lambda size: try_micro_batch(model, data.image_shape, data.num_classes, device, cfg.precision, size)
-    micro = distributed.all_reduce_min(largest_fitting_micro_batch(fits, plan.micro_common, say), device)
+def choose_micro_batch(plan, model, optimizer, data, cfg, device, dist) -> None:
+    """micro_batch=auto on CUDA: the largest divisor of the per-rank batch whose whole training step fits with 10 %
+    of the GPU to spare (the EMA copy is already allocated); all ranks try each size together and agree."""
+    say_main = say if dist.is_main else (lambda *_: None)
+
+    def fits(size: int) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+        try_training_step(model, optimizer, data.image_shape, data.num_classes, device, cfg.precision, size,
+                          cfg.channels_last)
+        check_headroom(device)
+
+    micro = largest_fitting_micro_batch(fits, plan.micro_common, say_main,
+                                        agree=lambda fitted: distributed.all_reduce_min(int(fitted), device) == 1)
     plan.set_micro_batch(micro)
-    say(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
+    say_main(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
 
 
 def evaluate_test_split(run: Run, test) -> None:

@@ -189,11 +189,12 @@ def migrate(ckpt: dict) -> dict:
     if ckpt.get("format") == 2 and isinstance(ckpt.get("identity"), dict):
         ckpt["identity"].setdefault("batch_schedule", {"name": "constant"})
         ckpt["format"] = 3
-    if ckpt.get("format") == 3 and isinstance(ckpt.get("rng"), dict) and "ranks" not in ckpt["rng"]:
-        old = ckpt["rng"]
-        cuda = old.get("cuda")
-        ckpt["rng"] = {"ranks": [{"torch": old["torch"], "python": old["python"],
-                                  "cuda": cuda[0] if isinstance(cuda, (list, tuple)) and cuda else None}]}
+    if ckpt.get("format") == 3:
+        old = ckpt.get("rng")
+        if isinstance(old, dict) and "ranks" not in old:
+            cuda = old.get("cuda")
+            ckpt["rng"] = {"ranks": [{"torch": old["torch"], "python": old["python"],
+                                      "cuda": cuda[0] if isinstance(cuda, (list, tuple)) and cuda else None}]}
         ckpt["format"] = 4
     return ckpt
 

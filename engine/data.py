@@ -82,8 +82,10 @@ class TensorData:
         per_rank = len(index) // world_size
         aug = augment.draw(len(index), seed, step) if augment else None
         partner = mix.partners(len(index), seed, step) if mix else None
+        index, aug, partner = (to_device(t, device) for t in (index, aug, partner))  # once per step, not per image
         for k in range(per_rank // micro_batch):
-            at = torch.arange(rank * per_rank + k * micro_batch, rank * per_rank + (k + 1) * micro_batch)
+            at = torch.arange(rank * per_rank + k * micro_batch, rank * per_rank + (k + 1) * micro_batch,
+                              device=index.device)
             x, y = self._images(index, at, aug, augment, device)
             if mix is not None:
                 x, y = mix.apply(x, y, *self._images(index, partner[at], aug, augment, device), seed, step)
@@ -206,9 +208,23 @@ def make_mix(cfg_data, num_classes: int) -> Mix | None:
 
 def normalize(x: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
     """uint8 images -> normalised float, on whatever device x is on."""
-    mean = torch.tensor(mean, device=x.device, dtype=dtype).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=x.device, dtype=dtype).view(1, -1, 1, 1) * 255
+    mean, std = _norm_constants(tuple(mean), tuple(std), x.device, dtype)
     return (x.to(dtype) - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_constants(mean: tuple, std: tuple, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built once per device: a tensor made from Python numbers is a host-to-device copy on a GPU."""
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1) * 255,
+            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1) * 255)
+
+
+def to_device(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    """A step's small CPU tensor (indices, augmentation draws) onto the GPU without stalling it: pinned, then
+    copied asynchronously (a copy from pageable memory waits for the GPU's queue to drain)."""
+    if t is None or torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------------------------------------

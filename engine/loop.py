@@ -14,6 +14,7 @@ BatchNorm statistics are per micro-batch ("ghost batch", as Goyal et al.'s 32 im
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import math
 import shutil
@@ -133,7 +134,7 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
     else:
         gnorm = grad_norm(params)
     # the loss, every rank's stop request and small-batch norm in one all-reduce; the host reads once
-    flags = torch.tensor([float(stop), float(warned)], device=run.device, dtype=torch.float64)
+    flags = torch.stack([torch.full((), float(f), device=run.device, dtype=torch.float64) for f in (stop, warned)])
     reduced = all_reduce_sum(torch.cat([loss_sum.double().view(1), small_sq.view(1), flags]))
     loss, small, stops, warnings, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
     loss, small = loss / run.dist.world_size, small / run.dist.world_size
@@ -245,42 +246,74 @@ def diverge(run: Run, loss: float, gnorm: float, lr: float) -> None:
     run_eval(run)  # the weights as they are now, so the summary has numbers (likely poor ones)
 
 
-# --- micro_batch=auto --------------------------------------------------------------------------------------------
+# --- micro_batch=auto ---------------------------------------------------------------------------------------------
 
-def largest_fitting_micro_batch(fits, per_rank: int, say=print) -> int:
+HEADROOM = 0.10  # of the GPU's memory left free by the chosen micro-batch (fragmentation, evaluation, the allocator)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's allocator error, or cuBLAS/cuDNN failing to allocate their workspaces (a plain RuntimeError)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("ALLOC_FAILED", "CUDA out of memory")))
+
+
+def largest_fitting_micro_batch(fits, per_rank: int, say=print, agree=lambda fitted: fitted) -> int:
     """composer's ``device_train_microbatch_size='auto'``: try the largest divisor of ``per_rank`` and halve (to the
-    largest divisor at or below half) on CUDA out-of-memory until ``fits(size)`` returns."""
+    largest divisor at or below half) on out-of-memory until ``fits(size)`` returns. Under DDP every rank tries each
+    size and ``agree`` (an all-reduce) says whether all of them fitted: a rank that searched alone would hang the
+    others in their next collective."""
     size = per_rank
     while True:
         try:
             fits(size)
+            fitted = True
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            fitted = False
+        if agree(fitted):
             return size
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
-                raise RunError("micro_batch=auto: one image per micro-batch does not fit in GPU memory; use a smaller "
-                               "model, precision=bf16, or more GPUs") from None
-            smaller = auto_micro_batch(per_rank, size // 2)
-            say(f"micro_batch=auto: {size} does not fit in GPU memory, trying {smaller}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            size = smaller
+        if size == 1:
+            raise RunError("micro_batch=auto: one image per micro-batch does not fit in GPU memory; use a smaller "
+                           "model, precision=bf16, or more GPUs")
+        smaller = auto_micro_batch(per_rank, size // 2)
+        say(f"micro_batch=auto: {size} does not fit in GPU memory, trying {smaller}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        size = smaller
 
 
-def try_micro_batch(model: torch.nn.Module, image_shape, num_classes: int, device, precision: str, size: int) -> None:
-    """One forward/backward of ``size`` images, leaving no trace: gradients cleared, buffers (BatchNorm running
-    statistics) and random generators as they were."""
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+def try_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, image_shape, num_classes: int,
+                      device, precision: str, size: int, channels_last: bool = False) -> None:
+    """One whole training step of ``size`` images (forward, backward, the optimizer's step and its state) in the
+    run's memory format, leaving no trace: weights, BatchNorm statistics, optimizer state and generators as they
+    were, gradients cleared."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             x = torch.randn(size, *image_shape, device=device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
                 loss = F.cross_entropy(model(x), torch.zeros(size, dtype=torch.long, device=device) % num_classes)
             loss.backward()
+            optimizer.step()
     finally:
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(saved[name])
+        optimizer.zero_grad(set_to_none=True)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state)
+        getattr(optimizer, "trust_ratios", {}).clear()
+
+
+def check_headroom(device, fraction: float = HEADROOM) -> None:
+    """After a trial step: its peak, with what other processes hold, must leave ``fraction`` of the GPU free."""
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)
+    needed = torch.cuda.max_memory_reserved(device) + others
+    if needed > (1 - fraction) * total:
+        raise torch.cuda.OutOfMemoryError(f"the step needs {needed / 2**30:.1f} of {total / 2**30:.1f} GiB, leaving "
+                                          f"less than {fraction:.0%} free")
 
 
 # --- pieces ----------------------------------------------------------------------------------------------------

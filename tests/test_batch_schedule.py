@@ -302,16 +302,90 @@ def test_micro_batch_auto_gives_up_with_one_line_at_one_image():
         largest_fitting_micro_batch(never, 12, lambda *_: None)
 
 
-def test_a_trial_micro_batch_leaves_no_trace():
-    from engine.loop import try_micro_batch
+@pytest.mark.parametrize("optim", ["sgd", "lars", "lamb"])
+def test_a_trial_training_step_leaves_no_trace(optim):
+    """The whole step is tried (the optimizer's state is most of LAMB's memory), then undone: weights, BatchNorm
+    statistics, optimizer state (here after one real step) and generators as they were."""
+    import copy
+
+    from engine.loop import try_training_step
     from engine.models import build_model
+    from engine.plan import make_plan
     from tests.helpers import load_cfg
-    model = build_model(load_cfg(TINY).model, (1, 28, 28), 10)
+    cfg = load_cfg([*TINY, f"optim={optim}"])
+    model = build_model(cfg.model, (1, 28, 28), 10)
+    optimizer = make_plan(cfg, 512, 1).build_optimizer(model)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
     rng = torch.get_rng_state()
-    try_micro_batch(model, (1, 28, 28), 10, torch.device("cpu"), "fp32", 8)
+    try_training_step(model, optimizer, (1, 28, 28), 10, torch.device("cpu"), "fp32", 8, channels_last=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()
+    assert state["param_groups"] == after["param_groups"] and state["state"].keys() == after["state"].keys()
+    for i in state["state"]:
+        for k, v in state["state"][i].items():
+            assert torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
     assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("error, caught", [
+    (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (lambda: RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (lambda: ValueError("not memory"), False),
+])
+def test_both_kinds_of_allocation_failure_count_as_out_of_memory(error, caught):
+    from engine.loop import largest_fitting_micro_batch
+
+    def fits(size):
+        if size > 16:
+            raise error()
+    if caught:
+        assert largest_fitting_micro_batch(fits, 64, lambda *_: None) == 16
+    else:
+        with pytest.raises(type(error())):
+            largest_fitting_micro_batch(fits, 64, lambda *_: None)
+
+
+def test_every_rank_takes_the_size_all_of_them_fit():
+    """Rank 1 (simulated) fits only 8: the all-reduce of each try makes rank 0, which fits 32, go on down with it."""
+    from engine.loop import largest_fitting_micro_batch
+    other_rank_fits = lambda size: size <= 8
+    tried = []
+
+    def agree(fitted):
+        tried.append(tried_size[0])
+        return fitted and other_rank_fits(tried_size[0])
+    tried_size = [0]
+
+    def fits(size):
+        tried_size[0] = size
+        if size > 32:
+            raise torch.cuda.OutOfMemoryError("injected")
+    assert largest_fitting_micro_batch(fits, 64, lambda *_: None, agree=agree) == 8
+    assert tried == [64, 32, 16, 8]  # one agreement per size tried
+
+
+@pytest.mark.parametrize("total, free, reserved, peak, fits", [
+    (80, 40, 30, 60, True),      # 60 of 80 GiB at the peak, 10 held by another process: 70 <= 72
+    (80, 40, 30, 63, False),     # 73 > 72: less than 10 % would be left
+    (80, 80, 0, 72, True),
+])
+def test_the_chosen_micro_batch_leaves_a_tenth_of_the_gpu_free(monkeypatch, total, free, reserved, peak, fits):
+    from engine.loop import check_headroom
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free * gib, total * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peak * gib)
+    if fits:
+        check_headroom("cuda")
+    else:
+        with pytest.raises(torch.cuda.OutOfMemoryError, match="leaving less than 10% free"):
+            check_headroom("cuda")
 
 
 def test_micro_batch_auto_on_cpu_is_the_null_rule(tmp_path):

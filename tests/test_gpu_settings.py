@@ -70,3 +70,67 @@ def test_a_clipped_gradient_norm_is_computed_once(tmp_path, monkeypatch):
     rows = [r for r in map(__import__("json").loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "grad_norm" in r]
     assert rows and all(r["grad_norm"] > 0.01 for r in rows)  # the norm before clipping is what is logged
+
+
+class HostTraffic:
+    """Counts, per optimizer step, what becomes a host-device transfer or a blocking read on a GPU: tensors built from
+    Python data (aten.lift_fresh: a host-to-device copy), reads of a tensor's value (aten._local_scalar_dense) and
+    copies that change device. torchvision's MixUp/CutMix (and RandomChoice between them) draw from CPU generators
+    with CPU tensors: those stay on the host and are not counted."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from engine.data import Mix
+        self.steps, in_transform = [], [False]
+        counts = self.steps
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func)
+                kwargs = kwargs or {}
+                moved = (name == "aten._to_copy.default" and "device" in kwargs
+                         and torch.device(kwargs["device"]) != args[0].device)
+                if moved or name in ("aten.lift_fresh.default", "aten._local_scalar_dense.default") and not (
+                        in_transform[0] and name != "aten._to_copy.default"):
+                    counts[-1][name] = counts[-1].get(name, 0) + 1
+                return func(*args, **kwargs)
+
+        original_step, original_apply = loop.train_step, Mix.apply
+
+        def counted_step(*a, **k):
+            counts.append({})
+            with Mode():
+                return original_step(*a, **k)
+
+        def apply(self_, *a, **k):
+            transform = self_.transform
+
+            def drawn(*ta):
+                in_transform[0] = True
+                try:
+                    return transform(*ta)
+                finally:
+                    in_transform[0] = False
+            self_.transform = drawn
+            try:
+                return original_apply(self_, *a, **k)
+            finally:
+                self_.transform = transform
+        monkeypatch.setattr(loop, "train_step", counted_step)
+        monkeypatch.setattr(Mix, "apply", apply)
+
+
+@pytest.mark.parametrize("extra", [
+    [],                                                    # one micro-batch per step
+    ["micro_batch=8"],                                     # accumulation over 4
+    ["micro_batch=8", "data.augment=true"],                # crops and flips
+    ["micro_batch=8", "data.augment=true", "data.mixup_alpha=0.2"],
+    ["micro_batch=16", "data.cutmix_alpha=1.0", "data.mixup_alpha=0.2"],
+    ["micro_batch=8", "grad_clip=1.0"],
+])
+def test_a_step_builds_no_tensor_from_host_data_and_reads_none(tmp_path, monkeypatch, extra):
+    """Steps 2-4 of the in-memory path: nothing per step that would stall a GPU (the step's one read, the loss and
+    gradient norm, is a .tolist() of a CPU tensor here and is counted by test_host_reads_once_per_optimizer_step)."""
+    traffic = HostTraffic(monkeypatch)
+    run_train(tmp_path, [*TINY, "batch=32", "max_steps=4", "diagnostics.every=0", "checkpoint.enabled=false", *extra])
+    assert len(traffic.steps) == 4 and traffic.steps[1:] == [{}, {}, {}], traffic.steps
