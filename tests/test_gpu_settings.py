@@ -134,3 +134,20 @@ def test_a_step_builds_no_tensor_from_host_data_and_reads_none(tmp_path, monkeyp
     traffic = HostTraffic(monkeypatch)
     run_train(tmp_path, [*TINY, "batch=32", "max_steps=4", "diagnostics.every=0", "checkpoint.enabled=false", *extra])
     assert len(traffic.steps) == 4 and traffic.steps[1:] == [{}, {}, {}], traffic.steps
+
+
+def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the same code as on a GPU, at tiny sizes: one row per measurement, written
+    to --out, and the cuda-marked tests' line."""
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "check.md"
+    r = subprocess.run(["bash", str(root / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out)], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines()[2:]]
+    parts = [c[0].strip() for c in rows]
+    assert parts.count("optim") == 6 and parts.count("loop") == 6 and parts.count("decode") == 2, rows
+    assert "stopped" not in out.read_text() and "skipped" in rows[-1][-1]
+    assert all(float(c[2].replace(",", "")) > 0 for c in rows if c[0].strip() != "cuda tests")
