@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunError
-from .data import DOWNLOAD_CACHE, TensorData, epoch_order, global_batches
+from .data import DOWNLOAD_CACHE, TensorData, epoch_order, global_batches, normalize
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
@@ -123,7 +123,7 @@ class DecodedImages(torch.utils.data.Dataset):
         paths = [self.samples[self._index(k)][0] for k in keys]
         images = _decode_batch_on(device, paths, list(files))
         x = torch.stack([self._transformed(image, k) for image, k in zip(images, keys)])
-        return x, torch.tensor(labels, device=device)
+        return normalize(x, IMAGENET_MEAN, IMAGENET_STD), torch.tensor(labels).to(device, non_blocking=True)
 
     def _index(self, key) -> int:
         return key[0] if self.train else key
@@ -193,17 +193,18 @@ class ImageFolderData:
         from torchvision import datasets
         from torchvision.transforms import v2
         policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
-        to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train, val = (_image_folder(datasets, Path(root) / split) for split in ("train", "val"))
         if train.classes != val.classes:
             raise ConfigError(f"data.root={root}: train/ and val/ have different class folders "
                               f"({len(train.classes)} vs {len(val.classes)})")
         self.train = DecodedImages(train.samples, v2.Compose([
-            v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *policy, *to_float]),
-            train=True, on_device=decode == "device")  # torchvision's reference order: crop, flip, policy, to float
+            v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *policy]),
+            train=True, on_device=decode == "device")  # torchvision's reference order: crop, flip, policy
         self.val = DecodedImages(val.samples, v2.Compose([
-            v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size), *to_float]),
+            v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]),
             train=False, on_device=decode == "device")
+        # images stay uint8 until they are on the training device (a quarter of float32's shared memory between the
+        # workers and this process, and of the host-to-device copy); normalised there (_batches)
         self.num_workers, self.repeats = num_workers, max(repeated_aug or 0, 1)
         self.num_classes = len(train.classes)
         self.image_shape = (3, image_size, image_size)
@@ -219,7 +220,7 @@ class ImageFolderData:
         """One loader per split for the whole run: its workers persist across epochs, and each epoch only swaps
         the list of index batches they are fed (the batch sampler is iterated in this process)."""
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                           collate_fn=_as_list if dataset.on_device else None,
+                                           collate_fn=packed_files if dataset.on_device else None,
                                            pin_memory=torch.cuda.is_available() and not dataset.on_device,
                                            persistent_workers=self.num_workers > 0)
 
@@ -301,17 +302,27 @@ def _batches(loader, device):
     try:
         for batch in loader:
             if dataset.on_device:
-                yield dataset.decode_batch(batch, device)
+                yield dataset.decode_batch(unpacked_files(batch), device)
             else:
                 x, y = batch
-                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = normalize(x.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+                yield x, y.to(device, non_blocking=True)
     except RunError as e:
         raise RunError(_first_line_of(e)) from None
 
 
-def _as_list(items: list) -> list:
-    """collate_fn for on-device decoding: the files' bytes differ in length, so they travel as a list."""
-    return items
+def packed_files(items: list) -> tuple:
+    """collate_fn for on-device decoding: a batch's files, of different lengths, travel as one tensor of their
+    bytes and their sizes (a tensor per file would cost a shared-memory file descriptor each: a worker's 2
+    prefetched batches of 512 would meet the common limit of 1,024 open files)."""
+    keys, files, labels = zip(*items)
+    return list(keys), torch.cat(files), [len(f) for f in files], list(labels)
+
+
+def unpacked_files(batch: tuple) -> list:
+    """(key, file bytes, label) items again, the bytes as views of the one tensor."""
+    keys, data, sizes, labels = batch
+    return list(zip(keys, data.split(sizes), labels))
 
 
 def _image_folder(datasets, folder: Path):

@@ -47,8 +47,8 @@ def train_images(paths, on_device: bool = False):
     """The training images as the ImageNet loader makes them (engine.datasets_disk.DecodedImages)."""
     from engine.datasets_disk import DecodedImages
     from torchvision.transforms import v2
-    t = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
-                    v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    t = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])  # uint8: normalised on
+    # the training device, as the loader does
     return DecodedImages([(str(p), 0) for p in paths], t, train=True, on_device=on_device)
 
 

@@ -289,3 +289,35 @@ def test_imagenet_mixup_pairs_do_not_depend_on_micro_batch_workers_or_ranks(tmp_
     assert torch.equal(epoch(ImageFolderData(root, 2, 32), 2, 4), reference)
     assert torch.equal(epoch(ImageFolderData(root, 0, 32), 2, 2, world_size=2), reference)
     assert not torch.equal(imagenet_epoch(ImageFolderData(root, 0, 32), 8, 1), reference)  # the mixing does act
+
+
+def test_workers_ship_uint8_and_the_training_process_normalises(tmp_path):
+    """8 workers x 2 prefetched batches of float32 ImageNet images is about 2.5 GB of /dev/shm per rank (a container
+    without --ipc=host dies with a bus error): the workers' batches are uint8, a quarter of that, and what the loop
+    receives is normalised float32 (ImageNet's mean and std)."""
+    from engine.datasets_disk import IMAGENET_MEAN, IMAGENET_STD, ImageFolderData
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    data = ImageFolderData(str(tmp_path / "imagenet"), num_workers=1, image_size=32)
+    image, _ = data.train[(0, 0, 3, 0)]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    loader = data._loader(data.train, type(data._train_batches)([[(0, 0, 3, 0), (1, 0, 3, 0)]]))
+    (x, y), = list(loader)
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 32, 32)
+    (ready, _), = list(__import__("engine.datasets_disk", fromlist=["_batches"])._batches(loader, "cpu"))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert ready.dtype == torch.float32
+    torch.testing.assert_close(ready, (x.float() / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_device_decoding_sends_a_batch_of_files_as_one_tensor():
+    """One shared-memory tensor per batch, not one per file (each costs a file descriptor: "received 0 items of
+    ancdata" at the common limit of 1,024)."""
+    from engine.datasets_disk import packed_files, unpacked_files
+    files = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in (5, 17, 1, 9)]
+    items = [((i, 0, 3, 0), f, i % 2) for i, f in enumerate(files)]
+    batch = packed_files(items)
+    assert sum(torch.is_tensor(part) for part in batch) == 1 and batch[1].numel() == 32
+    back = unpacked_files(batch)
+    assert [k for k, _, _ in back] == [k for k, _, _ in items] and [lab for *_, lab in back] == [0, 1, 0, 1]
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(back, items))
