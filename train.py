@@ -43,7 +43,7 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(device)
-    set_numerics(device, cfg.tf32, cfg.deterministic)
+    distributed.set_numerics(device, cfg.tf32, cfg.deterministic)
     if cfg.resume is None and slurm.requeued():
         cfg.resume = "auto"  # Slurm requeued this job: it continues its own run
     if cfg.eval_only:
@@ -117,17 +117,6 @@ def requeue_warned_job(run: Run) -> None:
         handler(signal.SIGUSR2, None)  # requeues and exits, or raises when max_num_timeout is spent
     else:
         say(f"SIGUSR2: {slurm.requeue(run.cfg.checkpoint.max_requeues)}")
-
-
-def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
-    """On CUDA, TF32 for fp32 matmuls and convolutions together (cuDNN's default runs convolutions in TF32 and
-    matmuls in full fp32: neither comparable nor fast). deterministic: cudnn.benchmark off and torch's deterministic
-    algorithms; otherwise cuDNN picks the fastest convolution per shape. The CPU's numerics are left as they are."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
-        torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def choose_micro_batch(plan, model, optimizer, data, cfg, device, dist) -> None:

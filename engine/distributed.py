@@ -86,6 +86,18 @@ def resolve_device(name: str, where: Launch | None = None) -> torch.device:
     return torch.device(name)
 
 
+def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
+    """On CUDA, TF32 for fp32 matmuls and convolutions together (cuDNN's default runs convolutions in TF32 and
+    matmuls in full fp32: neither comparable nor fast). deterministic: cudnn.benchmark off and torch's deterministic
+    algorithms; otherwise cuDNN picks the fastest convolution per shape. The CPU's numerics are left as they are.
+    (Here, not in train.py: submitit pickles train.py's functions by value, and torch.backends.cudnn cannot be.)"""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def env_rank() -> int:
     """This process's rank from its launcher's variables (0 when alone). Never raises: error paths use it so that
     only rank 0 speaks."""

@@ -186,8 +186,11 @@ def log_layers(run: Run, before: list[torch.Tensor]) -> None:
 
 
 def run_eval(run: Run) -> None:
+    """Evaluation runs the model uncompiled: through torch.compile, eval mode and the last partial batch would each
+    compile another graph."""
     state = run.state
-    state.last_eval = evaluate(run.model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+    model = getattr(run.model, "_orig_mod", run.model)
+    state.last_eval = evaluate(model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
     if run.ema is not None:
         ema_eval = evaluate(run.ema, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
         state.last_eval.update({f"{k}_ema": v for k, v in ema_eval.items()})
@@ -206,6 +209,8 @@ def save(run: Run, epoch: int) -> bool:
     if not run.cfg.checkpoint.enabled:
         return False
     rng = gather_rng(run.device)  # every rank takes part; rank 0 writes them all
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # every kernel writing the weights and state is done before they are copied
     if run.dist.is_main:
         path = run.run_dir / "checkpoints" / "last.pt"
         try:
@@ -217,6 +222,7 @@ def save(run: Run, epoch: int) -> bool:
             full = "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e)
             raise RunError(f"checkpoint at step {run.state.step} could not be written to {path}: "
                            f"{'the disk is full' if full else e}; the previous last.pt, if any, is intact") from None
+    run.state.improved = False  # on every rank: they must agree on when the next save (a collective) comes
     return True
 
 

@@ -56,7 +56,7 @@ def task(environ: Mapping[str, str] = os.environ) -> SlurmTask | None:
         raise SlurmError(f"Slurm gave this step {world} tasks on {len(nodes)} nodes, not {per_node} on each: one DDP "
                          f"run needs the same number of tasks on every node")
     port = int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else master_port(
-        environ["SLURM_JOB_ID"], environ.get("SLURM_STEP_ID", "0"))
+        environ["SLURM_JOB_ID"], environ.get("SLURM_STEP_ID", "0"), restart_count(environ))
     return SlurmTask(rank=int(environ["SLURM_PROCID"]), world_size=world, local_rank=int(environ["SLURM_LOCALID"]),
                      local_world_size=per_node, node=int(environ.get("SLURM_NODEID", "0")),
                      master_addr=nodes[0], master_port=port, job_id=job_id(environ))
@@ -77,11 +77,11 @@ def tasks_per_node(text: str) -> int:
     return counts.pop()
 
 
-def master_port(job_id: str, step_id: str = "0") -> int:
-    """A port in 20000..59999 from the job id, so every task computes the same one without talking; two steps of one
-    job get different ports."""
+def master_port(job_id: str, step_id: str = "0", restarts: int = 0) -> int:
+    """A port in 20000..59999 from the job id, so every task computes the same one without talking. Two steps of
+    one job, and a requeued job against its previous run (whose store may still be closing), get different ports."""
     digits = int(re.sub(r"\D", "", job_id) or 0)
-    return 20000 + (digits * 16 + int(step_id if step_id.isdigit() else 0)) % 40000
+    return 20000 + (digits * 64 + int(step_id if step_id.isdigit() else 0) * 8 + restarts) % 40000
 
 
 def job_id(environ: Mapping[str, str] = os.environ) -> str:

@@ -60,6 +60,9 @@ def test_every_task_of_a_job_computes_the_same_port_and_two_jobs_differ():
     assert launch(step_env(0, 2, "n1", "2", job="917")).master_port != launch(step_env(0, 2, "n1", "2",
                                                                                          job="918")).master_port
     assert launch(step_env(0, 2, "n1", "2", MASTER_PORT="29555")).master_port == 29555
+    # a requeued job does not meet its previous run's store, which may still be closing
+    assert launch(step_env(0, 2, "n1", "2", job="917", SLURM_RESTART_COUNT="1")).master_port != launch(
+        step_env(0, 2, "n1", "2", job="917")).master_port
 
 
 @pytest.mark.parametrize("tasks_per_node, ntasks, nodes", [("2(x3),1", 7, "n[1-4]"), ("4,2", 6, "n[1-2]"),

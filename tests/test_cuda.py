@@ -59,3 +59,93 @@ def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path):
         "device=cuda", "data=imagenet", f"data.root={root}", "data.num_workers=1", "data.decode=device",
         "model=resnet18", "batch=8", "micro_batch=4", "epochs=1", "warmup=none"])
     assert summary["steps"] == 1 and 0 <= summary["val_acc"] <= 1
+
+
+# --- what the review found untested on CUDA -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kw", [{"trust_clip": True}, {"variant": "seed"}, {"lr_in_momentum": False},
+                                {"nesterov": True, "weight_decay": 1e-3}])
+def test_lars_foreach_on_cuda_equals_the_loop(dtype, tol, kw):
+    """Including zero norms (a zero weight tensor, a zero gradient): the trust ratio is 1 there on both paths."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(32, 16, 3, 3), (32,), (10, 32), (7,)]
+    cpu = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    cpu[3].data.zero_()
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    hyper = {"lr": 0.5, "momentum": 0.9, **kw}
+    loop_opt, fast = LARS(cpu, foreach=False, **hyper), LARS(gpu, foreach=True, **hyper)
+    for step in range(4):
+        grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+        grads[2].zero_()
+        for a, b, gr in zip(cpu, gpu, grads):
+            a.grad, b.grad = gr, gr.cuda()
+        loop_opt.step()
+        fast.step()
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a.detach().float(), b.detach().cpu().float(), rtol=tol, atol=tol)
+
+
+def test_fp16_overflow_is_skipped_by_the_grad_scaler_not_called_divergence(tmp_path, monkeypatch):
+    """A GradScaler that starts far too high overflows the fp16 gradients: those steps are skipped and the scale
+    falls; the run goes on (an inf gradient is the scaler's business, an inf loss is divergence)."""
+    import functools
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 60))
+    summary, run_dir = run_train(tmp_path, [*TINY, "device=cuda", "precision=fp16", "batch=64", "max_steps=6"])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert not summary["diverged"] and ckpt["scaler"]["scale"] < 2.0 ** 60
+
+
+def test_ema_and_mixup_train_on_cuda(tmp_path):
+    summary, _ = run_train(tmp_path, [*TINY, "device=cuda", "batch=64", "ema.enabled=true", "ema.every_steps=1",
+                                      "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.augment=true"])
+    assert not summary["diverged"] and 0 <= summary["val_acc_ema"] <= 1
+
+
+def test_a_resume_on_cuda_equals_the_uninterrupted_run(tmp_path):
+    args = [*TINY, "device=cuda", "deterministic=true", "batch=64", "checkpoint.every_steps=1", "data.augment=true",
+            "model=vit_tiny"]
+    run_train(tmp_path, [*args, "max_steps=4"], name="whole")
+    run_train(tmp_path, [*args, "max_steps=2"], name="part")
+    run_train(tmp_path, [*args, "max_steps=4", "resume=auto"], name="part")
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_imagenet_through_pinned_workers_trains_on_cuda(tmp_path):
+    from tests.test_datasets import write_imagenet
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    summary, _ = run_train(tmp_path, [o for o in TINY if not o.startswith("data")] + [
+        "device=cuda", "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=1",
+        "model=resnet18", "batch=8", "micro_batch=4", "epochs=1", "warmup=none", "channels_last=true"])
+    assert summary["steps"] == 1 and 0 <= summary["val_acc"] <= 1
+
+
+@pytest.mark.parametrize("extra", [[], ["micro_batch=16", "data.augment=true", "data.mixup_alpha=0.2"]])
+def test_one_host_sync_per_step_on_cuda(tmp_path, monkeypatch, extra):
+    """torch.cuda.set_sync_debug_mode around steps 2-4: the loss and gradient norm read once, nothing else ("warn"
+    mode counts; "error" would stop at that one read)."""
+    import warnings
+
+    from engine import loop
+    original, calls, counts = loop.train_step, [0], []
+
+    def watched(*a, **k):
+        calls[0] += 1
+        if not 2 <= calls[0] <= 4:
+            return original(*a, **k)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = original(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+        return result
+    monkeypatch.setattr(loop, "train_step", watched)
+    run_train(tmp_path, [*TINY, "device=cuda", "batch=64", "max_steps=4", "diagnostics.every=0",
+                         "diagnostics.noise_scale=false", "checkpoint.enabled=false", *extra])
+    assert counts == [1, 1, 1]

@@ -122,3 +122,18 @@ def test_two_nodes_match_one_process(tmp_path):
     b = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
+
+
+def test_every_rank_forgets_an_improvement_once_it_is_saved(tmp_path):
+    """Saving gathers every rank's generators (a collective), so the ranks must agree on when the next save comes.
+    An improved evaluation asks for one (best.pt); rank 0 used to be the only rank to forget it afterwards, and a
+    rank above 0 then asked for a save at every step, alone (a 2-task Slurm job hung on it)."""
+    from types import SimpleNamespace
+
+    from engine.checkpoint import RunState
+    from engine.distributed import DistContext
+    from engine.loop import save
+    state = RunState(step=7, improved=True)
+    run = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(enabled=True)), state=state,
+                          dist=DistContext(rank=1, world_size=2), device=torch.device("cpu"))
+    assert save(run, epoch=0) and state.improved is False

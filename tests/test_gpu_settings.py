@@ -3,8 +3,7 @@ the gradient norm computed once. (tests/test_cuda.py holds what needs a GPU.)"""
 import pytest
 import torch
 
-import train
-from engine import loop
+from engine import distributed, loop
 from engine.checkpoint import RunState
 from engine.config import ConfigError
 from tests.helpers import TINY, load_cfg, run_train
@@ -30,7 +29,7 @@ def test_tf32_and_determinism_are_set_together(numerics, device, tf32, determini
                                                cudnn_benchmark):
     torch.set_float32_matmul_precision("medium")
     torch.backends.cudnn.allow_tf32 = before = not allow_tf32 if allow_tf32 is not None else not tf32
-    train.set_numerics(torch.device(device), tf32, deterministic)
+    distributed.set_numerics(torch.device(device), tf32, deterministic)
     assert torch.get_float32_matmul_precision() == (precision or "medium")
     assert torch.backends.cudnn.allow_tf32 == (allow_tf32 if allow_tf32 is not None else before)
     assert torch.backends.cudnn.benchmark is cudnn_benchmark
@@ -151,3 +150,18 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert parts.count("optim") == 6 and parts.count("loop") == 6 and parts.count("decode") == 2, rows
     assert "stopped" not in out.read_text() and "skipped" in rows[-1][-1]
     assert all(float(c[2].replace(",", "")) > 0 for c in rows if c[0].strip() != "cuda tests")
+
+
+def test_evaluation_runs_the_uncompiled_model(monkeypatch):
+    """Through torch.compile, switching to eval mode and the last partial batch each compile another graph."""
+    from types import SimpleNamespace
+    seen = []
+    monkeypatch.setattr(loop, "evaluate", lambda model, *a, **k: seen.append(model) or {"val_acc": 0.5,
+                                                                                      "val_loss": 1.0})
+    plain = torch.nn.Linear(2, 2)
+    run = SimpleNamespace(model=torch.compile(plain), data=None, device=torch.device("cpu"), ema=None,
+                          cfg=SimpleNamespace(precision="fp32", channels_last=False), dist=SimpleNamespace(is_main=False),
+                          state=RunState(), plan=SimpleNamespace(epoch_of=lambda *a: 0.0),
+                          progress=SimpleNamespace(write=lambda text: None))
+    loop.run_eval(run)
+    assert seen == [plain]
