@@ -12,6 +12,8 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import VisionTransformer
 
+from .config import ConfigError
+
 
 
 class SmallResNet(nn.Module):

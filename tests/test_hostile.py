@@ -199,3 +199,15 @@ def test_test_images_of_another_size_are_refused(tmp_path):
         f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 10_000, 32, 32) + bytes(10_000 * 32 * 32))
     with pytest.raises(ConfigError, match="must have one image size"):
         load_fashion_mnist(str(root))
+
+
+def test_a_vit_patch_that_does_not_divide_the_image_is_one_line(tmp_path):
+    """engine/models.py raised a ConfigError it never imported: a NameError traceback. (The preflight does not build
+    the model yet, so the run dir is still made before this line.)"""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "model=vit_tiny", "model.patch_size=5",
+                        "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == ["error: model.patch_size=5 does not divide the image size 28"]
