@@ -44,8 +44,7 @@ def train(cfg, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(device)
     distributed.set_numerics(device, cfg.tf32, cfg.deterministic)
-    if cfg.resume is None and slurm.requeued():
-        cfg.resume = "auto"  # Slurm requeued this job: it continues its own run
+    cfg.resume = slurm.resume_mode(cfg.resume)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, run_dir, device, dist)
     data = load_data(cfg.data)

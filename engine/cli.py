@@ -223,8 +223,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         for overrides in jobs:
             try:
                 cfg = load_config(compose("config", overrides=overrides))
-                if cfg.resume is None and slurm.requeued():
-                    cfg.resume = "auto"  # as train.py: a requeued job continues its own run
+                cfg.resume = slurm.resume_mode(cfg.resume)
                 plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 if not check_files:
                     continue

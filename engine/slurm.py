@@ -34,10 +34,8 @@ class SlurmTask:
     world_size: int
     local_rank: int
     local_world_size: int   # tasks on each node (the same on every node)
-    node: int
     master_addr: str
     master_port: int
-    job_id: str
 
 
 def in_step(environ: Mapping[str, str] = os.environ) -> bool:
@@ -47,9 +45,9 @@ def in_step(environ: Mapping[str, str] = os.environ) -> bool:
 
 def task(environ: Mapping[str, str] = os.environ) -> SlurmTask | None:
     """This task's place in a multi-task srun step, or None (one process; or torchrun's variables rule)."""
-    if not in_step(environ) or int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1"))) < 2:
+    world = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")))
+    if not in_step(environ) or world < 2:
         return None
-    world = int(environ.get("SLURM_STEP_NUM_TASKS", environ["SLURM_NTASKS"]))
     per_node = tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1"))
     nodes = _parse_node_list(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
     if per_node * len(nodes) != world:
@@ -58,8 +56,7 @@ def task(environ: Mapping[str, str] = os.environ) -> SlurmTask | None:
     port = int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else master_port(
         environ["SLURM_JOB_ID"], environ.get("SLURM_STEP_ID", "0"), restart_count(environ))
     return SlurmTask(rank=int(environ["SLURM_PROCID"]), world_size=world, local_rank=int(environ["SLURM_LOCALID"]),
-                     local_world_size=per_node, node=int(environ.get("SLURM_NODEID", "0")),
-                     master_addr=nodes[0], master_port=port, job_id=job_id(environ))
+                     local_world_size=per_node, master_addr=nodes[0], master_port=port)
 
 
 def tasks_per_node(text: str) -> int:
@@ -103,7 +100,12 @@ def default_run_dir(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 def requeued(environ: Mapping[str, str] = os.environ) -> bool:
-    return in_job(environ) and int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    return in_job(environ) and restart_count(environ) > 0
+
+
+def resume_mode(resume: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The resume setting a run takes: a requeued Slurm job continues its own run (auto) unless told otherwise."""
+    return "auto" if resume is None and requeued(environ) else resume
 
 
 def restart_count(environ: Mapping[str, str] = os.environ) -> int:
@@ -119,7 +121,7 @@ def requeue(max_requeues: int, environ: Mapping[str, str] = os.environ) -> str:
     """Requeue this job (``scontrol requeue``), at most ``max_requeues`` times in all; returns what happened."""
     done = restart_count(environ)
     if done >= max_requeues:
-        return f"not requeued: this job was requeued {done} times already (slurm.max_requeues={max_requeues})"
+        return f"not requeued: this job was requeued {done} times already (checkpoint.max_requeues={max_requeues})"
     jid = job_id(environ)
     try:
         subprocess.run(["scontrol", "requeue", jid], check=True, capture_output=True, text=True, timeout=60)

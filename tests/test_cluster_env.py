@@ -98,6 +98,8 @@ def test_slurm_variables_count_only_in_a_step_of_several_tasks_without_torchrun(
 def test_a_slurm_job_names_its_run_dir_by_its_id_and_knows_it_was_requeued(env, run_dir, requeued):
     assert slurm.default_run_dir(env) == run_dir
     assert slurm.requeued(env) is requeued
+    assert slurm.resume_mode(None, env) == ("auto" if requeued else None)
+    assert slurm.resume_mode("/elsewhere/last.pt", env) == "/elsewhere/last.pt"  # what the user said stands
 
 
 @pytest.mark.parametrize("launcher, local_rank, local_world, visible, expected", [
