@@ -76,12 +76,11 @@ def train(cfg, run_dir: Path) -> dict:
                    else model)
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode)
-    logger = RunLogger(run_dir, cfg.logger.name if dist.is_main else None,
-                       config=cfg.model_dump(mode="json", by_alias=True), mode=cfg.logger.mode,
-                       project=cfg.logger.project, group=cfg.logger.group,
+    logger = RunLogger(run_dir, cfg.logger.sinks if dist.is_main else None,
+                       config=cfg.model_dump(mode="json", by_alias=True), group=cfg.logger.group,
                        name=cfg.logger.run_name or run_dir.name,
                        run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
-    state.wandb_id = logger.wandb_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
+    state.wandb_id = logger.run_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
     progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
     run = Run(train_model, optimizer, scaler, data.to(device), plan, cfg, device, dist, logger, progress, state,
               run_dir, ema)
@@ -248,12 +247,11 @@ def single_run_name(run_dir: Path) -> str:
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if cfg.logger.name == "wandb":
-        with open_dict(cfg):  # one wandb group per sweep: its folder; each job is named by its own folder
-            if multirun and not cfg.logger.get("group"):
-                cfg.logger.group = Path(HydraConfig.get().sweep.dir).name
-            if not cfg.logger.get("run_name"):
-                cfg.logger.run_name = run_dir.name if multirun else single_run_name(run_dir)
+    with open_dict(cfg):  # one logger group per sweep: its folder; each job is named by its own folder
+        if multirun and not cfg.logger.get("group"):
+            cfg.logger.group = Path(HydraConfig.get().sweep.dir).name
+        if not cfg.logger.get("run_name"):
+            cfg.logger.run_name = run_dir.name if multirun else single_run_name(run_dir)
     try:
         summary = train(cfg, run_dir)
     except (ConfigError, RunError) as e:

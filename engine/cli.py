@@ -17,6 +17,7 @@ from .checkpoint import RUN_FILES
 from .compose import CONF_DIR
 from .config import ConfigError, load_config
 from .distributed import env_rank
+
 MAX_CHECKED_JOBS = 256
 
 
@@ -126,7 +127,7 @@ def _check_group_options(args: list[str], conf_dir: Path) -> None:
         if "." in key or not value or not (conf_dir / key).is_dir():
             continue
         options = group_options(key, conf_dir)
-        for v in value.split(","):
+        for v in value.strip("[]").split(","):  # a sweep (a,b) or a list of options merged into one ([a,b])
             if v not in options and v != "null":
                 fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(options)}")
 
@@ -205,6 +206,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         run_dir = None  # each job's folder is decided by the sweep
     _check_group_options(args, conf_dir)
     from hydra import compose, initialize_config_dir
+
     from .checkpoint import already_done, to_resume
     from .data import check_data_available, train_size_of
     from .distributed import env_world_size, resolve_device

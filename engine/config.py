@@ -12,6 +12,7 @@ than the plan's (``lr`` at ``ref_batch``, ``weight_decay``) is a keyword of that
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -171,12 +172,35 @@ class DataConfig(Group):
 
 
 class LoggerConfig(Group):
-    name: Literal["wandb", "csv", "none"]
     every_steps: Pos                               # train metrics every N optimizer steps
     mode: Optional[Literal["offline", "online", "disabled"]] = None  # wandb
-    project: Optional[str] = None
+    project: Optional[str] = None                  # wandb
     group: Optional[str] = None                    # null: a sweep's folder name (set by train.py)
     run_name: Optional[str] = None                 # null: a sweep job's folder; a single run's overrides and folder
+    sinks: dict[str, dict[str, Any]] = {}          # each names its class by _target_ (engine/sinks.py)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_sinks(cls, data):
+        """Configs stored before sinks named the logger by ``name``; a resume or eval takes the command's logger."""
+        if isinstance(data, dict) and "name" in data and "sinks" not in data:
+            data = {k: v for k, v in data.items() if k != "name"}
+        return data
+
+    @field_validator("sinks")
+    @classmethod
+    def _importable(cls, sinks):
+        for key, node in sinks.items():
+            target = node.get("_target_")
+            if not isinstance(target, str):
+                raise ValueError(f"logger.sinks.{key} has no _target_: name its class (engine/sinks.py)")
+            module, _, name = target.rpartition(".")
+            try:
+                getattr(importlib.import_module(module), name)
+            except Exception as e:
+                raise ValueError(f"logger.sinks.{key}._target_={target!r} is not a class that can be imported "
+                                 f"({e}): check the module path") from None
+        return sinks
 
 
 class CheckpointConfig(Group):
@@ -295,6 +319,6 @@ def _one_line(e: ValidationError, data: dict) -> str:
         key = ".".join(loc[:-1])
         parts = [x["msg"].split(",")[0] for x in e.errors() if [str(p) for p in x["loc"]][:-1] == loc[:-1]]
         msg = " or ".join(dict.fromkeys(m[:1].lower() + m[1:] for m in parts))
-    if msg.startswith(("warmup", "schedule", "scaling", "model", "data", "batch_schedule", f"{key}=")):  # one line
+    if msg.startswith(("warmup", "schedule", "scaling", "model", "data", "batch_schedule", "logger.sinks", f"{key}=")):  # one line
         return msg
     return f"{key}={err.get('input')!r} is invalid: {msg[0].lower()}{msg[1:]}"

@@ -32,8 +32,8 @@ from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
 from .config import RunError
 from .data import training_steps
-from .ema import update_ema
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
+from .ema import update_ema
 from .plan import auto_micro_batch
 
 

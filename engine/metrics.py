@@ -1,17 +1,16 @@
-"""Where a run's numbers go: metrics.jsonl always (rank 0), plus wandb (offline by default) or a CSV file.
-
-Logging never kills training: if wandb fails to start or to write, the run goes on with the local files and one
-warning line.
+"""The run's own lines (say, log, Progress) and its numbers: metrics.jsonl always (rank 0), plus the sinks of
+engine/sinks.py that conf/logger/ names. Logging never kills training: a sink that fails is dropped with one warning.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
+
+from hydra.utils import get_class
 
 from .distributed import env_rank
 
@@ -62,23 +61,21 @@ def _jsonable(v):
 
 
 class RunLogger:
-    """``backend=None`` (ranks other than 0) writes nothing at all.
+    """``metrics.jsonl`` on rank 0, the authoritative record, plus the sinks conf/logger/ names (engine/sinks.py).
+    ``sinks=None`` (ranks other than 0) writes nothing at all.
 
-    ``metrics.jsonl`` is the authoritative record. On resume from step N its rows after N (steps a killed run
-    logged past its last checkpoint, which the resumed run replays) are dropped, so every step appears once; wandb
-    cannot rewind, so a resumed wandb run keeps what it had and ignores replayed steps. ``metrics.csv`` is a view
-    of ``metrics.jsonl``, rewritten from it whenever a new column appears, so no row is ever lost.
+    On resume from step N the rows after N (steps a killed run logged past its last checkpoint, which the resumed run
+    replays) are dropped from metrics.jsonl, so every step appears once. A sink that fails to start or to write is
+    dropped with one warning: logging never stops training.
     """
 
-    def __init__(self, run_dir: Path, backend: str | None = "none", config: dict | None = None, *,
-                 mode: str = "offline", project: str = "large-batch", group: str | None = None,
-                 name: str | None = None, run_id: str | None = None, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, sinks: dict[str, dict] | None, *, config: dict | None = None,
+                 name: str = "", group: str | None = None, run_id: str | None = None,
+                 resume_step: int | None = None):
         self.run_dir = run_dir
         self.jsonl = None
-        self.csv_path = run_dir / "metrics.csv" if backend == "csv" else None
-        self.csv_keys: list[str] = []
-        self.wandb_run = None
-        if backend is None:
+        self.sinks: dict[str, object] = {}
+        if sinks is None:
             return
         path = run_dir / "metrics.jsonl"
         if path.exists():
@@ -88,102 +85,61 @@ class RunLogger:
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, path)
         self.jsonl = open(path, "a")
-        if self.csv_path is not None:
-            self._rewrite_csv()
-        if backend == "wandb":
-            self._start_wandb(config, mode, project, group, name, run_id)
-
-    def _start_wandb(self, config, mode, project, group, name, run_id):
-        try:
-            import wandb
-            self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode,
-                                        dir=str(self.run_dir), reinit="finish_previous", id=run_id,
-                                        resume="allow" if run_id else None,
-                                        settings=wandb.Settings(silent=True, console="off"))
-        except Exception as e:
-            self._warn(f"wandb could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+        common = dict(config=config or {}, name=name, group=group, resume_step=resume_step, run_id=run_id)
+        for key, node in sinks.items():
+            own = {k: v for k, v in node.items() if k != "_target_"}
+            try:
+                self.sinks[key] = get_class(node["_target_"])(run_dir, **common, **own)
+            except Exception as e:
+                self._warn(f"{key} could not start ({type(e).__name__}: {e}); logging goes on without it")
 
     @property
-    def wandb_id(self) -> str | None:
-        return self.wandb_run.id if self.wandb_run is not None else None
+    def run_id(self) -> str | None:
+        """The first sink's remote run id (wandb's), kept in checkpoints so that a resume continues that run."""
+        return next((s.run_id for s in self.sinks.values() if getattr(s, "run_id", None)), None)
 
     @staticmethod
     def _warn(msg: str) -> None:
         log.warning(f"warning: {msg}")
 
+    def _each(self, method: str, *args) -> None:
+        for key, sink in list(self.sinks.items()):
+            call = getattr(sink, method, None)
+            if call is None:
+                continue
+            try:
+                call(*args)
+            except Exception as e:
+                self._warn(f"{key}: {method} failed ({type(e).__name__}: {e}); continuing without it")
+                del self.sinks[key]
+
     def log(self, step: int, values: dict) -> None:
         if self.jsonl is None:
             return
-        row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        row = {k: _jsonable(v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
-        if self.csv_path is not None:
-            self._log_csv(row)
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=step)
-            except Exception as e:
-                self._warn(f"wandb.log failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
-                self.wandb_run = None
+        self._each("log", step, row)
 
     def histogram(self, step: int, name: str, values) -> None:
-        """Per-layer values as a wandb histogram (metrics.jsonl gets their summary statistics instead)."""
-        if self.wandb_run is not None:
-            try:
-                import wandb
-                self.wandb_run.log({name: wandb.Histogram(values.detach().cpu().double().numpy())}, step=step)
-            except Exception as e:
-                self._warn(f"wandb histogram failed ({type(e).__name__}: {e})")
+        """Per-layer values as a histogram (metrics.jsonl gets their summary statistics instead)."""
+        self._each("histogram", step, name, values)
 
     def per_layer(self, step: int, prefix: str, values: dict[str, float]) -> None:
-        """One wandb metric per layer (``prefix/<parameter name>``); metrics.jsonl keeps the summary statistics."""
-        if self.wandb_run is not None and values:
-            try:
-                self.wandb_run.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
-            except Exception as e:
-                self._warn(f"wandb per-layer log failed ({type(e).__name__}: {e})")
-
-    def _log_csv(self, row: dict) -> None:
-        if any(k not in self.csv_keys for k in row):
-            self._rewrite_csv()  # a new column: the whole file again, from metrics.jsonl (which holds this row)
-            return
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.csv_keys).writerow(row)
-
-    def _rewrite_csv(self) -> None:
-        rows = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        self.csv_keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
-        tmp = self.csv_path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.csv_keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
+        """One series per layer (``prefix/<parameter name>``); metrics.jsonl keeps the summary statistics."""
+        self._each("per_layer", step, prefix, values)
 
     def mark_preempting(self) -> None:
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.mark_preempting()
-            except Exception as e:
-                self._warn(f"wandb mark_preempting failed ({type(e).__name__}: {e})")
+        self._each("mark_preempting")
 
     def summary(self, values: dict) -> None:
-        if self.wandb_run is not None:
-            try:
-                for k, v in values.items():
-                    self.wandb_run.summary[k] = _jsonable(v)
-            except Exception as e:
-                self._warn(f"wandb summary failed ({type(e).__name__}: {e})")
+        self._each("summary", {k: _jsonable(v) for k, v in values.items()})
 
     def finish(self, exit_code: int = 0) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.finish(exit_code=exit_code)
-            except Exception as e:
-                self._warn(f"wandb.finish failed ({type(e).__name__}: {e})")
-            self.wandb_run = None
+        self._each("finish", exit_code)
+        self.sinks = {}
 
 
 class Progress:

@@ -6,14 +6,12 @@ ViTs: DeiT-Tiny/Small widths (192/384, 12 layers, 3/6 heads) with patch 4 for sm
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import VisionTransformer
 
 from .config import ConfigError
-
 
 
 class SmallResNet(nn.Module):

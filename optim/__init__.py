@@ -1,8 +1,8 @@
 """Large-batch optimizers, schedules and scaling rules in plain PyTorch (no Hydra imports)."""
 from ._helpers import LayerwiseOptimizer, param_groups
+from .batch_schedules import BATCH_SCHEDULES, BatchSchedule
 from .lamb import LAMB
 from .lars import LARS
-from .batch_schedules import BATCH_SCHEDULES, BatchSchedule
 from .scaling import RULES, adascale_gain, lr_multiplier, scale_adam
 from .schedules import DECAYS, WARMUPS, LRSchedule, apply_lr
 

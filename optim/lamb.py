@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from ._helpers import LayerwiseOptimizer, as_real, lr_value, norm, norm_dtype, stacked_norms, trust_ratio, use_foreach
 

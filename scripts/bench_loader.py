@@ -45,8 +45,9 @@ def pil_path(paths):
 
 def train_images(paths, on_device: bool = False):
     """The training images as the ImageNet loader makes them (engine.datasets_disk.DecodedImages)."""
-    from engine.datasets_disk import DecodedImages
     from torchvision.transforms import v2
+
+    from engine.datasets_disk import DecodedImages
     t = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])  # uint8: normalised on
     # the training device, as the loader does
     return DecodedImages([(str(p), 0) for p in paths], t, train=True, on_device=on_device)

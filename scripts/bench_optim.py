@@ -112,7 +112,7 @@ def main() -> None:
     print(f"ResNet-50 ({n_params / 1e6:.1f}M params, {n_tensors} tensors), "
           f"{device}{f', {args.threads} threads' if device.type == 'cpu' else ''}, median of {args.repeats} steps"
           f"{', each optimizer alone' if args.alone else ', interleaved'}")
-    print(f"| optimizer | ms/step | vs torch SGD | vs torch AdamW |\n|---|---|---|---|")
+    print("| optimizer | ms/step | vs torch SGD | vs torch AdamW |\n|---|---|---|---|")
     for n in NAMES:
         print(f"| {n} | {med[n]:.1f} | {med[n] / sgd:.2f}x | {med[n] / adamw:.2f}x |")
     kernel = "foreach" if device.type == "cuda" else "for-loop"  # what foreach=None picks on this device

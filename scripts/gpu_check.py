@@ -199,9 +199,8 @@ def part_loop(table: Table, device: torch.device, dry: bool) -> None:
 # --- decode --------------------------------------------------------------------------------------------------------
 
 def part_decode(table: Table, device: torch.device, dry: bool) -> None:
-    from torchvision.io import decode_jpeg, read_file
-
     from bench_loader import train_images, write_jpegs
+    from torchvision.io import decode_jpeg, read_file
     n = 16 if dry else 512
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), n)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tradeoff import last_logged_b_simple as logged_ema  # scripts/tradeoff.py, beside this file
 
 from engine.checkpoint import load as load_checkpoint
 from engine.config import load_config
 from engine.data import load_data
 from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
-from tradeoff import last_logged_b_simple as logged_ema  # scripts/tradeoff.py, beside this file
 
 FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_ema_logged",
           "micro_batch", "micro_batches"]

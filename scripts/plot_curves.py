@@ -46,8 +46,9 @@ def main() -> None:
             series[key].append(read_job(job, args.metric))
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import textwrap
+
+    import matplotlib.pyplot as plt
     fig, (ax, ax_lr, ax_b) = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 1.3, 1.3))
     shared = set.intersection(*(set(k.split()) for k in series)) if len(series) > 1 else set()
     for key, runs in series.items():

@@ -16,11 +16,11 @@ second half of training. Batch schedules that are fixed in advance can be previe
 from __future__ import annotations
 
 import argparse
-import textwrap
 import json
 import math
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 

@@ -27,11 +27,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
-
 import tradeoff  # scripts/tradeoff.py, beside this file
+import yaml
 from tradeoff import batch_label
+
 from engine.config import parse_batch
 
 

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from engine.cli import group_options
 from engine.config import ConfigError, parse_batch
@@ -21,7 +20,7 @@ def test_every_spec_option_exists():
             "scaling": {"none", "linear", "sqrt", "adam_sde"},
             "model": {"resnet_small", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_b16"},
             "data": {"fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"},
-            "logger": {"wandb", "csv", "none"}}
+            "logger": {"wandb", "csv", "tensorboard", "none"}}
     for group, options in spec.items():
         assert options <= set(group_options(group)), group
 

@@ -72,9 +72,9 @@ def test_noise_scale_state_round_trips():
 def test_trust_ratios_are_the_adapted_tensors_only_and_named(tmp_path):
     """The histogram and the statistics describe the same set: the adapted tensors (ndim > 1), not the BN/bias
     tensors whose ratio is 1 by definition; wandb gets one metric per layer under its parameter name."""
+    from engine.config import ModelConfig
     from engine.diagnostics import trust_ratios, trust_ratios_by_name
     from engine.models import build_model
-    from engine.config import ModelConfig
     from optim import LARS, param_groups
     model = build_model(ModelConfig(name="resnet_small", width=8, zero_init_residual=True), (1, 28, 28), 10)
     opt = LARS(param_groups(model, 1e-4), lr=1.0)

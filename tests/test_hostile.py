@@ -175,6 +175,7 @@ def test_missing_cifar_is_one_line_before_any_run_dir(tmp_path, capsys, monkeypa
     """No data.root and no download (offline): refused in preflight, as a missing Fashion-MNIST is (the run dir
     used to be created first, and the download tried in training)."""
     import torchvision
+
     from engine import datasets_disk
 
     def offline(*args, **kwargs):
@@ -192,6 +193,7 @@ def test_missing_cifar_is_one_line_before_any_run_dir(tmp_path, capsys, monkeypa
 def test_test_images_of_another_size_are_refused(tmp_path):
     import gzip
     import struct
+
     from engine.config import ConfigError
     from engine.data import load_fashion_mnist
     root = _fashion_copy(tmp_path)

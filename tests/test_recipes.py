@@ -2,12 +2,11 @@
 import math
 
 import pytest
-from omegaconf import OmegaConf
 
 from engine.cli import group_options
 from engine.data import train_size_of
 from engine.plan import make_plan
-from tests.helpers import CONF, compose_cfg, load_cfg
+from tests.helpers import CONF, load_cfg
 
 IMAGENET = 1_281_167
 

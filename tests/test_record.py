@@ -3,6 +3,7 @@ metrics.jsonl holding every step once, metrics.csv holding every row, resumable 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,3 +243,63 @@ def test_a_resume_says_what_it_changed(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("changed since that checkpoint: max_steps 2 -> 4, micro_batch None -> 16, optim.lr 0.2 -> 0.3"
             in r.stdout), r.stdout
+
+
+def test_tensorboard_and_a_resumed_tensorboard_run_hold_every_step_once(tmp_path):
+    """Read back by tensorboard's own reader: a run stopped at step 6 with its checkpoint at 4, resumed to 8, holds
+    each step once, and the resumed writer asked for the purge of steps >= 5 (purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    tb = [*RUN, "logger=[tensorboard,csv]", "checkpoint.keep_steps=[4]"]
+    run_dir = tmp_path / "run"
+    assert train([*tb, "max_steps=6", f"hydra.run.dir={run_dir}"]).returncode == 0
+    r = train([*tb, "max_steps=8", f"resume={run_dir}/checkpoints/step-4.pt", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    reader = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    reader.Reload()
+    assert [e.step for e in reader.Scalars("loss")] == list(range(1, 9))
+    assert [e.value for e in reader.Scalars("loss")] == pytest.approx([x["loss"] for x in rows(run_dir) if "loss" in x])
+    first, resumed = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    starts = [e.step for e in EventFileLoader(str(resumed)).Load() if e.HasField("session_log")]
+    assert starts == [5]
+
+
+SINK = '''
+import json
+from engine.sinks import Sink
+
+class JsonSink(Sink):
+    def __init__(self, run_dir, *, prefix, **common):
+        super().__init__(run_dir, **common)
+        self.out = open(run_dir / "mine.jsonl", "a")
+        self.prefix = prefix
+
+    def log(self, step, row):
+        self.out.write(json.dumps({"step": step, **{self.prefix + k: v for k, v in row.items()}}) + "\\n")
+
+    def finish(self, exit_code):
+        self.out.close()
+'''
+
+
+def test_one_yaml_file_and_its_class_add_a_logger(tmp_path):
+    """A user's own sink: its class in a module and one YAML under conf/logger/, combined with csv by list."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "outputs", "multirun", "wheels", "__pycache__"))
+    (repo / "my_sink.py").write_text(SINK)
+    (repo / "conf" / "logger" / "mine.yaml").write_text("every_steps: 1\nsinks:\n  mine:\n"
+                                                        "    _target_: my_sink.JsonSink\n    prefix: my/\n")
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", *RUN, "logger=[csv,mine]", "max_steps=3",
+                        f"hydra.run.dir={run_dir}"], cwd=repo, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = [json.loads(x) for x in (run_dir / "mine.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in mine if "my/loss" in x] == [1, 2, 3]
+    assert [x["my/loss"] for x in mine if "my/loss" in x] == [x["loss"] for x in rows(run_dir) if "loss" in x]
+    assert (run_dir / "metrics.csv").exists()
+    (repo / "conf" / "logger" / "mine.yaml").write_text("every_steps: 1\nsinks:\n  mine:\n    _target_: my_sink.Nope\n")
+    r = subprocess.run([sys.executable, "train.py", *RUN, "logger=mine", f"hydra.run.dir={tmp_path / 'bad'}"],
+                       cwd=repo, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and not (tmp_path / "bad").exists()
+    assert r.stderr.strip() == ("error: logger.sinks.mine._target_='my_sink.Nope' is not a class that can be imported "
+                                "(module 'my_sink' has no attribute 'Nope'): check the module path")

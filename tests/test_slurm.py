@@ -3,7 +3,6 @@ per session as root) form one DDP run, resume by themselves after a requeue or a
 Slurm kills is named by the launching command. Reference: the same run in one process, without Slurm."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from wandb_records import runs as wandb_runs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,10 +4,8 @@ import json
 import pytest
 import torch
 
-from omegaconf import OmegaConf
-
 from engine.models import build_model
-from tests.helpers import TINY, compose_cfg, load_cfg, run_train
+from tests.helpers import TINY, load_cfg, run_train
 
 SUMMARY_KEYS = {"val_acc", "val_loss", "train_loss", "epochs", "steps", "global_batch", "micro_batch", "accum_steps",
                 "world_size", "peak_lr", "diverged", "wall_s", "images_per_s"}
