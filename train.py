@@ -25,14 +25,16 @@ from engine import distributed, slurm
 from engine.checkpoint import RunState, already_done, changed_settings, seed_rank, to_resume
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import fail, preflight, register_resolvers
-from engine.config import ConfigError, RunError, load_config
+from engine.config import load_config
 from engine.data import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
+from engine.errors import ConfigError, RunError
 from engine.loop import Run, check_headroom, evaluate, fit, largest_fitting_micro_batch, try_training_step
 from engine.metrics import FAILED_JOBS, Progress, RunLogger, log, record_job_failure, say
 from engine.models import build_model
-from engine.plan import make_plan, plural
+from engine.plan import Plan, make_plan
+from engine.plan_text import plural
 
 
 def train(cfg, run_dir: Path) -> dict:
@@ -50,7 +52,7 @@ def train(cfg, run_dir: Path) -> dict:
     data = load_data(cfg.data)
     plan = make_plan(cfg, data.train_size, dist.world_size)
     resume = to_resume(cfg, run_dir, plan)
-    if (resume is not None or cfg.resume == "auto") and (done := already_done(run_dir, resume and resume[0], plan)):
+    if (resume is not None or cfg.resume == "auto") and (done := already_done(run_dir, resume and resume.ckpt, plan)):
         if dist.is_main:
             say(done)  # a sweep re-run with resume=auto skips its finished and diverged jobs
         summary_path = run_dir / "summary.json"
@@ -66,10 +68,10 @@ def train(cfg, run_dir: Path) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(model, cfg, plan)
     if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
-        choose_micro_batch(plan, model, optimizer, data, cfg, device, dist)
+        plan = choose_micro_batch(plan, model, optimizer, data, cfg, device, dist)
     state = RunState(noise_scale=NoiseScale(cfg.diagnostics.noise_ema))
     if resume is not None:
-        state.restore(resume[0], model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
+        state.restore(resume.ckpt, model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
                       seed=cfg.seed, device=device)
     # gradients as views of DDP's buckets: no copy into the buckets and back, one gradient's memory less
     train_model = (torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if dist.enabled
@@ -117,7 +119,7 @@ def requeue_warned_job(run: Run) -> None:
         say(f"SIGUSR2: {slurm.requeue(run.cfg.checkpoint.max_requeues)}")
 
 
-def choose_micro_batch(plan, model, optimizer, data, cfg, device, dist) -> None:
+def choose_micro_batch(plan: Plan, model, optimizer, data, cfg, device, dist) -> Plan:
     """micro_batch=auto on CUDA: the largest divisor of the per-rank batch whose whole training step fits with 10 %
     of the GPU to spare (the EMA copy is already allocated); all ranks try each size together and agree."""
     say_main = say if dist.is_main else (lambda *_: None)
@@ -130,8 +132,9 @@ def choose_micro_batch(plan, model, optimizer, data, cfg, device, dist) -> None:
 
     micro = largest_fitting_micro_batch(fits, plan.micro_common, say_main,
                                         agree=lambda fitted: distributed.all_reduce_min(int(fitted), device) == 1)
-    plan.set_micro_batch(micro)
+    plan = plan.with_micro_batch(micro)
     say_main(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
+    return plan
 
 
 def evaluate_test_split(run: Run, test) -> None:
@@ -161,8 +164,8 @@ def announce(run: Run, resume) -> None:
         say(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
             f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
     if resume is not None:
-        say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume[1]})")
-        if changed := changed_settings(resume[0], cfg):
+        say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume.path})")
+        if changed := changed_settings(resume.ckpt, cfg):
             say(f"      changed since that checkpoint: {', '.join(changed)}")
 
 
@@ -213,15 +216,14 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
 def write_summary(run: Run, started: float) -> dict:
     state, plan = run.state, run.plan
     summary = {**state.last_eval, **state.test_eval, "train_loss": state.train_loss,
-               "epochs": plan.epoch_of(state.step, state.images), "steps": state.step, "images": state.images,
+               "epochs": plan.epoch_of(state.at), "steps": state.step, "images": state.images,
                "global_batch": plan.global_batch, "batch_schedule": plan.batches.kind,
                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps, "world_size": plan.world_size,
                "peak_lr": plan.peak_lr, "base_lr": plan.base_lr, "scaling_rule": plan.rule,
                "optimizer": plan.optimizer_name, "diverged": state.diverged, "stopped_by": state.stopped_by,
                "noise_scale_b_simple": state.noise_scale.b_simple, "wall_s": time.time() - started,
                "images_per_s": state.images_per_s}  # steady state: each process's first step left out
-    if plan.rule == "adascale":
-        summary.update(adascale_tau=state.tau, adascale_gain=state.gain)
+    summary.update(plan.clock.record(state.at, state.gain))
     if run.device.type == "cuda":
         summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

@@ -14,11 +14,13 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .config import ConfigError
+from .clock import Progress
 from .diagnostics import NoiseScale
+from .errors import ConfigError
 
 FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks)
 # a format-2 checkpoint is a constant-batch run, a format-3 one holds rank 0's generators: both load
@@ -39,18 +41,16 @@ def identity(cfg, plan=None) -> dict:
     return ident
 
 
-def measured(cfg) -> bool:
+def measured(cfg, plan) -> bool:
     """Whether the run's decisions depend on gradients measured per micro-batch and rank (or, with repeated
     augmentation, what each rank sees depends on the number of ranks)."""
-    return (cfg.batch_schedule.name == "adaptive" or cfg.scaling.rule == "adascale"
-            or (cfg.data.repeated_aug or 0) > 1)
+    return plan.measures_noise or (cfg.data.repeated_aug or 0) > 1
 
 
 @dataclass
 class RunState:
     """Everything about a run that is not the model's or optimizer's own state."""
-    step: int = 0               # optimizer steps done
-    images: int = 0             # training images seen, over the whole run (all ranks, all resumes)
+    at: Progress = Progress()   # where the run is: steps, images (all ranks, all resumes) and tau
     train_time: float = 0.0     # seconds in training steps of this process (evaluation excluded)
     steps_this_process: int = 0
     images_this_process: int = 0
@@ -65,10 +65,21 @@ class RunState:
     best_val_acc: float = -1.0  # the best evaluation so far: checkpoints/best.pt holds that step
     improved: bool = False      # the last evaluation beat it: the next save also writes best.pt
     batch: int | None = None    # batch_schedule=adaptive: the batch of the next step (its last decision)
-    tau: float = 0.0            # scaling=adascale: the scale-invariant iteration (sum of the gains)
     gain: float = 1.0           # scaling=adascale: the last step's gain
     first_step_time: float = 0.0  # this process's first step: its one-time set-up (cuDNN autotuning, NCCL, compile)
     first_step_images: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.at.step
+
+    @property
+    def images(self) -> int:
+        return self.at.images
+
+    @property
+    def tau(self) -> float:
+        return self.at.tau
 
     @property
     def images_per_s(self) -> float:
@@ -105,9 +116,9 @@ class RunState:
             set_rng_state(ranks[rank], device)
         else:  # a resume onto more ranks than wrote the checkpoint: the new ranks start their own streams
             seed_rank(seed, rank, ckpt["step"])
-        self.step, self.images = ckpt["step"], ckpt["images"]
         batch_state = ckpt.get("batch_state") or {}
-        self.batch, self.tau = batch_state.get("batch"), batch_state.get("tau", 0.0)
+        self.at = Progress(ckpt["step"], ckpt["images"], batch_state.get("tau", float(ckpt["step"])))
+        self.batch = batch_state.get("batch")
         self.gain = batch_state.get("gain", 1.0)
         self.noise_scale.load_state_dict(ckpt["noise_scale"])
         self.wandb_id = ckpt.get("wandb_id")
@@ -119,7 +130,12 @@ class RunState:
             ema.load_state_dict(ckpt["ema"])
 
 
-def to_resume(cfg, run_dir: Path, plan=None) -> tuple[dict, Path] | None:
+class Resume(NamedTuple):
+    ckpt: dict   # the checkpoint, migrated to this version's format
+    path: Path   # the file it was read from
+
+
+def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
@@ -144,7 +160,7 @@ def to_resume(cfg, run_dir: Path, plan=None) -> tuple[dict, Path] | None:
         return None
     ckpt = migrate(load(path))
     check_resumable(ckpt, cfg, path, plan)
-    return ckpt, path
+    return Resume(ckpt, path)
 
 
 def changed_settings(ckpt: dict, cfg) -> list[str]:
@@ -176,8 +192,8 @@ def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
             return (f"{run_dir} ended at step {summary.get('steps')} and has no checkpoint to continue from; "
                     f"nothing to do (choose a new hydra.run.dir to train again)")
         return None
-    tau = (ckpt.get("batch_state") or {}).get("tau", 0.0)
-    if plan.finished(ckpt["step"], ckpt.get("images", 0), tau):
+    tau = (ckpt.get("batch_state") or {}).get("tau", float(ckpt["step"]))
+    if plan.finished(Progress(ckpt["step"], ckpt.get("images", 0), tau)):
         of = f" of {plan.run_steps}" if plan.fixed else f", {ckpt.get('images', 0):,} images"
         return f"{run_dir} is finished (step {ckpt['step']}{of}); nothing to do"
     return None
@@ -207,7 +223,7 @@ def check_resumable(ckpt: dict, cfg, path, plan=None) -> None:
                           f"({FORMAT}) and cannot be continued: start a new run, or resume with the version "
                           f"that wrote it")
     now_identity = identity(cfg, plan)
-    keys = IDENTITY + (MEASURED if plan is not None and measured(cfg) else ())
+    keys = IDENTITY + (MEASURED if plan is not None and measured(cfg, plan) else ())
     for key in keys:
         then, now = ckpt["identity"].get(key), now_identity[key]
         if then is not None and then != now:

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 from . import slurm
 from .checkpoint import RUN_FILES
 from .compose import CONF_DIR
-from .config import ConfigError, load_config
+from .config import load_config
 from .distributed import env_rank
+from .errors import ConfigError
 
 MAX_CHECKED_JOBS = 256
 
@@ -238,7 +239,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 if run_dir is not None and env_rank() == 0:
                     lock_run_dir(Path(run_dir))
                 if run_dir and (resume or cfg.resume == "auto") and (
-                        done := already_done(Path(run_dir), resume and resume[0], plan)):
+                        done := already_done(Path(run_dir), resume and resume.ckpt, plan)):
                     if env_rank() == 0:
                         print(done, flush=True)
                     sys.exit(0)  # a finished run stays exactly as it was

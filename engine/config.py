@@ -21,14 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from optim import BATCH_SCHEDULES, DECAYS, RULES, WARMUPS
 
-
-class ConfigError(ValueError):
-    """Invalid user input; the message is one line: what was wrong and what is allowed."""
-
-
-class RunError(RuntimeError):
-    """A fault met during a run (a full disk, an unreadable image); the message is one line: what and where."""
-
+from .errors import ConfigError
 
 Pos = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[int, Field(ge=0)]

@@ -17,15 +17,34 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
                        "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 DOWNLOAD_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "large-batch-recipes"
+
+
+class TrainData(Protocol):
+    """What the loop and train.py read from a dataset, in memory (TensorData) or on disk (ImageFolderData)."""
+    source: str
+    num_classes: int
+    train_size: int
+    image_shape: tuple[int, int, int]
+
+    def to(self, device) -> TrainData: ...
+
+    def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment, device,
+                            mix=None) -> Iterator: ...
+
+    def stream_micro_batches(self, steps: list, micro_batch: int, world_size: int, rank: int, seed: int, augment,
+                             device, mix=None) -> Iterator: ...
+
+    def test_batches(self, rank: int, world_size: int, device, chunk: int = ...) -> Iterator: ...
 
 
 @dataclass
@@ -72,10 +91,10 @@ class TensorData:
         """
         for i, index in enumerate(global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]):
             step = epoch * plan.steps_per_epoch + first_step + i
-            yield from self.step_micro_batches(index, step, plan.micro_batch, plan.world_size, rank, seed, augment,
+            yield from self.one_step_micro_batches(index, step, plan.micro_batch, plan.world_size, rank, seed, augment,
                                                device, mix)
 
-    def step_micro_batches(self, index: torch.Tensor, step: int, micro_batch: int, world_size: int, rank: int,
+    def one_step_micro_batches(self, index: torch.Tensor, step: int, micro_batch: int, world_size: int, rank: int,
                            seed: int, augment: "Augment | None", device, mix: "Mix | None" = None):
         """This rank's micro-batches of one step, whose global batch is the images ``index``. Augmentation (and
         MixUp/CutMix partners) are drawn for the whole global batch (a pure function of seed and step), then sliced."""
@@ -91,11 +110,11 @@ class TensorData:
                 x, y = mix.apply(x, y, *self._images(index, partner[at], aug, augment, device), seed, step)
             yield x, y
 
-    def steps_micro_batches(self, steps: list, micro_batch: int, world_size: int, rank: int, seed: int,
+    def stream_micro_batches(self, steps: list, micro_batch: int, world_size: int, rank: int, seed: int,
                             augment: "Augment | None", device, mix: "Mix | None" = None):
-        """``step_micro_batches`` of several ``(step, index)`` in a row (built lazily, one step at a time)."""
+        """``one_step_micro_batches`` of several ``(step, index)`` in a row (built lazily, one step at a time)."""
         for step, index in steps:
-            yield from self.step_micro_batches(index, step, micro_batch, world_size, rank, seed, augment, device, mix)
+            yield from self.one_step_micro_batches(index, step, micro_batch, world_size, rank, seed, augment, device, mix)
 
     def _images(self, index, at, aug, augment, device):
         """Normalised, augmented images (and labels) at positions ``at`` of the global batch ``index``."""
@@ -405,9 +424,9 @@ def training_steps(data, plan, cfg, rank: int, device, state):
                 yield step, plan.global_batch, ready(stream, plan.accum_steps)
             step += 1
         return
-    while not plan.finished(state.step, state.images, state.tau):
+    while not plan.finished(state.at):
         ahead = steps_ahead(plan, state, data.train_size)
-        stream = data.steps_micro_batches([(step, stream_indices(data.train_size, cfg.seed, images, batch))
+        stream = data.stream_micro_batches([(step, stream_indices(data.train_size, cfg.seed, images, batch))
                                            for step, images, batch in ahead],
                                           plan.micro_batch, plan.world_size, rank, cfg.seed, augment, device, mix)
         for step, _, batch in ahead:
@@ -416,14 +435,14 @@ def training_steps(data, plan, cfg, rank: int, device, state):
 
 def steps_ahead(plan, state, train_size: int) -> list[tuple[int, int, int]]:
     """(step, images before it, its batch) of the steps whose batches are known now: the next one under
-    batch_schedule=adaptive or AdaScale (they depend on this step's gradients, or end on a measured clock), else
-    the steps that start in the current epoch, so a loader with workers reads on across their boundaries."""
-    step, images, epoch = state.step, state.images, state.images // train_size
+    a measured batch or clock (they depend on this step's gradients), else the steps that start in the current epoch,
+    so a loader with workers reads on across their boundaries."""
+    at, epoch = state.at, state.images // train_size
     ahead = []
-    while not plan.finished(step, images, state.tau) and images // train_size == epoch:
-        batch = plan.batch_at(images, state.batch)
-        ahead.append((step, images, batch))
-        if plan.batches.kind == "adaptive" or plan.rule == "adascale":
+    while not plan.finished(at) and at.images // train_size == epoch:
+        batch = plan.batch_at(at.images, state.batch)
+        ahead.append((at.step, at.images, batch))
+        if plan.measures_noise:
             break
-        step, images = step + 1, images + batch
+        at = at.advanced(batch)
     return ahead

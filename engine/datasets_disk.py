@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunError
 from .data import DOWNLOAD_CACHE, TensorData, epoch_order, global_batches, normalize
+from .errors import ConfigError, RunError
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
@@ -239,7 +239,7 @@ class ImageFolderData:
                 steps.append(step)
         yield from self._load(batches, steps, plan.micro_batch, seed, device, mix)
 
-    def steps_micro_batches(self, steps, micro_batch, world_size, rank, seed, augment, device, mix=None):
+    def stream_micro_batches(self, steps, micro_batch, world_size, rank, seed, augment, device, mix=None):
         """This rank's micro-batches of the ``(step, index)`` given, each step's global batch the images ``index``:
         a changing batch (batch_schedule), which walks the image stream. Each image appears once per step, so its
         crop is drawn from (seed, step, image index). The steps pass through the workers in one go, so their queue
@@ -255,9 +255,9 @@ class ImageFolderData:
                 owners.append(step)
         yield from self._load(batches, owners, micro_batch, seed, device, mix)
 
-    def step_micro_batches(self, index, step, micro_batch, world_size, rank, seed, augment, device, mix=None):
-        """This rank's micro-batches of one step (``steps_micro_batches`` of that step alone)."""
-        yield from self.steps_micro_batches([(step, index)], micro_batch, world_size, rank, seed, augment, device,
+    def one_step_micro_batches(self, index, step, micro_batch, world_size, rank, seed, augment, device, mix=None):
+        """This rank's micro-batches of one step (``stream_micro_batches`` of that step alone)."""
+        yield from self.stream_micro_batches([(step, index)], micro_batch, world_size, rank, seed, augment, device,
                                             mix)
 
     def _load(self, batches: list, steps: list[int], micro_batch: int, seed: int, device, mix):

@@ -26,15 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from optim import adascale_gain, apply_lr
+from optim import apply_lr
 
 from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
-from .config import RunError
-from .data import training_steps
+from .config import Config
+from .data import TrainData, training_steps
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
 from .ema import update_ema
-from .plan import auto_micro_batch
+from .errors import RunError
+from .metrics import Progress, RunLogger
+from .plan import Plan, auto_micro_batch
 
 
 @dataclass
@@ -43,13 +45,13 @@ class Run:
     model: torch.nn.Module          # possibly DDP- and compile-wrapped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler    # enabled only for fp16
-    data: object
-    plan: object
-    cfg: object
+    data: TrainData
+    plan: Plan
+    cfg: Config
     device: torch.device
     dist: DistContext
-    logger: object
-    progress: object
+    logger: RunLogger
+    progress: Progress
     state: RunState
     run_dir: Path
     ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when ema.enabled
@@ -65,56 +67,65 @@ def fit(run: Run) -> RunState:
         for step, batch, micro_batches in training_steps(run.data, plan, run.cfg, run.dist.rank, run.device, state):
             t0 = time.perf_counter()
             inspect = _inspecting(run, step)
-            before = [p.detach().clone() for p in run.params] if inspect else None
+            weights_before = [p.detach().clone() for p in run.params] if inspect else None
             stats = train_step(run, micro_batches, batch, stop.signal_name is not None, stop.warned)
             if stats is None:  # diverged: the weights are those before this step
                 break
-            images_before = state.images
+            started_at = state.at
             advance(state, plan, batch, stats, time.perf_counter() - t0)
-            update_ema(run.ema, run.model, state.step, run.cfg, plan, plan.position(state.step, state.images, state.tau))
-            last = plan.finished(state.step, state.images, state.tau)
+            update_ema(run.ema, run.model, state.step, run.cfg, plan, plan.clock.position(state.at))
+            last = plan.finished(state.at)
             log_step(run, stats, batch, time.perf_counter() - t0, last)
             if inspect:
-                log_layers(run, before)
-            end_of_epoch = plan.epoch_ended(state.step, images_before, state.images)
+                log_layers(run, weights_before)
+            end_of_epoch = plan.epoch_ended(started_at, state.at)
             if (end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step)
-                    or plan.crossed(run.cfg.eval.every_epochs, images_before, state.images)):
+                    or plan.crossed(run.cfg.eval.every_epochs, started_at, state.at)):
                 run_eval(run)
             ckpt = run.cfg.checkpoint
-            epoch = int(plan.epoch_of(state.step, state.images))
+            epoch = int(plan.epoch_of(state.at))
             if (end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps
                     or state.improved):
                 save(run, epoch)
-            if stats["stop"]:  # a signal reached this rank or another one: all ranks stop after the same step
-                preempt(run, "SIGUSR2" if stats["warned"] else stop.signal_name or "SIGTERM", epoch)
+            if stats.stop:  # a signal reached this rank or another one: all ranks stop after the same step
+                preempt(run, "SIGUSR2" if stats.warned else stop.signal_name or "SIGTERM", epoch)
                 break
     return state
 
 
 def advance(state: RunState, plan, batch: int, stats: dict, seconds: float) -> None:
-    """Count the step done; under AdaScale tau moves by the gain; an adaptive batch is decided every N steps."""
-    state.step += 1
+    """Count the step done (tau moves by the step's gain); a measured batch is decided every N steps."""
+    state.at = state.at.advanced(batch, stats.gain)
     state.steps_this_process += 1
-    state.images += batch
     state.images_this_process += batch
     state.train_time += seconds
     if state.steps_this_process == 1:
         state.first_step_time, state.first_step_images = seconds, batch
-    state.train_loss = stats["loss"]
-    state.tau += stats["gain"]
-    state.gain = stats["gain"]
-    if plan.batches.kind == "adaptive" and state.step % plan.batches.every == 0:
+    state.train_loss = stats.loss
+    state.gain = stats.gain
+    if plan.batches.decides_after(state.step):
         state.batch = plan.batches.decide(state.noise_scale.b_simple, batch)
 
 
-def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: bool = False) -> dict | None:
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step's numbers, read from the device once."""
+    loss: float
+    grad_norm: float
+    lr: float
+    gain: float     # AdaScale's r_t; 1 on the other clocks
+    stop: bool      # some rank was asked to stop
+    warned: bool    # some rank was warned of its time limit (SIGUSR2)
+
+
+def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: bool = False) -> StepStats | None:
     """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
     numbers (and whether any rank was asked to stop, and whether any was warned of its time limit), or None when
     the loss or gradient is not finite (the optimizer does not step then)."""
     plan, model, params, state = run.plan, run.model, run.params, run.state
     accum = plan.accum_at(batch)
     probe = plan.probe_micro  # micro-batches in the noise scale's small-batch gradient
-    measure = run.cfg.diagnostics.noise_scale or plan.rule == "adascale" or plan.batches.kind == "adaptive"
+    measure = run.cfg.diagnostics.noise_scale or plan.measures_noise
     track_noise = measure and accum > probe and not run.scaler.is_enabled()
     loss_sum = torch.zeros((), device=run.device)
     small_sq = torch.zeros((), device=run.device, dtype=torch.float64)
@@ -139,7 +150,7 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
     loss, small, stops, warnings, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
     loss, small = loss / run.dist.world_size, small / run.dist.world_size
     # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
-    lr = plan.lr(state.step, state.images, batch, state.tau)
+    lr = plan.lr(state.at, batch)
     if not math.isfinite(loss) or (not run.scaler.is_enabled() and not math.isfinite(gnorm_value)):
         run.optimizer.zero_grad(set_to_none=True)
         diverge(run, loss, gnorm_value, lr)
@@ -147,15 +158,13 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
     gain = 1.0
     if track_noise:
         state.noise_scale.update(probe * plan.micro_batch, small, batch, gnorm_value ** 2)
-        if plan.rule == "adascale":
-            gain = adascale_gain(*state.noise_scale.smoothed, batch, plan.ref_batch)
-            lr = plan.lr(state.step, state.images, batch, state.tau, gain)
-    apply_lr(run.optimizer, lr, plan.momentum(state.step, state.images, state.tau))
+        gain = plan.clock.gain(state.noise_scale, batch)
+        lr = plan.lr(state.at, batch, gain)
+    apply_lr(run.optimizer, lr, plan.momentum(state.at))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": gnorm_value, "stop": stops > 0, "warned": warnings > 0, "lr": lr,
-            "gain": gain}
+    return StepStats(loss=loss, grad_norm=gnorm_value, lr=lr, gain=gain, stop=stops > 0, warned=warnings > 0)
 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
@@ -163,15 +172,14 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
 def log_step(run: Run, stats: dict, batch: int, seconds: float, last: bool) -> None:
     state, plan = run.state, run.plan
     if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or last):
-        row = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": stats["lr"], "batch": batch,
-               "epoch": plan.epoch_of(state.step, state.images), "images": state.images,
+        row = {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr, "batch": batch,
+               "epoch": plan.epoch_of(state.at), "images": state.images,
                "images_per_s": batch / seconds}
         if state.noise_scale.updates:
             row["noise_scale/b_simple"] = state.noise_scale.b_simple
-        if plan.rule == "adascale":
-            row.update(adascale_gain=stats["gain"], adascale_tau=state.tau)
+        row.update(plan.clock.record(state.at, stats.gain))
         run.logger.log(state.step, row)
-    run.progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.4g}" + (
+    run.progress.update(state.step, f"loss {stats.loss:.4f} lr {stats.lr:.4g}" + (
         f" batch {batch}" if not plan.fixed else ""), state.images_per_s, state.train_time)
 
 
@@ -198,8 +206,8 @@ def run_eval(run: Run) -> None:
     if state.last_eval["val_acc"] > state.best_val_acc:
         state.best_val_acc, state.improved = state.last_eval["val_acc"], True
     if run.dist.is_main:
-        run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.step, state.images)})
-    run.progress.write(f"epoch {run.plan.epoch_of(state.step, state.images):.4g} step {state.step}: train loss "
+        run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.at)})
+    run.progress.write(f"epoch {run.plan.epoch_of(state.at):.4g} step {state.step}: train loss "
                        f"{state.train_loss:.4f} test acc {state.last_eval['val_acc']:.4f} test loss "
                        f"{state.last_eval['val_loss']:.4f}")
 

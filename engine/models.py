@@ -11,7 +11,7 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import VisionTransformer
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 class SmallResNet(nn.Module):

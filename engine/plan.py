@@ -1,23 +1,24 @@
-"""The run's arithmetic, decided before any work: batch split, step counts, the optimizer and its scaled
-hyperparameters, the LR schedule.
+"""The run's arithmetic, decided before any work: the batch split, the clock and step counts, the optimizer and its
+scaled hyperparameters, the LR schedule. One frozen `Plan`, built by `make_plan`.
 
 Used by train.py, the preflight check and scripts/lr_schedule.py alike, so the preview can never disagree with
-training, and an optimizer file whose keywords its class does not take fails before any run dir exists.
+training, and an optimizer file whose keywords its class does not take fails before any run dir exists. The text
+the plan prints is in plan_text.py; the optimizer's class and keywords in optimizer_class.py.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
-import re
-import textwrap
 from dataclasses import dataclass, field
 
 import torch
-from hydra.utils import get_class
 
-from optim import BatchSchedule, LayerwiseOptimizer, LRSchedule, lr_multiplier, param_groups, scale_adam
+from optim import BatchSchedule, LRSchedule, lr_multiplier
 
-from .config import ConfigError
+from .clock import ImageClock, Progress, StepClock, TauClock, crossed
+from .errors import ConfigError
+from .optimizer_class import build_optimizer, check_constructor, optimizer_class, scaled_kwargs
+from .plan_text import describe
 
 MICRO_BATCH_CAP = 256  # automatic micro-batch: the largest divisor of the per-rank batch that is <= this
 
@@ -30,11 +31,7 @@ def auto_micro_batch(per_rank: int, cap: int = MICRO_BATCH_CAP) -> int:
     return 1
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     global_batch: int
     micro_batch: int
@@ -42,8 +39,8 @@ class Plan:
     world_size: int
     train_size: int
     steps_per_epoch: int
-    total_steps: int       # the schedule's horizon: epochs x steps_per_epoch
-    run_steps: int         # steps this run takes: total_steps, or max_steps if smaller
+    total_steps: int       # the schedule's horizon: epochs x steps_per_epoch (AdaScale: of the reference batch)
+    run_steps: int         # steps this run takes: total_steps, or max_steps if smaller (an upper bound if measured)
     warmup_steps: int
     rule: str
     ref_batch: int
@@ -54,232 +51,79 @@ class Plan:
     optimizer_cls: type
     optimizer_kwargs: dict  # the class's keywords after the scaling rule (adam_sde rescales betas and eps)
     schedule: LRSchedule
+    clock: StepClock        # chosen once by make_plan: steps, images or AdaScale's tau
+    batches: BatchSchedule  # the global batch over the run (constant unless batch_schedule says)
     notes: list[str] = field(default_factory=list)
-    batches: BatchSchedule | None = None  # the global batch over the run (constant unless batch_schedule says)
     max_steps: int | None = None
-    probe_micro: int = 1   # micro-batches in the noise scale's small-batch gradient (adaptive: probe / micro)
-    micro_common: int = 0  # every per-rank batch of the run is a multiple of this: micro_batch divides it
+    probe_micro: int = 1    # micro-batches in the noise scale's small-batch gradient (adaptive: probe / micro)
+    micro_common: int = 0   # every per-rank batch of the run is a multiple of this: micro_batch divides it
+    measures_noise: bool = False  # the gradient-noise estimate drives the batch or the LR
 
-    def set_micro_batch(self, micro: int) -> None:
-        """micro_batch=auto on CUDA: the size that fits (a divisor of ``micro_common``)."""
-        self.micro_batch, self.accum_steps = micro, self.global_batch // self.world_size // micro
+    start = Progress()
 
-    # --- what changes step to step. Under a constant batch (and no AdaScale) every quantity is indexed by the
-    # optimizer step, exactly as before batch schedules existed; otherwise progress is counted in images seen
-    # (the LR schedule's unit is then a step at the target batch) or, under AdaScale, in scale-invariant steps tau.
+    def with_micro_batch(self, micro: int) -> Plan:
+        """micro_batch=auto on CUDA: the same plan at the size that fits (a divisor of ``micro_common``)."""
+        return dataclasses.replace(self, micro_batch=micro, accum_steps=self.global_batch // self.world_size // micro)
+
     @property
     def fixed(self) -> bool:
-        return not self.batches.varies and self.rule != "adascale"
+        """Every step has the global batch and progress is counted in steps."""
+        return self.clock.fixed_batch
 
     @property
     def total_images(self) -> int:
         return self.total_steps * self.global_batch  # the budget at the target batch: "same epochs" = same images
 
-    def batch_at(self, images: int, current: int | None) -> int:
-        """The global batch of the next step (adaptive: the last decision, or ``start`` before any)."""
-        if self.batches.kind == "adaptive":
-            return current or self.batches.start
-        return self.batches.at(images)
+    def batch_at(self, images: int, decided: int | None) -> int:
+        return self.batches.next(images, decided)
 
     def accum_at(self, batch: int) -> int:
         return batch // (self.micro_batch * self.world_size)
 
-    def position(self, step: int, images: int, tau: float) -> float:
-        """Where the LR schedule is evaluated: the step; images / target batch; or AdaScale's tau."""
-        if self.rule == "adascale":
-            return tau
-        return step if self.fixed else images / self.global_batch
+    def lr(self, at: Progress, batch: int, gain: float = 1.0) -> float:
+        """The LR of the step that starts at ``at``, at global batch ``batch``."""
+        return self.clock.lr(self.schedule(self.clock.position(at)), at, batch, gain)
 
-    def lr(self, step: int, images: int, batch: int, tau: float = 0.0, gain: float = 1.0) -> float:
-        """The LR of the step that starts after ``step`` steps and ``images`` images, at global batch ``batch``."""
-        lr = self.schedule(self.position(step, images, tau))
-        if self.rule == "adascale":
-            return gain * lr
-        if self.fixed:
-            return lr
-        if self.batches.kind == "step":  # the batch increase replaces the decay: no rescaling, the cap's rest
-            return lr * self.batches.lr_residual(images)
-        return lr * lr_multiplier(self.rule, batch, self.ref_batch) / lr_multiplier(self.rule, self.global_batch,
-                                                                                     self.ref_batch)
+    def momentum(self, at: Progress) -> float | None:
+        return self.schedule.momentum(self.clock.position(at))
 
-    def momentum(self, step: int, images: int, tau: float) -> float | None:
-        return self.schedule.momentum(self.position(step, images, tau))
+    def finished(self, at: Progress) -> bool:
+        return bool(self.max_steps and at.step >= self.max_steps) or self.clock.done(at)
 
-    def finished(self, step: int, images: int, tau: float = 0.0) -> bool:
-        if self.max_steps and step >= self.max_steps:
-            return True
-        if self.rule == "adascale":
-            return tau >= self.total_steps - 1e-9  # the reference run's length, in scale-invariant steps
-        return step >= self.total_steps if self.fixed else images >= self.total_images
+    def epoch_of(self, at: Progress) -> float:
+        return self.clock.epoch_of(at)
 
-    def epoch_ended(self, step: int, images_before: int, images_after: int) -> bool:
-        if self.fixed:
-            return step % self.steps_per_epoch == 0
-        return images_before // self.train_size != images_after // self.train_size
+    def epoch_ended(self, before: Progress, after: Progress) -> bool:
+        return self.clock.epoch_ended(before, after)
 
-    @property
-    def epoch_images(self) -> int:
-        """Images an epoch trains on: a fixed batch drops each pass's last partial batch; a changing one does not."""
-        return self.steps_per_epoch * self.global_batch if self.fixed else self.train_size
-
-    def crossed(self, every_epochs: float | None, images_before: int, images_after: int) -> bool:
+    def crossed(self, every_epochs: float | None, before: Progress, after: Progress) -> bool:
         """Whether this step crossed a multiple of ``every_epochs`` epochs' images (counted in images, so the
         points are the same at every batch and under a changing batch)."""
-        if not every_epochs:
-            return False
-        interval = every_epochs * self.epoch_images
-        return math.floor(images_before / interval + 1e-9) != math.floor(images_after / interval + 1e-9)
-
-    def epoch_of(self, step: int, images: int) -> float:
-        return step / self.steps_per_epoch if self.fixed else images / self.train_size
+        return bool(every_epochs) and crossed(every_epochs * self.clock.epoch_images, before, after)
 
     @property
     def optimizer_name(self) -> str:
         return self.optimizer_cls.__name__
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """The configured class over ``param_groups(model)``: decay and (LARS/LAMB) adaptation on ndim > 1 only."""
-        groups = param_groups(model, self.weight_decay)
-        if not issubclass(self.optimizer_cls, LayerwiseOptimizer):
-            groups = [{k: v for k, v in g.items() if k != "adapt"} for g in groups]  # torch's don't know it
-        return self.optimizer_cls(groups, lr=self.peak_lr, **self.optimizer_kwargs)
+        return build_optimizer(self, model)
 
     def describe(self) -> str:
-        """The whole arithmetic on a few short lines: what a user checks before spending a cluster on it."""
-        s = self.schedule
-        dropped = self.train_size - self.epoch_images
-        lines = [f"plan: global batch {self.global_batch:,} = micro {self.micro_batch} x accum {self.accum_steps} "
-                 f"x ranks {self.world_size}; {plural(self.steps_per_epoch, 'step')}/epoch, "
-                 f"{plural(self.total_steps, 'step')} in all"
-                 + (f" (stopping at {self.run_steps:,})" if self.run_steps < self.total_steps else "")]
-        if not self.fixed:
-            lines = [f"plan: target global batch {self.global_batch:,} = micro {self.micro_batch} x accum "
-                     f"{self.accum_steps} x ranks {self.world_size}; the batch changes during the run (below)"]
-        if dropped:
-            lines.append(f"      {dropped:,} of {self.train_size:,} images ({dropped / self.train_size:.0%}) are left "
-                         f"out of each epoch (the last partial batch): an epoch is "
-                         f"{self.epoch_images / self.train_size:.2f} passes' worth")
-        if self.rule == "none":
-            lr = f"global LR {self.peak_lr:g} (no scaling)"
-        else:
-            lr = (f"lr {self.base_lr:g} @ batch {self.ref_batch} x {self.peak_lr / self.base_lr:.4g} ({self.rule} "
-                  f"rule) = peak {self.peak_lr:g}")
-        lines.append(f"      {self.optimizer_name}: {lr}")
-        lines += [f"      {note}" for note in self.notes]  # e.g. adam_sde's rescaled betas and eps
-        first, end = s(0), s(self.total_steps - 1)
-        unit = "" if self.fixed else (" (steps of the reference batch, tau)" if self.rule == "adascale" else
-                                     f" (steps at batch {self.global_batch:,}, counted in images)")
-        lines.append(f"      LR {first:.4g} at step 0 -> peak {s.peak_lr:.4g} at step {s.ramp_steps} "
-                     f"({self._ramp()}) -> {end:.4g} at step {self.total_steps - 1} ({s.decay} decay){unit}")
-        lines += self._describe_batches()
-        # short lines a terminal or a Slurm log shows whole; a long one continues indented under its first
-        return "\n".join(textwrap.fill(line, 120, subsequent_indent=" " * 8, break_on_hyphens=False) for line in lines)
+        return describe(self)
 
     def preview(self) -> list[tuple[float, int]]:
         """(LR, global batch) of every optimizer step, without training: what scripts/lr_schedule.py plots."""
-        if self.batches.kind == "adaptive" or self.rule == "adascale":
-            what = "batch_schedule=adaptive" if self.batches.kind == "adaptive" else "scaling=adascale"
+        if self.measures_noise:
+            what = f"batch_schedule={self.batches.kind}" if self.batches.measured else f"scaling={self.rule}"
             raise ConfigError(f"{what} decides the batch or LR from gradients measured during training, so it cannot "
                               f"be previewed: plot a run's realised batch, gain and LR with "
                               f"scripts/plot_noise_scale.py RUN_DIR")
-        rows, step, images = [], 0, 0
-        while not self.finished(step, images):
-            batch = self.batch_at(images, None)
-            rows.append((self.lr(step, images, batch), batch))
-            step, images = step + 1, images + batch
+        rows, at = [], self.start
+        while not self.finished(at):
+            batch = self.batch_at(at.images, None)
+            rows.append((self.lr(at, batch), batch))
+            at = at.advanced(batch)
         return rows
-
-    def _describe_batches(self) -> list[str]:
-        b = self.batches
-        lines = []
-        if b.kind == "ramp" and b.varies:
-            stages = (b.batch - b.start) // b.increment
-            lines.append(f"      batch ramp: {b.start:,} -> {b.batch:,} in {plural(stages, 'stage')} of +{b.increment:,} "
-                         f"over {b.ramp_images:,} images; " + (
-                             "the LR follows AdaScale's gain at the current batch" if self.rule == "adascale" else
-                             f"the LR follows the {self.rule} rule at the current batch "
-                             f"({self.lr(0, 0, b.start):.4g} at {b.start:,} in step 0)"))
-        elif b.kind == "step" and b.varies:
-            sizes = [b.at(m) for m in b.milestones]
-            lines.append(f"      batch steps (Smith et al.): {b.start:,} x{b.factor:g} at images "
-                         f"{', '.join(f'{m:,}' for m in b.milestones)} -> {', '.join(f'{x:,}' for x in sizes)}; the LR "
-                         f"is not rescaled" + (f", and decays x{b.lr_residual(b.milestones[-1]):.4g} where the cap "
-                                               f"{b.batch:,} stops the batch" if b.milestones and
-                                               b.lr_residual(b.milestones[-1]) < 1 else ""))
-        elif b.kind == "adaptive":
-            lines.append(f"      adaptive batch: clamp({b.k:g} x B_simple, {b.start:,}, {b.batch:,}) in multiples of "
-                         f"{b.multiple:,}, decided every {plural(b.every, 'step')} from a probe of "
-                         f"{self.probe_micro * self.micro_batch} images per rank; the LR follows "
-                         + ("AdaScale's gain" if self.rule == "adascale" else f"the {self.rule} rule")
-                         + " at the current batch")
-        if self.rule == "adascale":
-            lines.append(f"      AdaScale: the reference schedule (lr {self.base_lr:g} at batch {self.ref_batch}, "
-                         f"{plural(self.total_steps, 'step')}) times the measured gain r in [1, batch/"
-                         f"{self.ref_batch}]; tau advances by r per step and the run ends at tau = {self.total_steps:,}")
-        if not self.fixed and self.rule != "adascale":
-            bound = "exactly" if b.kind != "adaptive" else "at most"
-            lines.append(f"      {self.total_images:,} images (the budget of batch {self.global_batch:,} for "
-                         f"{self.total_steps:,} steps) in {bound} {plural(self.run_steps, 'step')}")
-        return lines
-
-    def _ramp(self) -> str:
-        s = self.schedule
-        if s.decay == "onecycle":
-            return "onecycle's own ramp"
-        if s.decay == "inverse_sqrt":
-            return "inverse_sqrt's own linear ramp"
-        return f"{s.warmup} warmup" if s.uses_warmup else "no warmup"
-
-
-def optimizer_class(target: str) -> type:
-    try:
-        cls = get_class(target)
-    except Exception:
-        raise ConfigError(f"optim._target_={target!r} is not an importable class: use an import path such as "
-                          f"torch.optim.SGD or optim.LARS") from None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ConfigError(f"optim._target_={target!r} is not a torch.optim.Optimizer subclass")
-    return cls
-
-
-def _scaled_kwargs(cls: type, kwargs: dict, rule: str, batch: int, ref_batch: int) -> tuple[dict, list[str]]:
-    if rule != "adam_sde":
-        return kwargs, []
-    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
-    if "betas" not in kwargs and "betas" not in defaults:
-        raise ConfigError(f"scaling=adam_sde rescales Adam's betas and eps, and {cls.__name__} has no betas: use "
-                          f"another scaling rule")
-    betas = tuple(kwargs.get("betas", defaults.get("betas")))
-    eps = kwargs.get("eps", defaults.get("eps", 1e-8))
-    try:
-        (b1, b2), eps2 = scale_adam(betas, eps, batch, ref_batch)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    note = f"adam_sde: betas ({betas[0]:g}, {betas[1]:g}) -> ({b1:.6g}, {b2:.6g}), eps {eps:g} -> {eps2:.3g}"
-    return {**kwargs, "betas": (b1, b2), "eps": eps2}, [note]
-
-
-# Keywords many optimizer classes share, with the range outside which no run can work, for classes that do not
-# check them themselves (torch's SGD and RMSprop take momentum=1.5: a buffer that never forgets, a step that grows).
-SHARED_KEYWORD_RANGES = {"momentum": (0.0, 1.0), "dampening": (0.0, 1.0)}
-
-
-def _check_constructor(plan: Plan) -> None:
-    """Build the optimizer on a dummy parameter: its own TypeError / ValueError is the one line."""
-    for key, (lo, hi) in SHARED_KEYWORD_RANGES.items():
-        value = plan.optimizer_kwargs.get(key)
-        if isinstance(value, (int, float)) and not lo <= value < hi:
-            raise ConfigError(f"optim.{key}={value:g} is invalid: {key} must lie in [{lo:g}, {hi:g})")
-    try:
-        plan.build_optimizer(torch.nn.Linear(2, 2))
-    except TypeError as e:
-        m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        if m:
-            raise ConfigError(f"optim.{m.group(1)} is not a keyword of {plan.optimizer_target}: remove it or fix "
-                              f"its spelling") from None
-        raise ConfigError(f"optim: {plan.optimizer_name} rejects its settings: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"optim: {plan.optimizer_name} rejects its settings: {e}") from None
 
 
 def _warmup_steps(w, global_batch: int, ref_batch: int, steps_per_epoch: int) -> int:
@@ -345,7 +189,7 @@ def _micro_batch(cfg, batches: BatchSchedule, world_size: int) -> int:
             raise ConfigError(f"batch {b} of batch_schedule={batches.kind} does not divide over {world_size} ranks: "
                               f"use batches that are multiples of {world_size}")
     common = math.gcd(*(b // world_size for b in sizes))
-    probe = cfg.batch_schedule.probe if batches.kind == "adaptive" else None
+    probe = cfg.batch_schedule.probe if batches.measured else None
     # adascale measures its gain from 2+ micro-batches per step: the automatic size leaves room for them
     cap = min(MICRO_BATCH_CAP, max(min(sizes) // world_size // 2, 1)) if cfg.scaling.rule == "adascale" else MICRO_BATCH_CAP
     explicit = cfg.micro_batch if isinstance(cfg.micro_batch, int) else None  # "auto": searched on CUDA at start
@@ -359,35 +203,69 @@ def _micro_batch(cfg, batches: BatchSchedule, world_size: int) -> int:
     return micro
 
 
-def _check_measured(cfg, plan: "Plan") -> None:
-    """adaptive and adascale act on the gradient-noise estimate: they need a small-batch gradient inside every
-    step, and unscaled gradients."""
-    adaptive, adascale = plan.batches.kind == "adaptive", plan.rule == "adascale"
+def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, optimizer_cls: type) -> int:
+    """batch_schedule=adaptive and scaling=adascale act on the gradient-noise estimate: they need a small-batch
+    gradient inside every step, and unscaled gradients. Returns the micro-batches in the small-batch gradient."""
+    adaptive, adascale = batches.measured, cfg.scaling.rule == "adascale"
     if not (adaptive or adascale):
-        return
+        return 1
     what = "batch_schedule=adaptive" if adaptive else "scaling=adascale"
     if cfg.precision == "fp16":
         raise ConfigError(f"{what} measures gradient norms, which fp16's loss scaling distorts: use precision=bf16 "
                           f"or fp32")
-    smallest = min(plan.batches.sizes()) // plan.world_size
+    smallest = min(batches.sizes()) // world_size
+    probe_micro = 1
     if adaptive:
         probe = cfg.batch_schedule.probe
-        if probe % plan.micro_batch or not probe < smallest:
-            raise ConfigError(f"batch_schedule.probe={probe} must be a multiple of micro_batch={plan.micro_batch} "
+        if probe % micro or not probe < smallest:
+            raise ConfigError(f"batch_schedule.probe={probe} must be a multiple of micro_batch={micro} "
                               f"and below the smallest per-rank batch ({smallest}): the noise scale compares the "
                               f"probe's gradient with the whole step's")
-        plan.probe_micro = probe // plan.micro_batch
-    elif smallest < 2 * plan.micro_batch:
+        probe_micro = probe // micro
+    elif smallest < 2 * micro:
         raise ConfigError(f"scaling=adascale estimates its gain from micro-batch and global-batch gradients, so "
-                          f"every per-rank batch needs 2 or more micro-batches: at batch {min(plan.batches.sizes())} "
-                          f"x ranks {plan.world_size} use micro_batch <= {smallest // 2}")
+                          f"every per-rank batch needs 2 or more micro-batches: at batch {min(batches.sizes())} "
+                          f"x ranks {world_size} use micro_batch <= {smallest // 2}")
     if adascale:
-        if not issubclass(plan.optimizer_cls, torch.optim.SGD):
+        if not issubclass(optimizer_cls, torch.optim.SGD):
             raise ConfigError(f"scaling=adascale is defined for momentum SGD (Johnson et al. 2020), not for "
-                              f"{plan.optimizer_target}: use optim=sgd, or another scaling rule")
-        if plan.batches.kind == "step":
+                              f"{cfg.optim.target}: use optim=sgd, or another scaling rule")
+        if batches.kind == "step":
             raise ConfigError("batch_schedule=step replaces the LR decay by batch growth and scaling=adascale sets the "
                               "LR from its gain: use one of them")
+    return probe_micro
+
+
+def _choose_clock(rule: str, batches: BatchSchedule, *, total_steps: int, steps_per_epoch: int, global_batch: int,
+                  train_size: int, ref_batch: int, base_lr: float) -> StepClock:
+    """The one place the run's clock is chosen: AdaScale counts tau; a changing batch counts images, the LR following
+    the scaling rule (or, for batch_schedule=step, only the rest of the decay the cap leaves); else steps."""
+    common = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=global_batch,
+                  train_size=train_size)
+    if rule == "adascale":
+        return TauClock(**common, ref_batch=ref_batch, base_lr=base_lr)
+    if not batches.varies:
+        return StepClock(**common)
+    if batches.kind == "step":  # the batch increase replaces the decay: no rescaling, the cap's rest
+        return ImageClock(**common, batch_factor=lambda images, batch: batches.lr_residual(images))
+    at_target = lr_multiplier(rule, global_batch, ref_batch)
+    return ImageClock(**common, batch_factor=lambda images, batch: lr_multiplier(rule, batch, ref_batch) / at_target)
+
+
+def _check_data_options(cfg, clock: StepClock) -> None:
+    d = cfg.data
+    if (d.repeated_aug or 0) > 1 and d.name != "imagenet":
+        raise ConfigError(f"data.repeated_aug={d.repeated_aug} is DeiT's sampler for the ImageNet loader under "
+                          f"DDP; the in-memory datasets do not offer it: set data.repeated_aug=0")
+    if d.auto_augment is not None and d.name != "imagenet":
+        raise ConfigError(f"data.auto_augment={d.auto_augment} runs per image in DataLoader workers (data=imagenet); "
+                          f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "
+                          f"(measured here: about 10x a default step), so it is not offered: set data.auto_augment=null")
+    if not clock.fixed_batch and (d.repeated_aug or 0) > 1:
+        raise ConfigError(f"data.repeated_aug={d.repeated_aug} deals each global batch's copies to ranks and "
+                          f"needs a constant batch; batch_schedule={cfg.batch_schedule.name} / scaling="
+                          f"{cfg.scaling.rule} change it during the run: set data.repeated_aug=0 or "
+                          f"batch_schedule=constant with a fixed scaling rule")
 
 
 def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
@@ -403,53 +281,46 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     total_steps = max(int(round(cfg.epochs * steps_per_epoch)), 1)
     batches = _batch_schedule(cfg, total_steps, train_size)
     micro = _micro_batch(cfg, batches, world_size)
-    micro_common = math.gcd(*(b // world_size for b in batches.sizes()))
 
     o, rule, ref_batch = cfg.optim, cfg.scaling.rule, cfg.scaling.ref_batch
     cls = optimizer_class(o.target)
     # the batch whose scaling sets the peak LR: the target, or the start under batch_schedule=step (Smith et al.)
     lr_batch = batches.start if batches.kind == "step" else global_batch
     peak_lr = o.lr * lr_multiplier(rule, lr_batch, ref_batch)
-    kwargs, notes = _scaled_kwargs(cls, o.kwargs, rule, lr_batch, ref_batch)
+    kwargs, notes = scaled_kwargs(cls, o.kwargs, rule, lr_batch, ref_batch)
 
     # the LR schedule's unit: an optimizer step at the target batch, or under AdaScale a step at ref_batch
-    unit_batch = ref_batch if rule == "adascale" else global_batch
+    adascale = rule == "adascale"
+    unit_batch = ref_batch if adascale else global_batch
     unit_steps_per_epoch = max(train_size // unit_batch, 1)
-    horizon = max(int(round(cfg.epochs * unit_steps_per_epoch)), 1) if rule == "adascale" else total_steps
-    schedule = _lr_schedule(cfg, o.lr if rule == "adascale" else peak_lr, horizon, unit_batch, unit_steps_per_epoch)
-    warmup_steps = schedule.warmup_steps
-    plan = Plan(global_batch, micro, per_rank // micro, world_size, train_size, steps_per_epoch, horizon,
-                0, warmup_steps, rule, ref_batch, o.lr, peak_lr, o.weight_decay, o.target, cls, kwargs, schedule,
-                notes, batches=batches, max_steps=cfg.max_steps, micro_common=micro_common)
-    plan.run_steps = _run_steps(plan)
-    if (cfg.data.repeated_aug or 0) > 1 and cfg.data.name != "imagenet":
-        raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} is DeiT's sampler for the ImageNet loader under "
-                          f"DDP; the in-memory datasets do not offer it: set data.repeated_aug=0")
-    if cfg.data.auto_augment is not None and cfg.data.name != "imagenet":
-        raise ConfigError(f"data.auto_augment={cfg.data.auto_augment} runs per image in DataLoader workers (data=imagenet); "
-                          f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "
-                          f"(measured here: about 10x a default step), so it is not offered: set data.auto_augment=null")
-    if not plan.fixed and (cfg.data.repeated_aug or 0) > 1:
-        raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} deals each global batch's copies to ranks and "
-                          f"needs a constant batch; batch_schedule={batches.kind} / scaling={rule} change it during "
-                          f"the run: set data.repeated_aug=0 or batch_schedule=constant with a fixed scaling rule")
-    _check_measured(cfg, plan)
-    _check_constructor(plan)
+    horizon = max(int(round(cfg.epochs * unit_steps_per_epoch)), 1) if adascale else total_steps
+    schedule = _lr_schedule(cfg, o.lr if adascale else peak_lr, horizon, unit_batch, unit_steps_per_epoch)
+    clock = _choose_clock(rule, batches, total_steps=horizon, steps_per_epoch=steps_per_epoch,
+                          global_batch=global_batch, train_size=train_size, ref_batch=ref_batch, base_lr=o.lr)
+    _check_data_options(cfg, clock)
+    probe_micro = _check_measured(cfg, batches, micro, world_size, cls)
+    plan = Plan(global_batch=global_batch, micro_batch=micro, accum_steps=per_rank // micro, world_size=world_size,
+                train_size=train_size, steps_per_epoch=steps_per_epoch, total_steps=horizon,
+                run_steps=_run_steps(clock, batches, cfg.max_steps), warmup_steps=schedule.warmup_steps, rule=rule,
+                ref_batch=ref_batch, base_lr=o.lr, peak_lr=peak_lr, weight_decay=o.weight_decay,
+                optimizer_target=o.target, optimizer_cls=cls, optimizer_kwargs=kwargs, schedule=schedule,
+                clock=clock, batches=batches, notes=notes, max_steps=cfg.max_steps, probe_micro=probe_micro,
+                micro_common=math.gcd(*(b // world_size for b in batches.sizes())),
+                measures_noise=batches.measured or clock.measured)
+    check_constructor(plan)
     return plan
 
 
-def _run_steps(plan: Plan) -> int:
-    """The steps this run takes: exact for the deterministic batch schedules, an upper bound for adaptive (every
-    step at ``start``) and AdaScale (a gain of 1 throughout)."""
-    cap = plan.max_steps or math.inf
-    if plan.rule == "adascale":
-        return int(min(plan.total_steps, cap))
-    if plan.fixed:
-        return int(min(plan.total_steps, cap))
-    if plan.batches.kind == "adaptive":
-        return int(min(-(-plan.total_images // plan.batches.start), cap))
-    steps, images = 0, 0
-    while images < plan.total_images and steps < cap:
-        images += plan.batches.at(images)
+def _run_steps(clock: StepClock, batches: BatchSchedule, max_steps: int | None) -> int:
+    """The steps this run takes: exact for the deterministic batch schedules, an upper bound for a measured batch
+    (every step at ``start``) or clock (AdaScale: a gain of 1 throughout)."""
+    cap = max_steps or math.inf
+    if clock.fixed_batch or clock.measured:
+        return int(min(clock.total_steps, cap))
+    if batches.measured:
+        return int(min(-(-clock.total_images // batches.start), cap))
+    steps, at = 0, Progress()
+    while not clock.done(at) and steps < cap:
+        at = at.advanced(batches.at(at.images))
         steps += 1
     return steps

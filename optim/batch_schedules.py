@@ -69,6 +69,38 @@ class BatchSchedule:
     def varies(self) -> bool:
         return self.kind != "constant" and self.start != self.batch
 
+    @property
+    def measured(self) -> bool:
+        """Whether the batch is decided from gradients measured while training (so it cannot be known ahead)."""
+        return self.kind == "adaptive"
+
+    def next(self, images: int, decided: int | None) -> int:
+        """The global batch of the step after ``images`` images (adaptive: the last decision, or ``start``)."""
+        return (decided or self.start) if self.measured else self.at(images)
+
+    def decides_after(self, step: int) -> bool:
+        """adaptive: whether the batch is decided again after optimizer step ``step``."""
+        return self.measured and step % self.every == 0
+
+    def describe(self, lr_follows: str, probe_images: int) -> str:
+        """The plan's line for this schedule ('' when the batch is constant)."""
+        if self.kind == "ramp" and self.varies:
+            stages = (self.batch - self.start) // self.increment
+            return (f"batch ramp: {self.start:,} -> {self.batch:,} in {stages:,} stage{'s' * (stages != 1)} of "
+                    f"+{self.increment:,} over {self.ramp_images:,} images; the LR follows {lr_follows}")
+        if self.kind == "step" and self.varies:
+            sizes = [self.at(m) for m in self.milestones]
+            rest = self.lr_residual(self.milestones[-1]) if self.milestones else 1.0
+            return (f"batch steps (Smith et al.): {self.start:,} x{self.factor:g} at images "
+                    f"{', '.join(f'{m:,}' for m in self.milestones)} -> {', '.join(f'{x:,}' for x in sizes)}; the LR "
+                    f"is not rescaled" + (f", and decays x{rest:.4g} where the cap {self.batch:,} stops the batch"
+                                          if rest < 1 else ""))
+        if self.kind == "adaptive":
+            return (f"adaptive batch: clamp({self.k:g} x B_simple, {self.start:,}, {self.batch:,}) in multiples of "
+                    f"{self.multiple:,}, decided every {self.every:,} step{'s' * (self.every != 1)} from a probe of "
+                    f"{probe_images} images per rank; the LR follows {lr_follows}")
+        return ""
+
     def sizes(self) -> list[int]:
         """Every batch the schedule can use (adaptive: the smallest and largest and each multiple between)."""
         if self.kind == "constant":

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from engine.cli import fail, preflight
 from engine.compose import load_cfg
-from engine.config import ConfigError
 from engine.data import train_size_of
 from engine.distributed import env_world_size
+from engine.errors import ConfigError
 from engine.plan import make_plan
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the conf/ beside this script's train.py

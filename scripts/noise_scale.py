@@ -56,7 +56,7 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
     sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     halves = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(2)]
     norms = []
-    for k, (x, y) in enumerate(data.step_micro_batches(index, 0, micro_batch, 1, 0, seed, None, "cpu")):
+    for k, (x, y) in enumerate(data.one_step_micro_batches(index, 0, micro_batch, 1, 0, seed, None, "cpu")):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
         grads = [p.grad.double() for p in params]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from engine.clock import Progress
 from engine.data import TensorData, normalize
 from tests.helpers import TINY, run_train
 
@@ -40,9 +41,10 @@ def test_eval_every_epochs_counts_the_epoch_a_fixed_batch_sees():
     from engine.compose import load_cfg
     from engine.plan import make_plan
     plan = make_plan(load_cfg([*TINY, "batch=96", "micro_batch=96"]), 512, 1)
-    crossed = [s for s in range(1, plan.run_steps + 1) if plan.crossed(0.5, (s - 1) * 96, s * 96)]
+    crossed = [s for s in range(1, plan.run_steps + 1)
+               if plan.crossed(0.5, Progress(s - 1, (s - 1) * 96), Progress(s, s * 96))]
     assert plan.steps_per_epoch == 5 and crossed == [3, 5, 8, 10]
-    assert not plan.crossed(None, 0, 10_000)
+    assert not plan.crossed(None, Progress(), Progress(1, 10_000))
 
 
 def test_noise_scale_at_fixed_weights_matches_the_exact_per_example_value():

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from engine import distributed, slurm
-from engine.config import ConfigError
 from engine.distributed import Launch, cuda_index, launch
+from engine.errors import ConfigError
 from engine.metrics import FAILED_JOBS
 
 ROOT = Path(__file__).resolve().parent.parent

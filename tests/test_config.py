@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.cli import group_options
-from engine.config import ConfigError, parse_batch
+from engine.config import parse_batch
+from engine.errors import ConfigError
 from engine.models import build_model
 from engine.plan import auto_micro_batch, make_plan
 from tests.helpers import compose_cfg, load_cfg

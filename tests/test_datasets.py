@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, DataConfig
+from engine.config import DataConfig
 from engine.data import Augment, load_data, load_fashion_mnist, read_idx
+from engine.errors import ConfigError
 from tests.helpers import TINY, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,20 +193,20 @@ def test_imagenet_under_a_changing_batch_sees_the_same_images_at_any_micro_batch
 
     def step(data, micro, ranks, mix=None):
         return torch.cat([x for r in range(ranks)
-                          for x, _ in data.step_micro_batches(index, 7, micro, ranks, r, 3, None, "cpu", mix)])
+                          for x, _ in data.one_step_micro_batches(index, 7, micro, ranks, r, 3, None, "cpu", mix)])
     data = ImageFolderData(root, num_workers=0, image_size=32)
     for mix in (None, Mix(0.2, 1.0, 2)):
         reference = step(data, 6, 1, mix)
         assert torch.equal(step(ImageFolderData(root, 2, 32, decode="device"), 3, 1, mix), reference)
         assert torch.equal(step(data, 3, 2, mix), reference)
-    assert not torch.equal(step(data, 6, 1), torch.cat([x for x, _ in data.step_micro_batches(
+    assert not torch.equal(step(data, 6, 1), torch.cat([x for x, _ in data.one_step_micro_batches(
         index, 8, 6, 1, 0, 3, None, "cpu")]))  # another step, other crops
     # steps known ahead (a ramp) pass through the workers in one go: the same images as one step at a time
     steps = [(7, index), (8, stream_indices(8, seed=3, start=11, count=4))]
     workers = ImageFolderData(root, num_workers=2, image_size=32)
     for mix in (None, Mix(0.2, 1.0, 2)):
-        together = torch.cat([x for x, _ in workers.steps_micro_batches(steps, 2, 1, 0, 3, None, "cpu", mix)])
-        apart = torch.cat([x for s, i in steps for x, _ in data.step_micro_batches(i, s, 2, 1, 0, 3, None, "cpu", mix)])
+        together = torch.cat([x for x, _ in workers.stream_micro_batches(steps, 2, 1, 0, 3, None, "cpu", mix)])
+        apart = torch.cat([x for s, i in steps for x, _ in data.one_step_micro_batches(i, s, 2, 1, 0, 3, None, "cpu", mix)])
         assert torch.equal(together, apart)
 
 

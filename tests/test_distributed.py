@@ -131,9 +131,10 @@ def test_every_rank_forgets_an_improvement_once_it_is_saved(tmp_path):
     from types import SimpleNamespace
 
     from engine.checkpoint import RunState
+    from engine.clock import Progress
     from engine.distributed import DistContext
     from engine.loop import save
-    state = RunState(step=7, improved=True)
+    state = RunState(at=Progress(step=7), improved=True)
     run = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(enabled=True)), state=state,
                           dist=DistContext(rank=1, world_size=2), device=torch.device("cpu"))
     assert save(run, epoch=0) and state.improved is False

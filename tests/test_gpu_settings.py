@@ -5,7 +5,8 @@ import torch
 
 from engine import distributed, loop
 from engine.checkpoint import RunState
-from engine.config import ConfigError
+from engine.errors import ConfigError
+from engine.plan import make_plan
 from tests.helpers import TINY, load_cfg, run_train
 
 
@@ -54,9 +55,10 @@ def test_settings_the_reference_trainers_use(overrides, ok):
 ])
 def test_images_per_s_is_the_steady_state(seconds, batches, expected):
     state = RunState()
-    plan = type("P", (), {"batches": type("B", (), {"kind": "constant"})()})()
-    for s, b in zip(seconds, batches):
-        loop.advance(state, plan, b, {"loss": 1.0, "gain": 1.0}, s)
+    plan = make_plan(load_cfg([*TINY, "batch=64"]), 512)
+    for s, b in zip(seconds, batches, strict=True):
+        loop.advance(state, plan, b, loop.StepStats(loss=1.0, grad_norm=1.0, lr=0.1, gain=1.0, stop=False,
+                                                    warned=False), s)
     assert state.images_per_s == pytest.approx(expected)
 
 

@@ -64,7 +64,7 @@ def test_values_that_cannot_work_are_one_line(tmp_path, capsys, overrides, messa
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
     from engine import checkpoint
-    from engine.config import RunError
+    from engine.errors import RunError
     summary, run_dir = run_train(tmp_path, [*TINY, "max_steps=2"])
     last = run_dir / "checkpoints" / "last.pt"
     good = last.read_bytes()
@@ -194,8 +194,8 @@ def test_test_images_of_another_size_are_refused(tmp_path):
     import gzip
     import struct
 
-    from engine.config import ConfigError
     from engine.data import load_fashion_mnist
+    from engine.errors import ConfigError
     root = _fashion_copy(tmp_path)
     with gzip.open(root / "t10k-images-idx3-ubyte.gz", "wb") as f:  # 10,000 images of 32x32 instead of 28x28
         f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 10_000, 32, 32) + bytes(10_000 * 32 * 32))

@@ -11,7 +11,7 @@ def step_images(data, micro_batch, world_size, mix, step=3, seed=5):
     index = torch.randperm(data.train_size, generator=torch.Generator().manual_seed(0))[:64]
     xs, ys = [], []
     for rank in range(world_size):
-        for x, y in data.step_micro_batches(index, step, micro_batch, world_size, rank, seed, Augment(2, True),
+        for x, y in data.one_step_micro_batches(index, step, micro_batch, world_size, rank, seed, Augment(2, True),
                                             "cpu", mix):
             xs.append(x)
             ys.append(y)

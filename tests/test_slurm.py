@@ -13,7 +13,7 @@ import torch
 from wandb_records import runs as wandb_runs
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker holds the cluster
 
 # ~100 steps of ~0.1 s: long enough to be interrupted after the first checkpoint, short enough for CI
 RUN = ["data=synthetic", "data.train_size=4096", "data.test_size=128", "logger=none", "batch=256", "max_steps=100",

@@ -108,7 +108,7 @@ def test_resume_refuses_another_run_before_anything_is_written(finished_run, cha
 
 def test_resume_refuses_another_dataset_and_accepts_what_may_change():
     from engine.checkpoint import FORMAT, check_resumable
-    from engine.config import ConfigError
+    from engine.errors import ConfigError
     from tests.helpers import load_cfg
     cfg = load_cfg([*TINY])
     ckpt = {"format": FORMAT, "identity": {"global_batch": 256, "seed": 0, "optimizer": "torch.optim.SGD",
