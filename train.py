@@ -24,9 +24,9 @@ from omegaconf import DictConfig, open_dict
 from engine import distributed, slurm
 from engine.checkpoint import RunState, already_done, changed_settings, seed_rank, to_resume
 from engine.checkpoint import load as load_checkpoint
-from engine.cli import fail, preflight, register_resolvers
+from engine.cli import fail, preflight
 from engine.config import load_config
-from engine.data import load_data, load_test_split
+from engine.datasets import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
@@ -235,7 +235,6 @@ def write_summary(run: Run, started: float) -> dict:
     return summary
 
 
-register_resolvers()
 # conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name; Hydra checks it against the plugin's schema of that
 # name, as wanted, and warns that it does so
 warnings.filterwarnings("ignore", message=r"\s*.hydra/launcher/submitit_slurm. is validated against ConfigStore schema")
@@ -260,7 +259,7 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             log.error(f"error: {e}")
             sys.exit(2 if isinstance(e, ConfigError) else 1)
-        summary = record_job_failure(run_dir, str(e))
+        summary = record_job_failure(run_dir, str(e), refused=isinstance(e, ConfigError))
     except Exception as e:  # in a sweep one failing job must not stop the others
         if not multirun:
             raise

@@ -109,7 +109,10 @@ class RunState:
     def restore(self, ckpt: dict, *, model, optimizer, scaler, ema=None, rank: int = 0, seed: int = 0,
                 device=None) -> None:
         model.load_state_dict(ckpt["model"])
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)  # the command's optimizer settings apply (the resume line lists the changes)
         scaler.load_state_dict(ckpt["scaler"])
         ranks = ckpt["rng"]["ranks"]
         if rank < len(ranks):
@@ -146,8 +149,9 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
         if "config" not in ckpt or ckpt.get("format") != FORMAT:
             raise ConfigError(f"resume={cfg.resume}: this checkpoint does not record its settings (an older "
                               f"format), so eval_only cannot rebuild its model")
-        if (run_dir / "summary.json").exists():
-            raise ConfigError(f"{run_dir} already holds a result: choose a new hydra.run.dir for the evaluation")
+        if held := [f for f in RUN_FILES if (run_dir / f).exists()]:
+            raise ConfigError(f"{run_dir} already holds a run ({held[0]}): choose a new hydra.run.dir for the "
+                              f"evaluation")
         return None
     if cfg.resume is None:
         held = [f for f in RUN_FILES if (run_dir / f).exists()]
@@ -158,6 +162,10 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     path = last if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume == "auto" and not last.exists():
         return None
+    held = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if held and path.resolve().parent.parent != run_dir.resolve():  # another run's checkpoint into this run
+        raise ConfigError(f"resume={path} continues another run, and {run_dir} already holds one ({held[0]}): "
+                          f"resume into an empty hydra.run.dir, or into that checkpoint's own run dir")
     ckpt = migrate(load(path))
     check_resumable(ckpt, cfg, path, plan)
     return Resume(ckpt, path)

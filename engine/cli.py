@@ -3,6 +3,8 @@ before any run dir exists, so nothing is created or overwritten."""
 from __future__ import annotations
 
 import difflib
+import errno
+import fcntl
 import itertools
 import os
 import re
@@ -10,39 +12,20 @@ import shutil
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from . import slurm
-from .checkpoint import RUN_FILES
+from .checkpoint import RUN_FILES, already_done, to_resume
 from .compose import CONF_DIR
 from .config import load_config
-from .distributed import env_rank
+from .datasets import check_data_available, train_size_of
+from .distributed import env_rank, env_world_size, resolve_device
 from .errors import ConfigError
+from .plan import make_plan
 
 MAX_CHECKED_JOBS = 256
-
-
-def register_resolvers() -> None:
-    """The resolvers conf/ uses for run folders (config.yaml's hydra: section, hparams_search's study file)."""
-    def resume_subdir(output_dir: str) -> str | None:
-        if env_rank() != 0:
-            return None  # Hydra writes no record: the run's one record is rank 0's
-        record = Path(output_dir) / ".hydra"
-        if not (record / "config.yaml").exists():
-            return ".hydra"
-        n = 1 + sum(1 for p in record.glob("resume-*") if p.is_dir())
-        return f".hydra/resume-{n}"
-
-    def safe_name(text: str) -> str:
-        return re.sub(r"[^\w.,=+\-\[\]]", "_", text)[:200]
-
-    def made_dir(path: str) -> str:  # the optuna study's sqlite file lives in the sweep folder, made first
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return path
-
-    for name, fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name), ("made_dir", made_dir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 def fail(message: str) -> None:
@@ -69,7 +52,6 @@ def _unknown_key(exc: Exception, overrides: list[str]) -> str | None:
         return None
     key = m.group(1)
     parent, _, leaf = key.rpartition(".")
-    from hydra import compose
     try:
         cfg = compose("config", overrides=[o for o in overrides if not o.startswith(f"{key}=")])
         node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -105,7 +87,6 @@ def condense(exc: Exception) -> str:
 
 def _jobs(args: list[str]) -> list[list[str]] | None:
     """The override lists of every job the command line describes (a sweep expands to its grid)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     parsed = OverridesParser.create().parse_overrides(args)
     choices = []
     for o in parsed:
@@ -148,8 +129,6 @@ def lock_run_dir(run_dir: Path) -> None:
     """One run per folder: a second run started into a folder another process is using is refused. Also
     refuses a folder (or the nearest existing parent) this process cannot write to, and removes checkpoint
     temporaries a killed run left behind."""
-    import errno
-    import fcntl
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"hydra.run.dir={run_dir}: {existing} is not writable; choose a folder you can write to")
@@ -206,12 +185,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
     if multirun:
         run_dir = None  # each job's folder is decided by the sweep
     _check_group_options(args, conf_dir)
-    from hydra import compose, initialize_config_dir
 
-    from .checkpoint import already_done, to_resume
-    from .data import check_data_available, train_size_of
-    from .distributed import env_world_size, resolve_device
-    from .plan import make_plan
     try:
         jobs = _jobs(args)
         if multirun and check_files and not any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in args):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from . import resolvers  # noqa: F401  (registers conf/'s resolvers)
 from .config import Config, load_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -17,8 +18,6 @@ TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=n
 
 def compose_cfg(overrides=(), conf_dir: Path = CONF_DIR):
     """The composed (untyped) Hydra config for these command-line overrides."""
-    from .cli import register_resolvers
-    register_resolvers()
     with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
         return compose("config", overrides=list(overrides))
 

@@ -21,7 +21,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from optim import BATCH_SCHEDULES, DECAYS, RULES, WARMUPS
 
+from .datasets import DATASETS
 from .errors import ConfigError
+from .models import MODELS
 
 Pos = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[int, Field(ge=0)]
@@ -46,12 +48,10 @@ def Option(group: str, registry):
 
 
 def _models():
-    from .models import MODELS  # imported late: the registries' modules import this one
     return MODELS
 
 
 def _datasets():
-    from .data import DATASETS
     return DATASETS
 
 

@@ -342,63 +342,6 @@ def make_synthetic(train_size: int, test_size: int, image_size: int, channels: i
                       std=(0.3,) * channels, source="synthetic")
 
 
-# The dataset registry: name -> (loader, training-set size without loading). Adding a dataset is an entry here
-# and a conf/data/NAME.yaml (a test keeps them equal).
-def _disk(name):
-    def load(cfg_data):
-        from . import datasets_disk  # CIFAR / ImageNet readers
-        return datasets_disk.load(name, cfg_data)
-    return load
-
-
-DATASETS = {
-    "fashion_mnist": (lambda c: load_fashion_mnist(c.root), lambda c: 60_000),
-    "cifar10": (_disk("cifar10"), lambda c: 50_000),
-    "cifar100": (_disk("cifar100"), lambda c: 50_000),
-    "imagenet": (_disk("imagenet"), lambda c: 1_281_167),
-    "synthetic": (lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, c.channels, c.num_classes),
-                  lambda c: c.train_size),
-}
-
-
-def load_data(cfg_data) -> TensorData:
-    """The dataset as configured: with ``data.val_split`` images held out of training for validation."""
-    data = DATASETS[cfg_data.name][0](cfg_data)
-    return data.split_validation(cfg_data.val_split) if cfg_data.val_split else data
-
-
-def load_test_split(cfg_data) -> TensorData | None:
-    """The untouched test split, when ``data.val_split`` moved evaluation during training to held-out images."""
-    return DATASETS[cfg_data.name][0](cfg_data) if cfg_data.val_split else None
-
-
-def check_data_available(cfg_data) -> None:
-    """Cheap presence check (no reading) so a missing dataset is reported before any run dir exists."""
-    name = cfg_data.name
-    if cfg_data.val_split and name == "imagenet":
-        raise ConfigError("data.val_split is for the in-memory datasets; for imagenet, point data.root at folders "
-                          "whose val/ is your held-out split")
-    if name == "fashion_mnist":
-        _fashion_readable(cfg_data.root)  # reads it (about 0.5 s): a corrupt file is refused before any run dir
-    if name in ("cifar10", "cifar100", "imagenet"):
-        from . import datasets_disk
-        datasets_disk.check(name, cfg_data)
-
-
-@functools.lru_cache(maxsize=4)
-def _fashion_readable(root: str | None) -> None:
-    load_fashion_mnist(root)
-
-
-def train_size_of(cfg_data) -> int:
-    """Training-set size without loading the data (held-out validation images excluded), for the plan and the
-    schedule preview."""
-    size = DATASETS[cfg_data.name][1](cfg_data)
-    if cfg_data.val_split and cfg_data.val_split >= size:
-        raise ConfigError(f"data.val_split={cfg_data.val_split} must be below the training set's {size} images")
-    return size - (cfg_data.val_split or 0)
-
-
 def training_steps(data, plan, cfg, rank: int, device, state):
     """``(step, batch, micro_batches)`` for every optimizer step from ``state``'s to the run's last.
 

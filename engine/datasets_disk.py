@@ -346,7 +346,7 @@ class _Batches:
         return len(self.batches)
 
 
-def _check_imagenet(root: str | None) -> Path:
+def check_imagenet(root: str | None) -> Path:
     if root is None:
         raise ConfigError("data=imagenet needs data.root: the folder holding train/ and val/ class folders")
     for split in ("train", "val"):
@@ -363,16 +363,11 @@ def _check_imagenet(root: str | None) -> Path:
     return Path(root)
 
 
-def check(name: str, cfg_data) -> None:
-    if name == "imagenet":
-        _check_imagenet(cfg_data.root)
-    else:
-        _find_cifar(name, cfg_data.root)  # before any run dir exists: a missing dataset is one line
+def check_cifar(name: str, cfg_data) -> None:
+    _find_cifar(name, cfg_data.root)  # before any run dir exists: a missing dataset is one line
 
 
-def load(name: str, cfg_data):
-    if name == "imagenet":
-        return ImageFolderData(str(_check_imagenet(cfg_data.root)), cfg_data.num_workers,
-                               auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug,
-                               decode=cfg_data.decode)
-    return load_cifar(name, cfg_data.root)
+def load_imagenet(cfg_data) -> ImageFolderData:
+    return ImageFolderData(str(check_imagenet(cfg_data.root)), cfg_data.num_workers,
+                           auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug,
+                           decode=cfg_data.decode)

@@ -16,6 +16,7 @@ import torch
 from optim import BatchSchedule, LRSchedule, lr_multiplier
 
 from .clock import ImageClock, Progress, StepClock, TauClock, crossed
+from .datasets import in_memory
 from .errors import ConfigError
 from .optimizer_class import build_optimizer, check_constructor, optimizer_class, scaled_kwargs
 from .plan_text import describe
@@ -254,10 +255,10 @@ def _choose_clock(rule: str, batches: BatchSchedule, *, total_steps: int, steps_
 
 def _check_data_options(cfg, clock: StepClock) -> None:
     d = cfg.data
-    if (d.repeated_aug or 0) > 1 and d.name != "imagenet":
+    if (d.repeated_aug or 0) > 1 and in_memory(d):
         raise ConfigError(f"data.repeated_aug={d.repeated_aug} is DeiT's sampler for the ImageNet loader under "
                           f"DDP; the in-memory datasets do not offer it: set data.repeated_aug=0")
-    if d.auto_augment is not None and d.name != "imagenet":
+    if d.auto_augment is not None and in_memory(d):
         raise ConfigError(f"data.auto_augment={d.auto_augment} runs per image in DataLoader workers (data=imagenet); "
                           f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "
                           f"(measured here: about 10x a default step), so it is not offered: set data.auto_augment=null")

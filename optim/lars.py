@@ -28,7 +28,7 @@ Per param-group switches:
 i.e. ``trust`` is replaced by ``min(trust / lr, 1)`` (1 at lr = 0, where the step is zero anyway).
 Zero-norm layers keep trust 1.
 
-``variant="seed"`` is the variant from the user's notes (shared/seeds): decoupled decay ``w -= lr*wd*w`` applied
+``variant="seed"`` is a common simplified variant: decoupled decay ``w -= lr*wd*w`` applied
 first, then ``buf = momentum*buf + g``, ``trust = eta*||w||/(||buf|| + eps)`` taken on the momentum buffer, and
 ``w -= lr*trust*buf`` (its own form; ``lr_in_momentum`` does not apply). Offered for comparison.
 

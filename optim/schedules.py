@@ -4,9 +4,9 @@
 update). Every length is in optimizer steps, never micro-batches, and nothing is stateful, so a resumed run
 continues the curve exactly from its saved step and the preview script shows exactly what training uses.
 
-Warmup shapes for t < W (W = warmup_steps, peak = peak LR), from the user's notes (shared/seeds). A ramp that
+Warmup shapes for t < W (W = warmup_steps, peak = peak LR). A ramp that
 starts at 0 (cosine; linear with start_factor 0; inverse_sqrt) is evaluated at t + 1 for step t, so no optimizer
-step is wasted at LR 0 and the last warmup step reaches the peak (the notes' inverse-sqrt code does the same):
+step is wasted at LR 0 and the last warmup step reaches the peak (as the common LambdaLR inverse-sqrt code does):
   none         -
   constant     factor * peak                          (Goyal et al.: hurts at 8k; kept for comparison)
   linear       peak * (s + (1 - s) * t / W)           (s = start_factor; torch LinearLR; s = 1/k is Goyal's
@@ -19,7 +19,7 @@ Decays for t >= W, with progress p = (t - W) / (T - W) in [0, 1), T = total_step
   step         peak * gamma ** (number of milestones <= t)          (milestones in absolute steps)
   poly         peak * (f + (1 - f) * (1 - p) ** power)             (LARS / MLPerf use power 2)
 Schedules that carry their own ramp (the warmup shape is not applied):
-  inverse_sqrt with u = t + 1: u <= W: u / W; u > W: sqrt(W / u)  (the notes' LambdaLR, Transformer style)
+  inverse_sqrt with u = t + 1: u <= W: u / W; u > W: sqrt(W / u)  (the Transformer's LambdaLR rule)
   onecycle     torch.optim.lr_scheduler.OneCycleLR (cosine anneal): peak/div_factor -> peak over pct_start * T,
                then -> peak / (div_factor * final_div_factor); with cycle_momentum, momentum (beta1 for Adam)
                goes max_momentum -> base_momentum -> max_momentum inversely to the LR, as torch's

@@ -8,6 +8,7 @@ Prints both figures and their ratio.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -43,4 +44,6 @@ def main(extra: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs")
+    main(parser.parse_args().overrides)

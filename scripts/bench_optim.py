@@ -1,4 +1,4 @@
-"""Time one optimizer step on ResNet-50's parameters: ours against torch's SGD/AdamW and the notes' LARS.
+"""Time one optimizer step on ResNet-50's parameters: ours against torch's SGD/AdamW and a plain per-tensor LARS.
 
     python scripts/bench_optim.py [--threads 2] [--repeats 20] [--alone]
 
@@ -22,7 +22,7 @@ from optim import LAMB, LARS, param_groups
 
 
 class SeedLARS(torch.optim.Optimizer):
-    """The LARS of the user's notes (shared/seeds), rewritten compactly for timing: a per-tensor Python loop."""
+    """A plain LARS (variant=seed's formulas) as a per-tensor Python loop, for timing."""
 
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.001, eps=1e-9):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps))
@@ -58,13 +58,13 @@ def make(name, model):
         "ours LARS (for-loop)": lambda: LARS(groups, lr=1.0, momentum=0.9, nesterov=True, foreach=False),
         "ours LAMB (foreach)": lambda: LAMB(groups, lr=1e-3, foreach=True),
         "ours LAMB (for-loop)": lambda: LAMB(groups, lr=1e-3, foreach=False),
-        "notes' LARS (seed)": lambda: SeedLARS([p for g in groups for p in g["params"]], lr=1.0),
+        "plain LARS (seed)": lambda: SeedLARS([p for g in groups for p in g["params"]], lr=1.0),
     }[name]()
 
 
 NAMES = ["torch SGD (foreach)", "torch SGD (for-loop)", "torch AdamW (foreach)", "torch AdamW (for-loop)",
          "ours LARS (foreach)", "ours LARS (for-loop)", "ours LAMB (foreach)", "ours LAMB (for-loop)",
-         "notes' LARS (seed)"]
+         "plain LARS (seed)"]
 
 
 def model_with_grads(device) -> torch.nn.Module:
@@ -116,9 +116,9 @@ def main() -> None:
     for n in NAMES:
         print(f"| {n} | {med[n]:.1f} | {med[n] / sgd:.2f}x | {med[n] / adamw:.2f}x |")
     kernel = "foreach" if device.type == "cuda" else "for-loop"  # what foreach=None picks on this device
-    lars, lamb, seed = med[f"ours LARS ({kernel})"], med[f"ours LAMB ({kernel})"], med["notes' LARS (seed)"]
+    lars, lamb, seed = med[f"ours LARS ({kernel})"], med[f"ours LAMB ({kernel})"], med["plain LARS (seed)"]
     print(f"\ndefault kernels on {device.type} ({kernel}): LARS / SGD {lars / sgd:.2f}x (goal <= 1.5x), "
-          f"LAMB / AdamW {lamb / adamw:.2f}x (goal <= 1.3x); notes' LARS / SGD {seed / sgd:.2f}x")
+          f"LAMB / AdamW {lamb / adamw:.2f}x (goal <= 1.3x); plain LARS / SGD {seed / sgd:.2f}x")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def bare(overrides: list[str], device: torch.device) -> float:
     """The loop a user writes by hand: the same model, batch and data on the device, bf16 autocast and channels_last
     as set, SGD; images/s after a warm-up step."""
     from engine.compose import load_cfg
-    from engine.data import load_data
+    from engine.datasets import load_data
     from engine.models import build_model
     cfg = load_cfg(["data=synthetic", *overrides])
     data = load_data(cfg.data).to(device)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.cli import fail, preflight
 from engine.compose import load_cfg
-from engine.data import train_size_of
+from engine.datasets import train_size_of
 from engine.distributed import env_world_size
 from engine.errors import ConfigError
 from engine.plan import make_plan

@@ -29,7 +29,7 @@ from tradeoff import last_logged_b_simple as logged_ema  # scripts/tradeoff.py, 
 
 from engine.checkpoint import load as load_checkpoint
 from engine.config import load_config
-from engine.data import load_data
+from engine.datasets import load_data
 from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
 

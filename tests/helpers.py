@@ -1,10 +1,23 @@
 """Short trainings in-process, from the same composition train.py uses (engine.compose)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from engine.compose import CONF_DIR as CONF
 from engine.compose import TINY, compose_cfg, load_cfg
 
-__all__ = ["CONF", "TINY", "compose_cfg", "load_cfg", "run_train"]
+__all__ = ["CONF", "ENV", "ROOT", "TINY", "compose_cfg", "load_cfg", "python", "run_train"]
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def python(args, cwd=ROOT, timeout=300, env=ENV) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a subprocess, its output captured: for what the process boundary is part of (exit codes,
+    stderr lines, signals, launchers)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def run_train(tmp_path: Path, overrides=(), name="run"):

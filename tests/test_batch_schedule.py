@@ -1,22 +1,22 @@
 """Batch schedules (ramp, step, adaptive) and AdaScale: each rule against a hand-written formula, and the promises
 that survive a changing batch: accumulation = one big batch, bit-exact resume, 2 ranks = 1, one-line refusals."""
+import itertools
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from optim import BatchSchedule, adascale_gain, lr_multiplier
-from tests.helpers import TINY, load_cfg, run_train
+from tests.helpers import ROOT, TINY, load_cfg, run_train
 
-ROOT = Path(__file__).resolve().parent.parent
 # 256 images, batches 32 -> 128: a ramp of 3 stages over 1 of 3 epochs; a BN-free ViT, so micro_batch cannot matter
-BASE = [*TINY, "data.train_size=256", "batch=128", "epochs=3", "warmup.steps=1", "data.augment=true",
-        "data.crop_padding=2", "model=vit_tiny", "model.patch_size=7"]  # 16 tokens: the property, at a third of the cost
+SMALL = [*TINY, "data.train_size=256", "batch=128", "epochs=3", "warmup.steps=1", "data.augment=true",
+         "data.crop_padding=2", "model=resnet_small"]
+BASE = [*SMALL[:-1], "model=vit_tiny", "model.patch_size=7"]  # 16 tokens: the property, at a third of the cost
 RAMP_KEYS = ["batch_schedule=ramp", "batch_schedule.start=32", "batch_schedule.epochs=1"]
 RAMP = BASE + RAMP_KEYS
 ADAPTIVE_KEYS = ["batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=32",
@@ -96,7 +96,8 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
 ])
 def test_steps_known_ahead(overrides, expected):
     from engine.checkpoint import RunState
-    from engine.data import steps_ahead, train_size_of
+    from engine.data import steps_ahead
+    from engine.datasets import train_size_of
     from engine.plan import make_plan
     cfg = load_cfg([*TINY, *overrides])
     plan = make_plan(cfg, train_size_of(cfg.data))
@@ -158,7 +159,7 @@ def test_accumulation_equals_one_big_batch_at_every_batch(tmp_path, extra):
     RAMP_KEYS + ["scaling=adascale", "micro_batch=16"],
 ], ids=["ramp", "step", "adaptive", "ramp+adascale"])
 def test_resume_mid_schedule_is_bit_exact(tmp_path, extra):
-    run = BASE + extra + ["model=resnet_small"]
+    run = SMALL + extra
     straight, straight_dir = run_train(tmp_path, run, "straight")
     stop_at = max(straight["steps"] // 2, 1)
     run_train(tmp_path, run + [f"max_steps={stop_at}"], "resumed")
@@ -187,7 +188,7 @@ def test_adascale_gain_shortens_a_large_batch_run(tmp_path):
     assert all(1.0 <= g <= 8.0 for g in gains) and max(gains) > 1.0
     assert math.isclose(rows[-1]["adascale_tau"], sum(gains)) and sum(gains) >= 2 * 512 // 32 - 1e-9
     assert sum(gains[:-1]) < 2 * 512 // 32  # it stopped as soon as tau reached the reference length
-    for r, g in zip(rows, gains):  # lr = gain x the reference schedule (constant 0.2 at batch 32)
+    for r, g in zip(rows, gains, strict=True):  # lr = gain x the reference schedule (constant 0.2 at batch 32)
         assert math.isclose(r["lr"], 0.2 * g, rel_tol=1e-9)
 
 
@@ -245,12 +246,12 @@ def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path):
     B_simple logged at that step; the plot script draws the realised batch and LR from metrics.jsonl."""
     keys = [x for x in ADAPTIVE_KEYS if not x.startswith(("batch_schedule.start", "batch_schedule.probe"))] + [
         "batch_schedule.start=32", "batch_schedule.probe=16", "batch_schedule.k=4"]
-    summary, run_dir = run_train(tmp_path, BASE + keys + ["model=resnet_small", "micro_batch=16", "logger=csv",
+    summary, run_dir = run_train(tmp_path, SMALL + keys + ["micro_batch=16", "logger=csv",
                                                          "logger.every_steps=1"])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r and "batch" in r]
     assert train[0]["batch"] == train[1]["batch"] == 32  # before the first decision: start
-    for before, after in zip(train, train[1:]):
+    for before, after in itertools.pairwise(train):
         if before["step"] % 2 == 0:  # a decision after this step
             expected = min(max(int(4 * before["noise_scale/b_simple"] // 32) * 32, 32), 128)
             assert after["batch"] == expected, (before, after)

@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import noise_scale  # scripts/noise_scale.py (scripts/ is on the path: conftest.py)
 import pytest
 import torch
+import tradeoff  # scripts/tradeoff.py
 import yaml
 
 from engine.clock import Progress
 from engine.data import TensorData, normalize
-from tests.helpers import TINY, run_train
-
-ROOT = Path(__file__).resolve().parent.parent
-import noise_scale  # scripts/noise_scale.py (scripts/ is on the path: conftest.py)
-import tradeoff  # scripts/tradeoff.py
+from tests.helpers import ROOT, TINY, run_train
 
 
 def eval_steps(run_dir: Path) -> list[int]:
@@ -117,7 +115,7 @@ def test_fit_recovers_a_known_hyperbola_and_refuses_no_trade_off():
     f = tradeoff.fit(batches, steps)
     assert f == pytest.approx({"s_min": 300, "e_min": 150_000, "b_crit": 500, "worst": 0}, abs=1e-9)
     # McCandlish's form: (S/S_min - 1)(E/E_min - 1) = 1 at every point
-    assert all(((s / 300 - 1) * (s * b / 150_000 - 1)) == pytest.approx(1) for b, s in zip(batches, steps))
+    assert all(((s / 300 - 1) * (s * b / 150_000 - 1)) == pytest.approx(1) for b, s in zip(batches, steps, strict=True))
     assert tradeoff.fit(batches, [100 * b for b in batches]) is None  # more steps at larger batch: no trade-off
     assert tradeoff.fit(batches[:2], steps[:2]) is None
 

@@ -1,17 +1,14 @@
 """train.py and scripts from the command line: bad input is one line, exit 2, no run dir; the preview script."""
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, python
 
 
 def run(args, cwd=ROOT, timeout=120):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return python(args, cwd, timeout)
 
 
 BAD_INPUT = [

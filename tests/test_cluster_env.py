@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +16,7 @@ from engine import distributed, slurm
 from engine.distributed import Launch, cuda_index, launch
 from engine.errors import ConfigError
 from engine.metrics import FAILED_JOBS
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def step_env(procid, ntasks, nodelist, tasks_per_node, nodeid=0, localid=None, job="4242", **extra):

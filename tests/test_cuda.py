@@ -19,11 +19,11 @@ def test_cuda_default_kernel_equals_the_cpu_loop(cls, kw):
     opt_cpu, opt_gpu = cls(cpu, foreach=False, **kw), cls(gpu, **kw)  # foreach=None picks foreach on CUDA
     for step in range(5):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-        for a, b, gr in zip(cpu, gpu, grads):
+        for a, b, gr in zip(cpu, gpu, grads, strict=True):
             a.grad, b.grad = gr, gr.cuda()
         opt_cpu.step()
         opt_gpu.step()
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(a.detach(), b.detach().cpu(), rtol=1e-10, atol=1e-12)
 
 
@@ -78,11 +78,11 @@ def test_lars_foreach_on_cuda_equals_the_loop(dtype, tol, kw):
     for step in range(4):
         grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
         grads[2].zero_()
-        for a, b, gr in zip(cpu, gpu, grads):
+        for a, b, gr in zip(cpu, gpu, grads, strict=True):
             a.grad, b.grad = gr, gr.cuda()
         loop_opt.step()
         fast.step()
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(a.detach().float(), b.detach().cpu().float(), rtol=tol, atol=tol)
 
 

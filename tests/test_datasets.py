@@ -4,17 +4,15 @@ import pickle
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import DataConfig
-from engine.data import Augment, load_data, load_fashion_mnist, read_idx
+from engine.data import Augment, load_fashion_mnist, read_idx
+from engine.datasets import check_data_available, load_data
 from engine.errors import ConfigError
-from tests.helpers import TINY, run_train
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, TINY, run_train
 
 
 def write_cifar(root, name="cifar10", n_train=40, n_test=20, bad_label=False):
@@ -88,9 +86,8 @@ def test_imagenet_folders_train_a_step(tmp_path):
 
 def test_imagenet_missing_split_is_named(tmp_path):
     (tmp_path / "train" / "n01").mkdir(parents=True)
-    from engine.datasets_disk import check
     with pytest.raises(ConfigError, match="no val/ folder"):
-        check("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path)))
+        check_data_available(DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path)))
 
 
 def write_idx(path, tensor):
@@ -177,9 +174,8 @@ def test_decoding_on_the_device_gives_the_images_the_workers_give(tmp_path, poli
     def val(data):
         return torch.cat([x for x, _ in data.test_batches(0, 1, "cpu", chunk=3)])
     assert torch.equal(val(on_device), val(workers))
-    from engine.datasets_disk import load  # and the setting reaches the loader
-    assert load("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=root, decode="device")
-                ).train.on_device
+    setting = DataConfig(name="imagenet", num_workers=0, val_split=0, root=root, decode="device")
+    assert load_data(setting).train.on_device  # and the setting reaches the loader
 
 
 def test_imagenet_under_a_changing_batch_sees_the_same_images_at_any_micro_batch_or_ranks(tmp_path):
@@ -252,9 +248,8 @@ def test_an_undecodable_image_stops_the_run_with_one_line_naming_it(tmp_path, de
 def test_an_empty_class_folder_is_one_line(tmp_path):
     write_imagenet(tmp_path / "imagenet")
     (tmp_path / "imagenet" / "val" / "n03").mkdir()
-    from engine.datasets_disk import check
     with pytest.raises(ConfigError, match="n03 holds no image"):
-        check("imagenet", DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path / "imagenet")))
+        check_data_available(DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path / "imagenet")))
 
 
 def test_repeated_augmentation_puts_an_images_copies_on_different_ranks(tmp_path):
@@ -321,4 +316,4 @@ def test_device_decoding_sends_a_batch_of_files_as_one_tensor():
     assert sum(torch.is_tensor(part) for part in batch) == 1 and batch[1].numel() == 32
     back = unpacked_files(batch)
     assert [k for k, _, _ in back] == [k for k, _, _ in items] and [lab for *_, lab in back] == [0, 1, 0, 1]
-    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(back, items))
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(back, items, strict=True))

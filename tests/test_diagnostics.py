@@ -2,14 +2,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from engine.diagnostics import NoiseScale, update_ratios
-from tests.helpers import TINY, run_train
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, TINY, run_train
 
 
 def test_noise_scale_matches_closed_form_on_a_linear_model():

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 COMMON = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=wandb", "logger.mode=offline",
           "epochs=2", "warmup.steps=2", "model=vit_tiny", "batch=64", "max_steps=3", "threads=1", "optim=lars"]
 

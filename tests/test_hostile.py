@@ -1,19 +1,17 @@
 """Hostile input, class by class: every value that cannot work is one `error:` line and exit 2 before any run dir
 exists; faults on disk keep what exists and leave no debris; diverged runs exit 1."""
 import errno
+import fcntl
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.cli import preflight
-from tests.helpers import TINY, run_train
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, TINY, python, run_train
 
 REFUSED = [  # (overrides, what the one line must say)
     (["warmup.start_factor=-1"], "warmup.start_factor=-1 is invalid: input should be greater than or equal to 0"),
@@ -103,15 +101,30 @@ def test_a_full_disk_at_start_is_one_line_and_leaves_no_folder(tmp_path, capsys,
     assert not (tmp_path / "new").exists()
 
 
-def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
+def test_a_read_only_run_dir_is_one_line(tmp_path):
+    """Root writes anywhere, so as root (how CI runs) the run starts with every capability dropped (setpriv): uid 0
+    is then held to the folder's mode like any user."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    with pytest.raises(SystemExit):
-        preflight([*TINY, f"hydra.run.dir={ro / 'run'}"])
-    assert "is not writable" in capsys.readouterr().err
+    unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
+    r = subprocess.run([*unprivileged, sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={ro / 'run'}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: hydra.run.dir={ro / 'run'}") and "is not writable" in r.stderr
+    assert not (ro / "run").exists()
+
+
+def test_a_folder_whose_lock_is_held_is_refused_by_the_lock(tmp_path):
+    """Another train.py holds the folder's lock (here, this test does): the lock's own refusal, nothing written."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = python([ROOT / "train.py", *TINY, f"hydra.run.dir={run_dir}"], timeout=120)
+    assert r.returncode == 2 and r.stderr == (f"error: hydra.run.dir={run_dir} is in use by another running "
+                                              f"train.py; wait for it, or choose another folder\n")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
 
 
 def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
@@ -213,3 +226,32 @@ def test_a_vit_patch_that_does_not_divide_the_image_is_one_line(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == ["error: model.patch_size=5 does not divide the image size 28"]
+
+
+def test_another_runs_checkpoint_is_refused_into_a_folder_holding_a_run(tmp_path):
+    """resume=B's checkpoint with hydra.run.dir=A (a run of its own) replaced A's last.pt and summary.json and cut
+    its metrics.jsonl back to B's step. Refused before anything is written; an empty folder may take the fork."""
+    a, b, fork = tmp_path / "A", tmp_path / "B", tmp_path / "fork"
+    run = [ROOT / "train.py", *TINY, "batch=64", "checkpoint.every_steps=1"]
+    assert python([*run, "max_steps=4", f"hydra.run.dir={a}"]).returncode == 0
+    assert python([*run, "max_steps=2", f"hydra.run.dir={b}"]).returncode == 0
+    before = {p.name: p.read_bytes() for p in [a / "summary.json", a / "metrics.jsonl", a / "checkpoints" / "last.pt"]}
+    r = python([*run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={a}"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "continues another run" in r.stderr and str(a) in r.stderr
+    assert {p.name: p.read_bytes() for p in [a / "summary.json", a / "metrics.jsonl",
+                                              a / "checkpoints" / "last.pt"]} == before
+    r = python([*run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={fork}"])
+    assert r.returncode == 0 and json.loads((fork / "summary.json").read_text())["steps"] == 3
+
+
+def test_eval_only_into_an_unfinished_run_is_refused(tmp_path):
+    """An unfinished run has metrics.jsonl but no summary.json: eval_only wrote its summary.json there."""
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    assert python([ROOT / "train.py", *TINY, "max_steps=2", f"hydra.run.dir={other}"]).returncode == 0
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
+    r = python([ROOT / "train.py", *TINY, "eval_only=true", f"resume={other}/checkpoints/last.pt",
+                f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2 and "already holds a run (metrics.jsonl)" in r.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]

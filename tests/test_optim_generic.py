@@ -42,14 +42,14 @@ def run(opt, params, steps, start=0, lrs=None):
         if lrs is not None:
             for group in opt.param_groups:
                 group["lr"] = lrs[k]
-        for p, g in zip(params, grads_for(params, k)):
+        for p, g in zip(params, grads_for(params, k), strict=True):
             p.grad = g
         opt.step()
     return [p.detach().clone() for p in params]
 
 
 def assert_same(a, b, tol=0.0):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
@@ -116,7 +116,7 @@ def test_maximize_equals_descending_the_negated_gradient(kind, where):
            else FACTORIES[kind]([{"params": params, "maximize": True}]))
     ref = FACTORIES[kind](twins)
     for k in range(3):
-        for p, t, g in zip(params, twins, grads_for(params, k)):
+        for p, t, g in zip(params, twins, grads_for(params, k), strict=True):
             p.grad, t.grad = g, -g
         opt.step()
         ref.step()
@@ -156,7 +156,7 @@ def test_frozen_param_in_a_group_is_untouched(kind):
     frozen = params[1].detach().clone()
     opt = FACTORIES[kind](params)
     for k in range(2):
-        for p, g in zip(params, grads_for(params, k)):
+        for p, g in zip(params, grads_for(params, k), strict=True):
             if p.requires_grad:
                 p.grad = g
         opt.step()
@@ -188,10 +188,10 @@ def test_low_precision_tracks_float64(kind, dtype, tol):
     run(FACTORIES[kind](ref), ref, 3)
     opt = FACTORIES[kind](low)
     for k in range(3):  # the same float64 gradients, rounded to the low dtype
-        for p, g in zip(low, grads_for(ref, k)):
+        for p, g in zip(low, grads_for(ref, k), strict=True):
             p.grad = g.to(dtype)
         opt.step()
-    for a, b in zip(low, ref):
+    for a, b in zip(low, ref, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.detach().double(), b.detach(), rtol=tol, atol=tol)
 

@@ -38,7 +38,7 @@ def run_ours(params, grads_per_step, foreach, adapt=True, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = LAMB([{"params": ps, "adapt": adapt}], foreach=foreach, **kw)
     for grads in grads_per_step:
-        for p, gr in zip(ps, grads):
+        for p, gr in zip(ps, grads, strict=True):
             p.grad = gr.clone()
         opt.step()
     return [p.detach() for p in ps], opt
@@ -52,7 +52,7 @@ def test_lamb_matches_paper_algorithm(foreach, wd, bounds, bias_correction):
     ours, _ = run_ours(params, grads, foreach, lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd,
                        trust_bounds=bounds, bias_correction=bias_correction)
     ref = reference_lamb(params, grads, 0.01, 0.9, 0.99, 1e-6, wd, True, bounds, bias_correction)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -66,10 +66,10 @@ def test_lamb_without_adaptation_is_torch_adamw(foreach, wd):
     ref = (torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd) if wd
            else torch.optim.Adam(ps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8))
     for gs in grads:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         ref.step()
-    for a, b in zip(ours, ps):
+    for a, b in zip(ours, ps, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
 
 
@@ -100,10 +100,10 @@ def test_state_dict_round_trip_continues_identically():
     opt2 = LAMB([{"params": ps, "adapt": True}], lr=0.01, weight_decay=0.01)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for gs in grads[3:]:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         opt2.step()
-    for a, b in zip(full, ps):
+    for a, b in zip(full, ps, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
@@ -114,7 +114,7 @@ def test_low_precision_params_track_float64(dtype):
     low, _ = run_ours([p.to(dtype) for p in params], [[g.to(dtype) for g in gs] for gs in grads], True, lr=0.01,
                       weight_decay=0.01)
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
-    for a, b in zip(low, ref):
+    for a, b in zip(low, ref, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 

@@ -8,7 +8,7 @@ from optim import LARS, param_groups
 
 
 def reference_lars(params, grads_per_step, lr, momentum, wd, eta, eps, nesterov, trust_clip, adapt):
-    """Plain Python over tensors: the formulas of issue #3 / the paper, nothing shared with optim/."""
+    """Plain Python over tensors: the paper's formulas (arXiv 1708.03888, Algorithm 1), nothing shared with optim/."""
     w = [p.detach().clone() for p in params]
     buf = [None] * len(w)
     for grads in grads_per_step:
@@ -40,7 +40,7 @@ def run_ours(params, grads_per_step, foreach, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = LARS([{"params": ps, "adapt": adapt}], foreach=foreach, **kw)
     for grads in grads_per_step:
-        for p, gr in zip(ps, grads):
+        for p, gr in zip(ps, grads, strict=True):
             p.grad = gr.clone()
         opt.step()
     return [p.detach() for p in ps], opt
@@ -56,7 +56,7 @@ def test_lars_matches_paper_algorithm(foreach, nesterov, wd, trust_clip, adapt):
     ours, _ = run_ours(params, grads, foreach, adapt=adapt, **hp)
     ref = reference_lars(params, grads, hp["lr"], hp["momentum"], wd, hp["eta"], hp["eps"], nesterov, trust_clip,
                          adapt)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -68,10 +68,10 @@ def test_lars_without_adaptation_is_torch_sgd(nesterov):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     sgd = torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
     for gs in grads:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         sgd.step()
-    for a, b in zip(ours, ps):
+    for a, b in zip(ours, ps, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
 
 
@@ -80,7 +80,7 @@ def test_weight_decay_changes_the_update():
     params, grads = make_problem(2, steps=1)
     a, _ = run_ours(params, grads, True, adapt=True, lr=1.0, momentum=0.0, weight_decay=0.0)
     b, _ = run_ours(params, grads, True, adapt=True, lr=1.0, momentum=0.0, weight_decay=0.1)
-    assert all(not torch.allclose(x, y) for x, y in zip(a, b))
+    assert all(not torch.allclose(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_zero_norms_give_trust_one():
@@ -96,7 +96,7 @@ def test_zero_norms_give_trust_one():
 
 
 def test_seed_variant_follows_the_notes():
-    """The notes' variant: decoupled decay first, buf = m*buf + g, trust on ||buf||, w -= lr*trust*buf."""
+    """variant=seed: decoupled decay first, buf = m*buf + g, trust on ||buf||, w -= lr*trust*buf."""
     params, grads = make_problem(3)
     lr, m, wd, eta, eps = 1.5, 0.9, 1e-2, 0.001, 1e-9
     for foreach in (False, True):
@@ -110,7 +110,7 @@ def test_seed_variant_follows_the_notes():
                 buf[i] = m * buf[i] + g
                 trust = eta * float(w[i].norm()) / (float(buf[i].norm()) + eps)
                 w[i] = w[i] - lr * trust * buf[i]
-        for a, b in zip(ours, w):
+        for a, b in zip(ours, w, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -122,10 +122,10 @@ def test_state_dict_round_trip_continues_identically():
     opt2 = LARS([{"params": ps, "adapt": True}], lr=1.0, momentum=0.9, weight_decay=1e-3, nesterov=True)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for gs in grads[3:]:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         opt2.step()
-    for a, b in zip(full, ps):
+    for a, b in zip(full, ps, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
@@ -136,7 +136,7 @@ def test_low_precision_params_track_float64(dtype):
     low, _ = run_ours([p.to(dtype) for p in params], [[g.to(dtype) for g in gs] for gs in grads], True,
                       adapt=True, lr=1.0, momentum=0.9, weight_decay=1e-3)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    for a, b in zip(low, ref):
+    for a, b in zip(low, ref, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
@@ -163,7 +163,7 @@ def test_grad_scaler_path_unscales_before_the_trust_ratio():
                 opt.step()
             opt.zero_grad()
         results.append([p.detach().clone() for p in m.parameters()])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -186,7 +186,7 @@ def reference_paper_form(params, grads_per_step, lrs, momentum, wd, eta, eps, ne
     """arXiv 1708.03888 Algorithm 1, per tensor: v = m*v + lr_t*trust*(g + wd*w); w -= v."""
     w = [p.detach().clone() for p in params]
     v = [torch.zeros_like(p) for p in w]
-    for lr, grads in zip(lrs, grads_per_step):
+    for lr, grads in zip(lrs, grads_per_step, strict=True):
         for i, g in enumerate(grads):
             wn, gn = float(w[i].norm()), float(g.norm())
             trust = eta * wn / (gn + wd * wn + eps) if wn > 0 and gn > 0 else 1.0
@@ -202,7 +202,7 @@ def reference_timm_lars(params, grads_per_step, lrs, momentum, wd, eta, eps, nes
     """timm's Lars(always_adapt=True) semantics (timm/optim/lars.py): adapt, then torch SGD with the LR outside."""
     w = [p.detach().clone() for p in params]
     buf = [None] * len(w)
-    for lr, grads in zip(lrs, grads_per_step):
+    for lr, grads in zip(lrs, grads_per_step, strict=True):
         for i, g in enumerate(grads):
             wn, gn = w[i].norm(), g.norm()
             ratio = eta * wn / (gn + wn * wd + eps)
@@ -218,9 +218,9 @@ def reference_timm_lars(params, grads_per_step, lrs, momentum, wd, eta, eps, nes
 def run_with_lrs(params, grads_per_step, lrs, foreach, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = LARS(ps, foreach=foreach, **kw)
-    for lr, grads in zip(lrs, grads_per_step):
+    for lr, grads in zip(lrs, grads_per_step, strict=True):
         opt.param_groups[0]["lr"] = lr
-        for p, g in zip(ps, grads):
+        for p, g in zip(ps, grads, strict=True):
             p.grad = g.clone()
         opt.step()
     return [p.detach() for p in ps]
@@ -237,7 +237,7 @@ def test_paper_form_under_a_changing_lr(foreach, nesterov, wd, trust_clip):
     hp = dict(momentum=0.9, eta=0.02, eps=1e-8)
     ours = run_with_lrs(params, grads, LRS, foreach, weight_decay=wd, nesterov=nesterov, trust_clip=trust_clip, **hp)
     ref = reference_paper_form(params, grads, LRS, wd=wd, nesterov=nesterov, trust_clip=trust_clip, **hp)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
@@ -249,7 +249,7 @@ def test_torch_form_under_a_changing_lr_is_timm_lars(foreach, nesterov, wd, trus
     ours = run_with_lrs(params, grads, LRS, foreach, weight_decay=wd, nesterov=nesterov, trust_clip=trust_clip,
                         lr_in_momentum=False, **hp)
     ref = reference_timm_lars(params, grads, LRS, wd=wd, nesterov=nesterov, trust_clip=trust_clip, **hp)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
@@ -258,11 +258,11 @@ def test_the_two_forms_differ_under_warmup_and_agree_at_constant_lr():
     warm = [0.1 * (k + 1) for k in range(10)]
     paper = run_with_lrs(params, grads, warm, False, weight_decay=1e-3)
     torch_form = run_with_lrs(params, grads, warm, False, weight_decay=1e-3, lr_in_momentum=False)
-    assert max(float((a - b).abs().max()) for a, b in zip(paper, torch_form)) > 1e-4
+    assert max(float((a - b).abs().max()) for a, b in zip(paper, torch_form, strict=True)) > 1e-4
     const = [0.5] * 10
     paper = run_with_lrs(params, grads, const, False, weight_decay=1e-3)
     torch_form = run_with_lrs(params, grads, const, False, weight_decay=1e-3, lr_in_momentum=False)
-    for a, b in zip(paper, torch_form):
+    for a, b in zip(paper, torch_form, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -277,20 +277,20 @@ def test_unadapted_groups_under_a_changing_lr(lr_in_momentum, nesterov):
     twins = [torch.nn.Parameter(p.clone()) for p in params]
     sgd = torch.optim.SGD(twins, lr=1.0, momentum=0.9, weight_decay=0.0 if lr_in_momentum else 1e-3,
                           nesterov=nesterov)
-    for lr, gs in zip(LRS, grads):
+    for lr, gs in zip(LRS, grads, strict=True):
         opt.param_groups[0]["lr"] = lr
         if lr_in_momentum:  # SGD at lr 1 on the LR-scaled, decayed gradient is the paper's form
-            for t, g in zip(twins, gs):
+            for t, g in zip(twins, gs, strict=True):
                 t.grad = lr * (g + 1e-3 * t.detach())
         else:
             sgd.param_groups[0]["lr"] = lr
-            for t, g in zip(twins, gs):
+            for t, g in zip(twins, gs, strict=True):
                 t.grad = g.clone()
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         opt.step()
         sgd.step()
-    for a, b in zip(ps, twins):
+    for a, b in zip(ps, twins, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-11, atol=1e-12)
 
 
@@ -312,7 +312,7 @@ def test_an_unadapted_group_multiplies_by_the_python_lr_and_reads_no_host(lr_in_
 
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(6)]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for p, q in zip(params, reference):
+    for p, q in zip(params, reference, strict=True):
         p.grad = torch.randn(5)
         q.grad = p.grad.clone()
     hyper = dict(lr=0.3, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum)
@@ -323,5 +323,5 @@ def test_an_unadapted_group_multiplies_by_the_python_lr_and_reads_no_host(lr_in_
             fast.step()
         loop.step()
     assert "aten._foreach_mul_.List" not in ops.seen and "aten._local_scalar_dense.default" not in ops.seen
-    for p, q in zip(params, reference):
+    for p, q in zip(params, reference, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

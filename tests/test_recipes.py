@@ -1,10 +1,10 @@
-"""Every recipe composes, plans on its own dataset, and carries the paper's numbers (hand-copied from PAPERS.md)."""
+"""Every recipe composes, plans on its own dataset, and carries the paper's numbers (hand-copied from the papers)."""
 import math
 
 import pytest
 
 from engine.cli import group_options
-from engine.data import train_size_of
+from engine.datasets import train_size_of
 from engine.plan import make_plan
 from tests.helpers import CONF, load_cfg
 

@@ -2,30 +2,25 @@
 metrics.jsonl holding every step once, metrics.csv holding every row, resumable sweeps, finished runs untouched."""
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from engine.data import train_size_of
-from engine.metrics import Progress
+from engine.datasets import train_size_of
+from engine.metrics import Progress, record_job_failure
 from engine.plan import make_plan
-from tests.helpers import TINY, load_cfg
+from tests.helpers import ENV, ROOT, TINY, load_cfg, python
 from tests.wandb_records import runs as wandb_runs
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 RUN = [*TINY, "threads=1", "batch=32", "epochs=1", "logger.every_steps=1", "checkpoint.every_steps=2"]
 
 
 def train(args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT)
+    return python([ROOT / "train.py", *args], timeout=timeout)
 
 
 def rows(run_dir):
@@ -38,7 +33,7 @@ def test_csv_logger_keeps_every_row(tmp_path):
     jsonl = rows(tmp_path)
     table = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert len(table) == len(jsonl) > 9  # train rows every step, plus the evaluation row
-    for a, b in zip(jsonl, table):
+    for a, b in zip(jsonl, table, strict=True):
         assert all(str(v) == b[k] for k, v in a.items())
 
 
@@ -303,3 +298,20 @@ def test_one_yaml_file_and_its_class_add_a_logger(tmp_path):
     assert r.returncode == 2 and not (tmp_path / "bad").exists()
     assert r.stderr.strip() == ("error: logger.sinks.mine._target_='my_sink.Nope' is not a class that can be imported "
                                 "(module 'my_sink' has no attribute 'Nope'): check the module path")
+
+
+@pytest.mark.parametrize("holds, refused, written", [
+    ({"summary.json": '{"val_acc": 0.9, "diverged": false}'}, True, False),   # a finished job's record
+    ({"metrics.jsonl": '{"step": 1}\n'}, True, False),                         # an unfinished one's
+    ({}, True, True),                                                          # the job's own, new folder
+    ({"summary.json": '{"steps": 3, "diverged": false}'}, False, True),        # a failure of the job that trained
+])
+def test_a_refused_job_never_writes_into_another_runs_record(tmp_path, holds, refused, written):
+    for name, text in holds.items():
+        (tmp_path / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    record_job_failure(tmp_path, "refused: batch was 256 in the checkpoint and is 32 now", refused=refused)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert (after != before) == written
+    if written:
+        assert json.loads(after["summary.json"])["error"].startswith("refused")

@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, TINY, run_train
+
 RUN = ["data=synthetic", "data.train_size=1024", "data.test_size=128", "batch=32", "epochs=4", "warmup.steps=6",
        "logger=none", "logger.every_steps=1", "threads=1", "checkpoint.every_steps=3", "data.augment=true",
        "data.crop_padding=2"]
@@ -85,3 +85,19 @@ def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt = checkpoint.load(path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+
+
+def test_a_resume_applies_the_optimizer_settings_it_announces(tmp_path):
+    """The resume line said `optim.momentum 0.9 -> 0.5` while load_state_dict put the checkpoint's param_groups
+    back: the old momentum, nesterov and weight decay trained on, and the new checkpoint recorded the new ones."""
+    run = [*TINY, "batch=64", "checkpoint.every_steps=1"]
+    changed = ["optim.weight_decay=0.3", "optim.momentum=0.5", "optim.nesterov=false"]
+    run_train(tmp_path, [*run, "max_steps=2"], "run")
+    run_train(tmp_path, [*run, "max_steps=4", *changed, "resume=auto"], "run")
+    groups = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert {(g["momentum"], g["nesterov"]) for g in groups} == {(0.5, False)}
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.3]  # no decay on ndim <= 1 tensors
+    run_train(tmp_path, [*run, "max_steps=2"], "unchanged")
+    unchanged, _ = run_train(tmp_path, [*run, "max_steps=4", "resume=auto"], "unchanged")
+    changed_run = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert changed_run["train_loss"] != unchanged["train_loss"]

@@ -1,4 +1,4 @@
-"""Schedules and scaling rules against torch's own schedulers and the notes' formulas."""
+"""Schedules and scaling rules against torch's own schedulers and hand-written formulas."""
 import math
 
 import pytest
@@ -18,7 +18,7 @@ def torch_lrs(make_scheduler, steps, lr):
     return out
 
 
-def test_linear_warmup_cosine_equals_the_notes_sequential_lr():
+def test_linear_warmup_cosine_equals_torch_sequential_lr():
     total, warmup, peak = 200, 16, 1e-3
     theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
         torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-3, end_factor=1.0, total_iters=warmup),
@@ -40,10 +40,10 @@ def test_onecycle_equals_torch(total, pct):
         assert ours(t) == pytest.approx(lr, rel=1e-9, abs=1e-15), t
 
 
-def test_inverse_sqrt_equals_the_notes_lambda_lr():
+def test_inverse_sqrt_equals_the_transformer_lambda_lr():
     total, warmup = 500, 40
 
-    def lr_lambda(step):  # verbatim from the notes
+    def lr_lambda(step):  # the usual Transformer LambdaLR, written out
         if step == 0:
             return 1e-8
         if step <= warmup:
@@ -52,7 +52,7 @@ def test_inverse_sqrt_equals_the_notes_lambda_lr():
 
     theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda), total + 1, 1e-3)
     ours = LRSchedule(peak_lr=1e-3, total_steps=total, warmup="linear", warmup_steps=warmup, decay="inverse_sqrt")
-    # the notes' step 0 is a (near-)zero LR, a wasted step; our optimizer step k uses the notes' step k + 1
+    # the common LambdaLR form's step 0 is a (near-)zero LR, a wasted step; our optimizer step k uses that form's step k + 1
     for t in range(total):
         assert ours(t) == pytest.approx(theirs[t + 1], rel=1e-12), t
     assert ours(0) == 1e-3 / warmup
@@ -74,14 +74,14 @@ def test_poly_equals_polynomial_lr():
 
 
 @pytest.mark.parametrize("warmup,expected", [
-    # (shape, LR at t = 0, W/2, W-1 as a fraction of peak), from the notes' formulas with W = 10; the shapes that
+    # (shape, LR at t = 0, W/2, W-1 as a fraction of peak), from hand-written formulas with W = 10; the shapes that
     # start at 0 (linear from 0, cosine) are evaluated at t + 1 (SPEC: no optimizer step at LR 0)
     ("constant", [0.1, 0.1, 0.1]),
     ("linear", [0.1, 0.6, 1.0]),
     ("exponential", [0.01, math.exp(-0.5 * math.log(100)), math.exp(-0.1 * math.log(100))]),
     ("cosine", [(1 - math.cos(math.pi * 0.1)) / 2, (1 - math.cos(math.pi * 0.6)) / 2, 1.0]),
 ])
-def test_warmup_shapes_follow_the_notes(warmup, expected):
+def test_warmup_shapes_follow_the_formulas(warmup, expected):
     s = LRSchedule(peak_lr=2.0, total_steps=100, warmup=warmup, warmup_steps=10, decay="constant",
                    start_factor=0.0)
     assert [s.factor(t) for t in (0, 5, 9)] == pytest.approx(expected)

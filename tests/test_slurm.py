@@ -12,7 +12,8 @@ import pytest
 import torch
 from wandb_records import runs as wandb_runs
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker holds the cluster
 
 # ~100 steps of ~0.1 s: long enough to be interrupted after the first checkpoint, short enough for CI

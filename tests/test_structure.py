@@ -2,32 +2,23 @@
 refuses a different run before anything is written, ranks may change across a resume, and the loop reads the
 host once per optimizer step."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.cli import group_options
-from engine.data import DATASETS
+from engine.datasets import DATASETS
 from engine.models import MODELS
-from optim import DECAYS, RULES, WARMUPS
-from tests.helpers import TINY, run_train
+from optim import BATCH_SCHEDULES, DECAYS, RULES, WARMUPS
+from tests.helpers import ROOT, TINY, python, run_train
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-
-
-def run(args, cwd=ROOT, timeout=300, env=ENV):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+run = python
 
 
 @pytest.mark.parametrize("group,registry", [("warmup", WARMUPS), ("schedule", DECAYS), ("scaling", RULES),
-                                            ("model", MODELS), ("data", DATASETS)])
+                                            ("model", MODELS), ("data", DATASETS),
+                                            ("batch_schedule", BATCH_SCHEDULES)])
 def test_option_files_are_the_registry(group, registry):
     """An option's name lives in two places only: its YAML file and the code that implements it."""
     assert sorted(group_options(group)) == sorted(registry)

@@ -147,7 +147,7 @@ def test_eval_every_steps_and_kept_checkpoints(tmp_path):
 
 
 def test_val_split_holds_out_training_images_and_reports_the_test_split_at_the_end(tmp_path):
-    from engine.data import load_data
+    from engine.datasets import load_data
     cfg = load_cfg([*TINY, "data.val_split=128"])
     data, full = load_data(cfg.data), load_data(load_cfg(TINY).data)
     assert data.train_size == 512 - 128 and len(data.test_y) == 128

@@ -1,0 +1,77 @@
+"""The dataset registry: each dataset declares how it loads, its training-set size without loading, its cheap
+preflight check, and whether it lives in memory. Adding a dataset is an entry here and a conf/data/NAME.yaml
+(tests/test_structure.py keeps the two equal); nothing else asks a dataset's name.
+
+In memory (Fashion-MNIST, CIFAR, synthetic): uint8 tensors, batched augmentation on the device, `data.val_split`.
+On disk (ImageNet folders): decoded per image in DataLoader workers or on the device, with per-image policies
+(`data.auto_augment`), repeated augmentation (`data.repeated_aug`) and its own val/ folder.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from . import datasets_disk as disk
+from .data import TrainData, load_fashion_mnist, make_synthetic
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    load: Callable[..., TrainData]         # cfg.data -> the data (train and test splits)
+    train_size: Callable[..., int]         # cfg.data -> training images, without loading
+    check: Callable[..., None]             # cfg.data -> None, or a ConfigError before any run dir exists
+    in_memory: bool = True                 # False: per-image decoding, auto_augment, repeated_aug, decode
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_readable(root: str | None) -> None:
+    load_fashion_mnist(root)  # reads it (about 0.5 s): a corrupt file is refused before any run dir
+
+
+DATASETS = {
+    "fashion_mnist": Dataset(lambda c: load_fashion_mnist(c.root), lambda c: 60_000, lambda c: _fashion_readable(c.root)),
+    "cifar10": Dataset(lambda c: disk.load_cifar("cifar10", c.root), lambda c: 50_000,
+                       lambda c: disk.check_cifar("cifar10", c)),
+    "cifar100": Dataset(lambda c: disk.load_cifar("cifar100", c.root), lambda c: 50_000,
+                        lambda c: disk.check_cifar("cifar100", c)),
+    "imagenet": Dataset(disk.load_imagenet, lambda c: 1_281_167, lambda c: disk.check_imagenet(c.root),
+                        in_memory=False),
+    "synthetic": Dataset(lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, c.channels,
+                                                  c.num_classes),
+                         lambda c: c.train_size, lambda c: None),
+}
+
+
+def load_data(cfg_data) -> TrainData:
+    """The dataset as configured: with ``data.val_split`` images held out of training for validation."""
+    data = DATASETS[cfg_data.name].load(cfg_data)
+    return data.split_validation(cfg_data.val_split) if cfg_data.val_split else data
+
+
+def load_test_split(cfg_data) -> TrainData | None:
+    """The untouched test split, when ``data.val_split`` moved evaluation during training to held-out images."""
+    return DATASETS[cfg_data.name].load(cfg_data) if cfg_data.val_split else None
+
+
+def check_data_available(cfg_data) -> None:
+    """Cheap presence check (no training read) so a missing dataset is reported before any run dir exists."""
+    dataset = DATASETS[cfg_data.name]
+    if cfg_data.val_split and not dataset.in_memory:
+        raise ConfigError(f"data.val_split is for the in-memory datasets; for {cfg_data.name}, point data.root at "
+                          f"folders whose val/ is your held-out split")
+    dataset.check(cfg_data)
+
+
+def train_size_of(cfg_data) -> int:
+    """Training-set size without loading the data (held-out validation images excluded), for the plan and the
+    schedule preview."""
+    size = DATASETS[cfg_data.name].train_size(cfg_data)
+    if cfg_data.val_split and cfg_data.val_split >= size:
+        raise ConfigError(f"data.val_split={cfg_data.val_split} must be below the training set's {size} images")
+    return size - (cfg_data.val_split or 0)
+
+
+def in_memory(cfg_data) -> bool:
+    return DATASETS[cfg_data.name].in_memory

@@ -1,0 +1,141 @@
+"""Adding an option of each kind, in a scratch copy of the repository: the files it takes, counted, and a step
+trained with it. docs/extending.md states these counts; a test below keeps the two equal."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+COPIED = ("train.py", "conf", "engine", "optim", "hydra_plugins")
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text, f"{path.name} no longer holds {old!r}: update this test's recipe"
+    path.write_text(text.replace(old, new, 1))
+
+
+def _yaml_like(repo, group, template, name, extra=""):
+    text = (repo / "conf" / group / f"{template}.yaml").read_text()
+    (repo / "conf" / group / f"{name}.yaml").write_text(re.sub(r"(?m)^name: .*$", f"name: {name}", text) + extra)
+
+
+def add_optimizer(repo):
+    (repo / "conf" / "optim" / "rmsprop.yaml").write_text("_target_: torch.optim.RMSprop\nlr: 0.001\nalpha: 0.9\n")
+    return ["optim=rmsprop"]
+
+
+def add_warmup(repo):
+    _edit(repo / "optim" / "schedules.py", '    "cosine": lambda s, x: (1 - math.cos(math.pi * x)) / 2,\n',
+          '    "cosine": lambda s, x: (1 - math.cos(math.pi * x)) / 2,\n    "quadratic": lambda s, x: x * x,\n')
+    _yaml_like(repo, "warmup", "linear", "quadratic")
+    return ["warmup=quadratic"]
+
+
+def add_decay(repo):
+    schedules = repo / "optim" / "schedules.py"
+    _edit(schedules, 'DECAYS = ("constant", ', 'DECAYS = ("linear", "constant", ')
+    _edit(schedules, '        if self.decay == "poly":\n',
+          '        if self.decay == "linear":\n            return f + (1 - f) * (1 - p)\n'
+          '        if self.decay == "poly":\n')
+    _yaml_like(repo, "schedule", "cosine", "linear")
+    return ["schedule=linear"]
+
+
+def add_model(repo):
+    _edit(repo / "engine" / "models.py", "MODELS = {\n",
+          'MODELS = {\n    "mlp": lambda cfg, channels, size, num_classes: nn.Sequential(\n'
+          '        nn.Flatten(), nn.Linear(channels * size * size, cfg.width), nn.ReLU(), '
+          'nn.Linear(cfg.width, num_classes)),\n')
+    _yaml_like(repo, "model", "resnet_small", "mlp")
+    return ["model=mlp", "model.zero_init_residual=false"]
+
+
+def add_dataset(repo):
+    _edit(repo / "engine" / "datasets.py", "DATASETS = {\n",
+          'DATASETS = {\n    "noise": Dataset(lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, '
+          'c.channels, c.num_classes, seed=7), lambda c: c.train_size, lambda c: None),\n')
+    _yaml_like(repo, "data", "synthetic", "noise")
+    return ["data=noise", "data.train_size=512", "data.test_size=128"]
+
+
+def add_batch_schedule(repo):
+    schedules = repo / "optim" / "batch_schedules.py"
+    _edit(schedules, 'BATCH_SCHEDULES = ("constant", ', 'BATCH_SCHEDULES = ("twophase", "constant", ')
+    _edit(schedules, '        if self.kind == "constant":\n            return [self.batch]\n',
+          '        if self.kind == "constant":\n            return [self.batch]\n'
+          '        if self.kind == "twophase":\n            return [self.start, self.batch]\n')
+    _edit(schedules, '        if self.kind == "step":\n            return self._step_batch(self._passed(images))\n',
+          '        if self.kind == "step":\n            return self._step_batch(self._passed(images))\n'
+          '        if self.kind == "twophase":\n            return self.start if images < self.ramp_images else '
+          'self.batch\n')
+    _edit(repo / "engine" / "plan.py", '    if b.name == "ramp":\n',
+          '    if b.name == "twophase":\n        kw["ramp_images"] = int(round((b.epochs or 0.0) * train_size))\n'
+          '    if b.name == "ramp":\n')
+    (repo / "conf" / "batch_schedule" / "twophase.yaml").write_text("name: twophase\nstart: 32\nepochs: 0.5\n")
+    return ["batch_schedule=twophase"]
+
+
+def add_logger(repo):
+    (repo / "my_sink.py").write_text("from engine.sinks import Sink\n\n\nclass Lines(Sink):\n"
+                                     "    def log(self, step, row):\n"
+                                     "        with open(self.run_dir / 'lines.txt', 'a') as f:\n"
+                                     "            f.write(f'{step}\\n')\n")
+    (repo / "conf" / "logger" / "lines.yaml").write_text("every_steps: 1\nsinks:\n  lines:\n"
+                                                         "    _target_: my_sink.Lines\n")
+    return ["logger=lines"]
+
+
+# kind -> (how to add one, the files it takes): docs/extending.md's table states the same numbers
+KINDS = {"optimizer": (add_optimizer, 1), "warmup": (add_warmup, 2), "decay": (add_decay, 2),
+         "model": (add_model, 2), "dataset": (add_dataset, 2), "batch schedule": (add_batch_schedule, 3),
+         "logger": (add_logger, 2)}
+
+
+def snapshot(repo):
+    return {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    """Every kind added to one scratch copy; the files each one touched; one training step with each."""
+    repo = tmp_path_factory.mktemp("extended") / "repo"
+    repo.mkdir()
+    for name in COPIED:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, repo / name)
+    touched, runs = {}, {}
+    for kind, (add, _) in KINDS.items():
+        before = snapshot(repo)
+        runs[kind] = add(repo)
+        after = snapshot(repo)
+        touched[kind] = sorted(str(p) for p in after if before.get(p) != after[p])
+    script = ("import json, sys\nfrom pathlib import Path\nimport train\nfrom engine.compose import TINY, compose_cfg\n"
+              "for i, overrides in enumerate(json.loads(sys.argv[1])):\n"
+              "    run_dir = Path(sys.argv[2]) / str(i)\n    run_dir.mkdir(parents=True)\n"
+              "    keys = {o.split('=')[0] for o in overrides}\n"
+              "    base = [o for o in TINY if o.split('=')[0] not in keys]\n"
+              "    s = train.train(compose_cfg([*base, 'batch=64', 'max_steps=3', *overrides]), run_dir)\n"
+              "    print(json.dumps([overrides, s['steps'], s['diverged']]))\n")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(list(runs.values())), str(repo.parent / "runs")],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    return touched, out, repo
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_an_option_of_each_kind_takes_the_files_the_docs_say_and_trains(extended, kind):
+    touched, out, repo = extended
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(touched[kind]) == KINDS[kind][1], touched[kind]
+    trained = [line for line in out.stdout.splitlines() if line.startswith("[[")]
+    assert len(trained) == len(KINDS) and all(", 3, false]" in line for line in trained), out.stdout[-2000:]
+
+
+def test_the_docs_state_the_counts_this_test_measures():
+    text = (ROOT / "docs" / "extending.md").read_text()
+    for kind, (_, files) in KINDS.items():
+        row = re.search(rf"^\| an? {kind} \| \*\*(\d+)\*\*", text, re.M)
+        assert row and int(row.group(1)) == files, kind
