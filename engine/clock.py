@@ -73,7 +73,7 @@ class StepClock:
         """What the LR follows when the batch changes."""
         return f"the {rule} rule"
 
-    def describe(self, run_steps: int, batch_measured: bool) -> list[str]:
+    def describe(self, run_steps: int, batch_measured: bool, capped: bool) -> list[str]:
         """The plan's lines about this clock."""
         return []
 
@@ -111,10 +111,13 @@ class ImageClock(StepClock):
     def unit(self):
         return f" (steps at batch {self.global_batch:,}, counted in images)"
 
-    def describe(self, run_steps, batch_measured):
+    def describe(self, run_steps, batch_measured, capped):
+        budget = f"{self.total_images:,} images (the budget of batch {self.global_batch:,} for {self.total_steps:,} steps)"
+        if capped:
+            return [f"{budget}; max_steps stops this run after {run_steps:,} step{'s' * (run_steps != 1)}, before "
+                    f"{'it may reach ' if batch_measured else ''}the budget"]
         bound = "at most" if batch_measured else "exactly"
-        return [f"{self.total_images:,} images (the budget of batch {self.global_batch:,} for {self.total_steps:,} "
-                f"steps) in {bound} {run_steps:,} step{'s' * (run_steps != 1)}"]
+        return [f"{budget} in {bound} {run_steps:,} step{'s' * (run_steps != 1)}"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ class TauClock(ImageClock):
     def follows(self, rule):
         return "AdaScale's gain"
 
-    def describe(self, run_steps, batch_measured):
+    def describe(self, run_steps, batch_measured, capped):
         return [f"AdaScale: the reference schedule (lr {self.base_lr:g} at batch {self.ref_batch}, {self.total_steps:,} "
                 f"step{'s' * (self.total_steps != 1)}) times the measured gain r in [1, batch/{self.ref_batch}]; tau "
                 f"advances by r per step and the run ends at tau = {self.total_steps:,}"]

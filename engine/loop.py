@@ -207,8 +207,9 @@ def run_eval(run: Run) -> None:
         state.best_val_acc, state.improved = state.last_eval["val_acc"], True
     if run.dist.is_main:
         run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.at)})
+    split = "val" if run.cfg.data.val_split else "test"  # data.val_split: measured on held-out training images
     run.progress.write(f"epoch {run.plan.epoch_of(state.at):.4g} step {state.step}: train loss "
-                       f"{state.train_loss:.4f} test acc {state.last_eval['val_acc']:.4f} test loss "
+                       f"{state.train_loss:.4f} {split} acc {state.last_eval['val_acc']:.4f} {split} loss "
                        f"{state.last_eval['val_loss']:.4f}")
 
 

@@ -14,6 +14,7 @@ from hydra.utils import get_class
 
 from .checkpoint import RUN_FILES
 from .distributed import env_rank
+from .errors import RunError
 
 # The run's own lines (plan, progress, evaluations, warnings): Hydra's job logging sends them to the console and
 # to the run dir's train.log (conf/hydra/job_logging/run_log.yaml).
@@ -83,8 +84,7 @@ class RunLogger:
             return
         path = run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and (resume_step is not None and json.loads(ln)["step"] <= resume_step)]
+            keep = self._rows_through(path, resume_step) if resume_step is not None else []
             tmp = path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, path)
@@ -96,6 +96,23 @@ class RunLogger:
                 self.sinks[key] = get_class(node["_target_"])(run_dir, **common, **own)
             except Exception as e:
                 self._warn(f"{key} could not start ({type(e).__name__}: {e}); logging goes on without it")
+
+    def _rows_through(self, path: Path, step: int) -> list[str]:
+        """The lines of ``path`` up to ``step``. A torn last line (a kill or a full disk mid-write) is dropped with
+        a warning; a damaged line before it is one error naming it."""
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    self._warn(f"{path}: its last line was cut off mid-write (a kill or a full disk); dropped")
+                    break
+                raise RunError(f"{path}: line {number} is not JSON; repair or delete that line, then resume") from None
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        return keep
 
     @property
     def run_id(self) -> str | None:

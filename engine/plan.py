@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .optimizer_class import build_optimizer, check_constructor, optimizer_class, scaled_kwargs
 from .plan_text import describe
 
+MAX_STEPS = 1e12  # a horizon past this is a typo (epochs=1e308), not a run
 MICRO_BATCH_CAP = 256  # automatic micro-batch: the largest divisor of the per-rank batch that is <= this
 
 
@@ -42,6 +43,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int       # the schedule's horizon: epochs x steps_per_epoch (AdaScale: of the reference batch)
     run_steps: int         # steps this run takes: total_steps, or max_steps if smaller (an upper bound if measured)
+    capped: bool           # max_steps (may) stop the run before its budget
     warmup_steps: int
     rule: str
     ref_batch: int
@@ -234,6 +236,10 @@ def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, op
         if batches.kind == "step":
             raise ConfigError("batch_schedule=step replaces the LR decay by batch growth and scaling=adascale sets the "
                               "LR from its gain: use one of them")
+        if min(batches.sizes()) < cfg.scaling.ref_batch:
+            raise ConfigError(f"scaling=adascale at batch {min(batches.sizes())}, below scaling.ref_batch="
+                              f"{cfg.scaling.ref_batch}: its gain is defined for batches at or above the reference "
+                              f"(S = batch / ref_batch >= 1); use a larger batch or a smaller scaling.ref_batch")
     return probe_micro
 
 
@@ -279,6 +285,9 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     if steps_per_epoch < 1:
         raise ConfigError(f"batch={global_batch} is larger than the training set ({train_size} images): use a "
                           f"batch <= {train_size}")
+    if not cfg.epochs * steps_per_epoch < MAX_STEPS:
+        raise ConfigError(f"epochs={cfg.epochs:g} is {cfg.epochs * steps_per_epoch:.3g} steps at batch {global_batch}: "
+                          f"use at most {MAX_STEPS / steps_per_epoch:.3g} epochs")
     total_steps = max(int(round(cfg.epochs * steps_per_epoch)), 1)
     batches = _batch_schedule(cfg, total_steps, train_size)
     micro = _micro_batch(cfg, batches, world_size)
@@ -300,9 +309,10 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
                           global_batch=global_batch, train_size=train_size, ref_batch=ref_batch, base_lr=o.lr)
     _check_data_options(cfg, clock)
     probe_micro = _check_measured(cfg, batches, micro, world_size, cls)
+    run_steps, capped = _run_steps(clock, batches, cfg.max_steps)
     plan = Plan(global_batch=global_batch, micro_batch=micro, accum_steps=per_rank // micro, world_size=world_size,
                 train_size=train_size, steps_per_epoch=steps_per_epoch, total_steps=horizon,
-                run_steps=_run_steps(clock, batches, cfg.max_steps), warmup_steps=schedule.warmup_steps, rule=rule,
+                run_steps=run_steps, capped=capped, warmup_steps=schedule.warmup_steps, rule=rule,
                 ref_batch=ref_batch, base_lr=o.lr, peak_lr=peak_lr, weight_decay=o.weight_decay,
                 optimizer_target=o.target, optimizer_cls=cls, optimizer_kwargs=kwargs, schedule=schedule,
                 clock=clock, batches=batches, notes=notes, max_steps=cfg.max_steps, probe_micro=probe_micro,
@@ -312,16 +322,19 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
     return plan
 
 
-def _run_steps(clock: StepClock, batches: BatchSchedule, max_steps: int | None) -> int:
-    """The steps this run takes: exact for the deterministic batch schedules, an upper bound for a measured batch
-    (every step at ``start``) or clock (AdaScale: a gain of 1 throughout)."""
+def _run_steps(clock: StepClock, batches: BatchSchedule, max_steps: int | None) -> tuple[int, bool]:
+    """The steps this run takes, and whether max_steps may stop it before its budget. Exact for the deterministic
+    batch schedules; an upper bound for a measured batch (every step at ``start``) or clock (AdaScale: a gain of 1
+    throughout)."""
     cap = max_steps or math.inf
     if clock.fixed_batch or clock.measured:
-        return int(min(clock.total_steps, cap))
-    if batches.measured:
-        return int(min(-(-clock.total_images // batches.start), cap))
-    steps, at = 0, Progress()
-    while not clock.done(at) and steps < cap:
-        at = at.advanced(batches.at(at.images))
-        steps += 1
-    return steps
+        budget = clock.total_steps
+    elif batches.measured:
+        budget = -(-clock.total_images // batches.start)
+    else:
+        steps, at = 0, Progress()
+        while not clock.done(at) and steps < cap:
+            at = at.advanced(batches.at(at.images))
+            steps += 1
+        return steps, not clock.done(at)
+    return int(min(budget, cap)), cap < budget

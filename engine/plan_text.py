@@ -15,9 +15,12 @@ def describe(plan) -> str:
                  f"x ranks {plan.world_size}; {plural(plan.steps_per_epoch, 'step')}/epoch, "
                  f"{plural(plan.total_steps, 'step')} in all"
                  + (f" (stopping at {plan.run_steps:,})" if plan.run_steps < plan.total_steps else "")]
-    else:
+    elif plan.batches.varies:
         lines = [f"plan: target global batch {plan.global_batch:,} = micro {plan.micro_batch} x accum "
                  f"{plan.accum_steps} x ranks {plan.world_size}; the batch changes during the run (below)"]
+    else:
+        lines = [f"plan: global batch {plan.global_batch:,} = micro {plan.micro_batch} x accum {plan.accum_steps} "
+                 f"x ranks {plan.world_size}; the LR follows {clock.follows(plan.rule)} (below)"]
     dropped = plan.train_size - clock.epoch_images
     if dropped:
         lines.append(f"      {dropped:,} of {plan.train_size:,} images ({dropped / plan.train_size:.0%}) are left "
@@ -39,7 +42,7 @@ def describe(plan) -> str:
         follows += f" ({plan.lr(plan.start, b.start):.4g} at {b.start:,} in step 0)"
     if line := b.describe(follows, plan.probe_micro * plan.micro_batch):
         lines.append(f"      {line}")
-    lines += [f"      {line}" for line in clock.describe(plan.run_steps, b.measured)]
+    lines += [f"      {line}" for line in clock.describe(plan.run_steps, b.measured, plan.capped)]
     # short lines a terminal or a Slurm log shows whole; a long one continues indented under its first
     return "\n".join(textwrap.fill(line, 120, subsequent_indent=" " * 8, break_on_hyphens=False) for line in lines)
 

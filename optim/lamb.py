@@ -35,12 +35,12 @@ class LAMB(LayerwiseOptimizer):
                  foreach: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"LAMB: lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"LAMB: betas must be in [0, 1), got {tuple(betas)}")
-        if not eps >= 0.0:
-            raise ValueError(f"LAMB: eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"LAMB: weight_decay must be >= 0, got {weight_decay}")
+        if not (len(betas) == 2 and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"LAMB: betas must be two values in [0, 1), got {list(betas)}")
+        if not 0.0 <= eps < math.inf:
+            raise ValueError(f"LAMB: eps must be finite and >= 0, got {eps}")
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(f"LAMB: weight_decay must be finite and >= 0, got {weight_decay}")
         if trust_bounds is not None and not (len(trust_bounds) == 2 and 0.0 <= trust_bounds[0] <= trust_bounds[1]):
             raise ValueError(f"LAMB: trust_bounds must be [lo, hi] with 0 <= lo <= hi, got {list(trust_bounds)}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,

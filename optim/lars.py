@@ -37,6 +37,8 @@ given only in the param groups. The last trust ratio of every adapted tensor is 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._helpers import LayerwiseOptimizer, as_real, lr_value, norm, norm_dtype, stacked_norms, trust_ratio, use_foreach
@@ -53,12 +55,12 @@ class LARS(LayerwiseOptimizer):
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
-        if not eta > 0.0:
-            raise ValueError(f"LARS: eta (trust coefficient) must be > 0, got {eta}")
-        if not eps >= 0.0:
-            raise ValueError(f"LARS: eps must be >= 0, got {eps}")
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(f"LARS: weight_decay must be finite and >= 0, got {weight_decay}")
+        if not 0.0 < eta < math.inf:
+            raise ValueError(f"LARS: eta (trust coefficient) must be finite and > 0, got {eta}")
+        if not 0.0 <= eps < math.inf:
+            raise ValueError(f"LARS: eps must be finite and >= 0, got {eps}")
         if nesterov and momentum <= 0:
             raise ValueError("LARS: nesterov=True needs momentum > 0")
         if variant not in VARIANTS:

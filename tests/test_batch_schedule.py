@@ -92,7 +92,7 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
     # adaptive and AdaScale decide from this step's gradients: one step at a time
     (["batch=128", "batch_schedule=adaptive", "batch_schedule.start=32", "batch_schedule.multiple=32",
       "batch_schedule.probe=16", "micro_batch=16"], [(0, 0, 32)]),
-    (["batch=128", "scaling=adascale", "micro_batch=32"], [(0, 0, 128)]),
+    (["batch=128", "scaling=adascale", "scaling.ref_batch=32", "micro_batch=32"], [(0, 0, 128)]),
 ])
 def test_steps_known_ahead(overrides, expected):
     from engine.checkpoint import RunState
@@ -156,7 +156,7 @@ def test_accumulation_equals_one_big_batch_at_every_batch(tmp_path, extra):
     RAMP_KEYS,
     ["batch_schedule=step", "batch_schedule.start=64", "batch_schedule.factor=2", "batch_schedule.milestones=[0.25,0.5]"],
     ADAPTIVE_KEYS + ["micro_batch=16"],
-    RAMP_KEYS + ["scaling=adascale", "micro_batch=16"],
+    RAMP_KEYS + ["scaling=adascale", "scaling.ref_batch=32", "micro_batch=16"],
 ], ids=["ramp", "step", "adaptive", "ramp+adascale"])
 def test_resume_mid_schedule_is_bit_exact(tmp_path, extra):
     run = SMALL + extra
@@ -220,6 +220,9 @@ def test_two_ranks_ramp_in_lock_step(tmp_path):
     (["batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=48"],
      "batch_schedule.multiple=48 must divide"),
     (["batch_schedule=step", "batch_schedule.start=64", "scaling=adascale"], "use one of them"),
+    (["batch=128", "scaling=adascale", "micro_batch=32"], "scaling=adascale at batch 128, below scaling.ref_batch=256"),
+    (["batch_schedule=ramp", "batch_schedule.start=64", "scaling=adascale", "micro_batch=32"],
+     "scaling=adascale at batch 64, below scaling.ref_batch=256"),
 ])
 def test_bad_batch_schedules_are_one_line(tmp_path, overrides, message):
     r = subprocess.run([sys.executable, "train.py", *TINY, "batch=256", *overrides,

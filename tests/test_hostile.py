@@ -46,6 +46,14 @@ REFUSED = [  # (overrides, what the one line must say)
     (["logger.every_steps=0"], "logger.every_steps=0 is invalid"),
     (["data.val_split=512"], "data.val_split=512 must be below the training set's 512 images"),
     (["data.val_split=-1"], "data.val_split=-1 is invalid"),
+    # ranges of every optimizer keyword we own, and horizons no run can have
+    (["epochs=1e308"], "epochs=1e+308 is"),
+    (["epochs=1e15", "batch_schedule=ramp", "batch_schedule.start=32", "batch=64"], "use at most"),
+    (["optim=lars", "optim.eps=inf"], "LARS: eps must be finite and >= 0, got inf"),
+    (["optim=lars", "optim.eta=inf"], "LARS: eta (trust coefficient) must be finite and > 0, got inf"),
+    (["optim=lars", "optim.weight_decay=inf"], "weight_decay"),
+    (["optim=lamb", "optim.betas=[0.9,0.99,0.999]"], "LAMB: betas must be two values in [0, 1)"),
+    (["optim=lamb", "optim.eps=inf"], "LAMB: eps must be finite and >= 0, got inf"),
 ]
 
 
@@ -255,3 +263,31 @@ def test_eval_only_into_an_unfinished_run_is_refused(tmp_path):
                 f"hydra.run.dir={run_dir}"])
     assert r.returncode == 2 and "already holds a run (metrics.jsonl)" in r.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_torn_last_line_of_metrics_jsonl_does_not_block_a_resume(tmp_path):
+    """A kill or a full disk mid-write leaves half a line: resume=auto drops it (one warning) and goes on; a damaged
+    line before the last is one error naming the file and the line."""
+    run = [ROOT / "train.py", *TINY, "batch=64", "checkpoint.every_steps=1", "logger.every_steps=1"]
+    run_dir = tmp_path / "run"
+    assert python([*run, "max_steps=2", f"hydra.run.dir={run_dir}"]).returncode == 0
+    metrics = run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 2.')
+    r = python([*run, "max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "its last line was cut off mid-write" in r.stderr
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3, 4]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    r = python([*run, "max_steps=6", "resume=auto", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {metrics}: line 2 is not JSON; repair or delete that line, then resume")
+
+
+def test_with_a_validation_split_the_progress_line_says_val(tmp_path):
+    r = python([ROOT / "train.py", *TINY, "batch=64", "data.val_split=128", "max_steps=2",
+                f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert " val acc " in r.stdout and " test acc " not in r.stdout

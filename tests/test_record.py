@@ -159,6 +159,12 @@ def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):
     (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k"], ["in exactly 86 steps"]),
     (["batch_schedule=step", "batch_schedule.start=64", "schedule=step"], ["batch steps (Smith et al.): 64 x"]),
     (["batch=4k", "batch_schedule=adaptive", "scaling=adascale"], ["adaptive batch: clamp("]),
+    # what did not happen is not said: AdaScale at a constant batch, a budget max_steps cuts short
+    (["batch=1k", "scaling=adascale", "micro_batch=128"], ["global batch 1,024 = micro 128", "follows AdaScale's gain"]),
+    (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k", "max_steps=3"],
+     ["max_steps stops this run after 3 steps, before the budget"]),
+    (["batch=8k", "batch_schedule=adaptive", "batch_schedule.start=1k", "max_steps=3"],
+     ["max_steps stops this run after 3 steps, before it may"]),
 ])
 def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
     cfg = load_cfg(overrides)
@@ -166,6 +172,8 @@ def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
     for piece in expected:
         assert piece in text, text
     assert "lr 25 @" not in text and "1 steps" not in text
+    assert ("the batch changes" in text) == (cfg.batch_schedule.name != "constant")
+    assert "in exactly" not in text or not cfg.max_steps
     assert "left out" not in text or cfg.batch_schedule.name == "constant"
     assert max(len(line) for line in text.splitlines()) <= 120  # a few short lines, not one long one
 
