@@ -20,7 +20,7 @@ from . import slurm
 from .checkpoint import RUN_FILES, already_done, to_resume
 from .compose import CONF_DIR
 from .config import load_config
-from .datasets import check_data_available, train_size_of
+from .datasets import check_data_available, check_model, train_size_of
 from .distributed import env_rank, env_world_size, resolve_device
 from .errors import ConfigError
 from .plan import make_plan
@@ -202,6 +202,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 cfg = load_config(compose("config", overrides=overrides))
                 cfg.resume = slurm.resume_mode(cfg.resume)
                 plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
+                check_model(cfg.model, cfg.data)
                 if not check_files:
                     continue
                 resolve_device(cfg.device)

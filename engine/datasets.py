@@ -12,9 +12,12 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from . import datasets_disk as disk
 from .data import TrainData, load_fashion_mnist, make_synthetic
 from .errors import ConfigError
+from .models import build_model
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Dataset:
     load: Callable[..., TrainData]         # cfg.data -> the data (train and test splits)
     train_size: Callable[..., int]         # cfg.data -> training images, without loading
     check: Callable[..., None]             # cfg.data -> None, or a ConfigError before any run dir exists
+    shape: Callable[..., tuple]            # cfg.data -> ((channels, height, width), classes), without loading
     in_memory: bool = True                 # False: per-image decoding, auto_augment, repeated_aug, decode
 
 
@@ -31,16 +35,18 @@ def _fashion_readable(root: str | None) -> None:
 
 
 DATASETS = {
-    "fashion_mnist": Dataset(lambda c: load_fashion_mnist(c.root), lambda c: 60_000, lambda c: _fashion_readable(c.root)),
+    "fashion_mnist": Dataset(lambda c: load_fashion_mnist(c.root), lambda c: 60_000, lambda c: _fashion_readable(c.root),
+                             lambda c: ((1, 28, 28), 10)),
     "cifar10": Dataset(lambda c: disk.load_cifar("cifar10", c.root), lambda c: 50_000,
-                       lambda c: disk.check_cifar("cifar10", c)),
+                       lambda c: disk.check_cifar("cifar10", c), lambda c: ((3, 32, 32), 10)),
     "cifar100": Dataset(lambda c: disk.load_cifar("cifar100", c.root), lambda c: 50_000,
-                        lambda c: disk.check_cifar("cifar100", c)),
+                        lambda c: disk.check_cifar("cifar100", c), lambda c: ((3, 32, 32), 100)),
     "imagenet": Dataset(disk.load_imagenet, lambda c: 1_281_167, lambda c: disk.check_imagenet(c.root),
-                        in_memory=False),
+                        lambda c: ((3, 224, 224), 1000), in_memory=False),
     "synthetic": Dataset(lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, c.channels,
                                                   c.num_classes),
-                         lambda c: c.train_size, lambda c: None),
+                         lambda c: c.train_size, lambda c: None,
+                         lambda c: ((c.channels, c.image_size, c.image_size), c.num_classes)),
 }
 
 
@@ -71,6 +77,14 @@ def train_size_of(cfg_data) -> int:
     if cfg_data.val_split and cfg_data.val_split >= size:
         raise ConfigError(f"data.val_split={cfg_data.val_split} must be below the training set's {size} images")
     return size - (cfg_data.val_split or 0)
+
+
+def check_model(cfg_model, cfg_data) -> None:
+    """The model's own arguments against the data's shape (a ViT patch that does not divide the image), built on
+    the meta device: no memory, no data read."""
+    shape, classes = DATASETS[cfg_data.name].shape(cfg_data)
+    with torch.device("meta"):
+        build_model(cfg_model, shape, classes)
 
 
 def in_memory(cfg_data) -> bool:

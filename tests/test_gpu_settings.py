@@ -163,7 +163,7 @@ def test_evaluation_runs_the_uncompiled_model(monkeypatch):
                                                                                       "val_loss": 1.0})
     plain = torch.nn.Linear(2, 2)
     run = SimpleNamespace(model=torch.compile(plain), data=None, device=torch.device("cpu"), ema=None,
-                          cfg=SimpleNamespace(precision="fp32", channels_last=False), dist=SimpleNamespace(is_main=False),
+                          cfg=SimpleNamespace(precision="fp32", channels_last=False, data=SimpleNamespace(val_split=0)), dist=SimpleNamespace(is_main=False),
                           state=RunState(), plan=SimpleNamespace(epoch_of=lambda *a: 0.0),
                           progress=SimpleNamespace(write=lambda text: None))
     loop.run_eval(run)

@@ -4,6 +4,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from engine.cli import preflight
+from engine.errors import RunError
 from tests.helpers import ROOT, TINY, python, run_train
 
 REFUSED = [  # (overrides, what the one line must say)
@@ -70,7 +72,6 @@ def test_values_that_cannot_work_are_one_line(tmp_path, capsys, overrides, messa
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
     from engine import checkpoint
-    from engine.errors import RunError
     summary, run_dir = run_train(tmp_path, [*TINY, "max_steps=2"])
     last = run_dir / "checkpoints" / "last.pt"
     good = last.read_bytes()
@@ -225,38 +226,36 @@ def test_test_images_of_another_size_are_refused(tmp_path):
 
 
 def test_a_vit_patch_that_does_not_divide_the_image_is_one_line(tmp_path):
-    """engine/models.py raised a ConfigError it never imported: a NameError traceback. (The preflight does not build
-    the model yet, so the run dir is still made before this line.)"""
-    import subprocess
-    import sys
+    """engine/models.py raised a ConfigError it never imported: a NameError traceback, after the run dir existed.
+    The preflight builds the model on the meta device: one line, no run dir."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "model=vit_tiny", "model.patch_size=5",
                         "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == ["error: model.patch_size=5 does not divide the image size 28"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_another_runs_checkpoint_is_refused_into_a_folder_holding_a_run(tmp_path):
     """resume=B's checkpoint with hydra.run.dir=A (a run of its own) replaced A's last.pt and summary.json and cut
     its metrics.jsonl back to B's step. Refused before anything is written; an empty folder may take the fork."""
-    a, b, fork = tmp_path / "A", tmp_path / "B", tmp_path / "fork"
-    run = [ROOT / "train.py", *TINY, "batch=64", "checkpoint.every_steps=1"]
-    assert python([*run, "max_steps=4", f"hydra.run.dir={a}"]).returncode == 0
-    assert python([*run, "max_steps=2", f"hydra.run.dir={b}"]).returncode == 0
-    before = {p.name: p.read_bytes() for p in [a / "summary.json", a / "metrics.jsonl", a / "checkpoints" / "last.pt"]}
-    r = python([*run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={a}"])
+    run = [*TINY, "batch=64", "checkpoint.every_steps=1"]
+    _, a = run_train(tmp_path, [*run, "max_steps=4"], "A")
+    _, b = run_train(tmp_path, [*run, "max_steps=2"], "B")
+    records = [a / "summary.json", a / "metrics.jsonl", a / "checkpoints" / "last.pt"]
+    before = [p.read_bytes() for p in records]
+    r = python([ROOT / "train.py", *run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={a}"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "continues another run" in r.stderr and str(a) in r.stderr
-    assert {p.name: p.read_bytes() for p in [a / "summary.json", a / "metrics.jsonl",
-                                              a / "checkpoints" / "last.pt"]} == before
-    r = python([*run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={fork}"])
-    assert r.returncode == 0 and json.loads((fork / "summary.json").read_text())["steps"] == 3
+    assert [p.read_bytes() for p in records] == before
+    summary, _ = run_train(tmp_path, [*run, "max_steps=3", f"resume={b}/checkpoints/last.pt"], "fork")
+    assert summary["steps"] == 3
 
 
 def test_eval_only_into_an_unfinished_run_is_refused(tmp_path):
     """An unfinished run has metrics.jsonl but no summary.json: eval_only wrote its summary.json there."""
-    run_dir, other = tmp_path / "run", tmp_path / "other"
-    assert python([ROOT / "train.py", *TINY, "max_steps=2", f"hydra.run.dir={other}"]).returncode == 0
+    run_dir = tmp_path / "run"
+    _, other = run_train(tmp_path, [*TINY, "max_steps=2"], "other")
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
     r = python([ROOT / "train.py", *TINY, "eval_only=true", f"resume={other}/checkpoints/last.pt",
@@ -265,29 +264,26 @@ def test_eval_only_into_an_unfinished_run_is_refused(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
 
-def test_a_torn_last_line_of_metrics_jsonl_does_not_block_a_resume(tmp_path):
+def test_a_torn_last_line_of_metrics_jsonl_does_not_block_a_resume(tmp_path, caplog):
     """A kill or a full disk mid-write leaves half a line: resume=auto drops it (one warning) and goes on; a damaged
     line before the last is one error naming the file and the line."""
-    run = [ROOT / "train.py", *TINY, "batch=64", "checkpoint.every_steps=1", "logger.every_steps=1"]
-    run_dir = tmp_path / "run"
-    assert python([*run, "max_steps=2", f"hydra.run.dir={run_dir}"]).returncode == 0
+    run = [*TINY, "batch=64", "checkpoint.every_steps=1", "logger.every_steps=1"]
+    _, run_dir = run_train(tmp_path, [*run, "max_steps=2"])
     metrics = run_dir / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 3, "loss": 2.')
-    r = python([*run, "max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "its last line was cut off mid-write" in r.stderr
+    run_train(tmp_path, [*run, "max_steps=4", "resume=auto"])
+    assert any("its last line was cut off mid-write" in m for m in caplog.messages)
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2, 3, 4]
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
-    r = python([*run, "max_steps=6", "resume=auto", f"hydra.run.dir={run_dir}"])
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
-        f"error: {metrics}: line 2 is not JSON; repair or delete that line, then resume")
+    with pytest.raises(RunError, match=rf"^{re.escape(str(metrics))}: line 2 is not JSON; repair or delete"):
+        run_train(tmp_path, [*run, "max_steps=6", "resume=auto"])
 
 
-def test_with_a_validation_split_the_progress_line_says_val(tmp_path):
-    r = python([ROOT / "train.py", *TINY, "batch=64", "data.val_split=128", "max_steps=2",
-                f"hydra.run.dir={tmp_path / 'run'}"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert " val acc " in r.stdout and " test acc " not in r.stdout
+def test_with_a_validation_split_the_progress_line_says_val(tmp_path, caplog):
+    caplog.set_level("INFO", logger="train")
+    run_train(tmp_path, [*TINY, "batch=64", "data.val_split=128", "max_steps=2"])
+    lines = [m for m in caplog.messages if m.startswith("epoch ")]
+    assert lines and all(" val acc " in m and " test acc " not in m for m in lines)
