@@ -58,7 +58,8 @@ def add_model(repo):
 def add_dataset(repo):
     _edit(repo / "engine" / "datasets.py", "DATASETS = {\n",
           'DATASETS = {\n    "noise": Dataset(lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, '
-          'c.channels, c.num_classes, seed=7), lambda c: c.train_size, lambda c: None),\n')
+          'c.channels, c.num_classes, seed=7), lambda c: c.train_size, lambda c: None,\n'
+          '        lambda c: ((c.channels, c.image_size, c.image_size), c.num_classes)),\n')
     _yaml_like(repo, "data", "synthetic", "noise")
     return ["data=noise", "data.train_size=512", "data.test_size=128"]
 
