@@ -3,7 +3,7 @@
 The YAML files under conf/ hold every default; this module holds none of them. It declares, next to each setting,
 its type and range (pydantic field constraints), so a setting cannot be added without one. Names of options come
 from the code that implements them (the registries ``optim.WARMUPS``, ``optim.DECAYS``, ``optim.RULES``,
-``engine.models.MODELS``, ``engine.data.DATASETS``) and from conf/'s file names, which a test keeps equal.
+``engine.models.MODELS``, ``engine.datasets.DATASETS``) and from conf/'s file names, which a test keeps equal.
 A setting an option does not use is None here ("not set by this option"), never a second default.
 
 The optimizer group is the constructor: ``_target_`` names any ``torch.optim.Optimizer`` class and every key other

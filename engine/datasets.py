@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from . import datasets_disk as disk
-from .data import TrainData, load_fashion_mnist, make_synthetic
+from .data import TrainData, make_synthetic
 from .errors import ConfigError
+from .fashion_mnist import load_fashion_mnist
 from .models import build_model
 
 

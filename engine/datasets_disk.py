@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .data import DOWNLOAD_CACHE, TensorData, epoch_order, global_batches, normalize
+from .data import DOWNLOAD_CACHE, TensorData
 from .errors import ConfigError, RunError
+from .sampling import epoch_order, global_batches
+from .transforms import normalize
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],

@@ -31,12 +31,13 @@ from optim import apply_lr
 from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
 from .config import Config
-from .data import TrainData, training_steps
+from .data import TrainData
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
 from .ema import update_ema
 from .errors import RunError
 from .metrics import Progress, RunLogger
 from .plan import Plan, auto_micro_batch
+from .steps import training_steps
 
 
 @dataclass

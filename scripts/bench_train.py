@@ -22,9 +22,10 @@ import torch.nn.functional as F  # noqa: E402
 import train as train_script  # noqa: E402
 from engine.compose import compose_cfg, load_cfg  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.data import Augment, make_synthetic  # noqa: E402
+from engine.data import make_synthetic  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.plan import make_plan  # noqa: E402
+from engine.transforms import Augment
 
 
 def overrides(args):

@@ -96,9 +96,9 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
 ])
 def test_steps_known_ahead(overrides, expected):
     from engine.checkpoint import RunState
-    from engine.data import steps_ahead
     from engine.datasets import train_size_of
     from engine.plan import make_plan
+    from engine.steps import steps_ahead
     cfg = load_cfg([*TINY, *overrides])
     plan = make_plan(cfg, train_size_of(cfg.data))
     assert steps_ahead(plan, RunState(), 512) == expected

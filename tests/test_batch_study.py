@@ -16,7 +16,8 @@ import tradeoff  # scripts/tradeoff.py
 import yaml
 
 from engine.clock import Progress
-from engine.data import TensorData, normalize
+from engine.data import TensorData
+from engine.transforms import normalize
 from tests.helpers import ROOT, TINY, run_train
 
 

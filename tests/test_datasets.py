@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from engine.config import DataConfig
-from engine.data import Augment, load_fashion_mnist, read_idx
 from engine.datasets import check_data_available, load_data
 from engine.errors import ConfigError
+from engine.fashion_mnist import load_fashion_mnist, read_idx
+from engine.transforms import Augment
 from tests.helpers import ROOT, TINY, run_train
 
 
@@ -181,8 +182,9 @@ def test_decoding_on_the_device_gives_the_images_the_workers_give(tmp_path, poli
 def test_imagenet_under_a_changing_batch_sees_the_same_images_at_any_micro_batch_or_ranks(tmp_path):
     """A batch schedule walks the image stream (a step may straddle two epochs): each step's images, crops and
     MixUp/CutMix pairs are the same for micro-batches 6, 3 (decoded on the device) and 1 rank or 2."""
-    from engine.data import Mix, stream_indices
     from engine.datasets_disk import ImageFolderData
+    from engine.sampling import stream_indices
+    from engine.transforms import Mix
     write_imagenet(tmp_path / "imagenet", per_class=4)
     root = str(tmp_path / "imagenet")
     index = stream_indices(8, seed=3, start=5, count=6)  # images 5..10 of the stream: the end of epoch 0, then 1
@@ -270,8 +272,8 @@ def test_repeated_augmentation_puts_an_images_copies_on_different_ranks(tmp_path
 
 
 def test_imagenet_mixup_pairs_do_not_depend_on_micro_batch_workers_or_ranks(tmp_path):
-    from engine.data import Mix
     from engine.datasets_disk import ImageFolderData
+    from engine.transforms import Mix
     write_imagenet(tmp_path / "imagenet", per_class=4)
     root, mix = str(tmp_path / "imagenet"), Mix(0.2, 1.0, 2)
 

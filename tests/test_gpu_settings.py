@@ -82,7 +82,7 @@ class HostTraffic:
     def __init__(self, monkeypatch):
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        from engine.data import Mix
+        from engine.transforms import Mix
         self.steps, in_transform = [], [False]
         counts = self.steps
 

@@ -216,8 +216,8 @@ def test_test_images_of_another_size_are_refused(tmp_path):
     import gzip
     import struct
 
-    from engine.data import load_fashion_mnist
     from engine.errors import ConfigError
+    from engine.fashion_mnist import load_fashion_mnist
     root = _fashion_copy(tmp_path)
     with gzip.open(root / "t10k-images-idx3-ubyte.gz", "wb") as f:  # 10,000 images of 32x32 instead of 28x28
         f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 10_000, 32, 32) + bytes(10_000 * 32 * 32))

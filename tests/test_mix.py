@@ -3,7 +3,8 @@ run sees does not depend on micro_batch or ranks; resume stays bit-exact with th
 import pytest
 import torch
 
-from engine.data import Augment, Mix, make_synthetic
+from engine.data import make_synthetic
+from engine.transforms import Augment, Mix
 from tests.helpers import TINY, run_train
 
 
