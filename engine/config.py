@@ -38,21 +38,12 @@ class Group(BaseModel):
 
 
 def Option(group: str, registry):
-    """A setting whose value must name an entry of ``registry()`` (the code that implements the options)."""
+    """A setting whose value must name an entry of ``registry`` (the code that implements the options)."""
     def check(value: str) -> str:
-        options = registry()
-        if value not in options:
-            raise ValueError(f"{group}={value!r} is not an option: choose one of {', '.join(options)}")
+        if value not in registry:
+            raise ValueError(f"{group}={value!r} is not an option: choose one of {', '.join(registry)}")
         return value
     return Annotated[str, AfterValidator(check)]
-
-
-def _models():
-    return MODELS
-
-
-def _datasets():
-    return DATASETS
 
 
 class OptimConfig(BaseModel):
@@ -69,7 +60,7 @@ class OptimConfig(BaseModel):
 
 
 class WarmupConfig(Group):
-    name: Option("warmup", lambda: WARMUPS)
+    name: Option("warmup", WARMUPS)
     epochs: Optional[NonNegFloat] = None           # length in epochs (fractions allowed) ...
     steps: Optional[NonNeg] = None                 # ... or in optimizer steps (wins when both are set)
     start_factor: Optional[Unit] = None            # linear: LR at the start as a fraction of the peak
@@ -80,7 +71,7 @@ class WarmupConfig(Group):
 
 
 class ScheduleConfig(Group):
-    name: Option("schedule", lambda: DECAYS)
+    name: Option("schedule", DECAYS)
     min_factor: Optional[Unit] = None              # cosine/poly floor as a fraction of the peak
     milestones: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = None  # step: fractions of the run ...
     milestone_epochs: Optional[list[PosFloat]] = None  # ... or epochs (wins when set)
@@ -106,12 +97,12 @@ class ScheduleConfig(Group):
 
 
 class ScalingConfig(Group):
-    rule: Option("scaling", lambda: RULES)
+    rule: Option("scaling", RULES)
     ref_batch: Pos
 
 
 class BatchScheduleConfig(Group):
-    name: Option("batch_schedule", lambda: BATCH_SCHEDULES)
+    name: Option("batch_schedule", BATCH_SCHEDULES)
     start: Optional[Pos] = None                    # the first global batch (ramp, step, adaptive)
     increment: Optional[Pos] = None                # ramp: batch increment per stage; null = start
     epochs: Optional[PosFloat] = None              # ramp: its length in epochs of images (0 would be `constant`)
@@ -136,7 +127,7 @@ class BatchScheduleConfig(Group):
 
 
 class ModelConfig(Group):
-    name: Option("model", _models)
+    name: Option("model", MODELS)
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
     zero_init_residual: Optional[bool] = None
     sync_bn: Optional[bool] = None
@@ -145,7 +136,7 @@ class ModelConfig(Group):
 
 
 class DataConfig(Group):
-    name: Option("data", _datasets)
+    name: Option("data", DATASETS)
     root: Optional[str] = None
     augment: Optional[bool] = None                 # random crop with padding + flip, per batch on the device
     crop_padding: Optional[NonNeg] = None
