@@ -279,7 +279,7 @@ if __name__ == "__main__":
             sys.argv.append(f"hydra.run.dir={distributed.shared_run_dir()}")  # one folder for all ranks and requeues
     except ConfigError as e:
         fail(str(e))
-    preflight(sys.argv[1:], conf_dir=Path(__file__).resolve().parent / "conf")
+    sys.argv[1:] = preflight(sys.argv[1:], conf_dir=Path(__file__).resolve().parent / "conf")
     main()
     if FAILED_JOBS:
         print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (their summary.json has the error): "

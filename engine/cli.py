@@ -11,8 +11,10 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -36,9 +38,9 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    folder = conf_dir / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+def group_options(group: str, conf_dir: Path = CONF_DIR, *more_dirs: Path) -> list[str]:
+    folders = [d / group for d in (conf_dir, *more_dirs)]
+    return sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")})
 
 
 _NOT_IN_STRUCT = re.compile(r"Could not override '([\w.]+)'")
@@ -102,13 +104,31 @@ def _jobs(args: list[str]) -> list[list[str]] | None:
     return [list(j) for j in jobs]
 
 
-def _check_group_options(args: list[str], conf_dir: Path) -> None:
+def check_grammar(overrides: list[str]) -> None:
+    """An override Hydra's grammar cannot read is one line that says how to write it."""
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except Exception:
+            key, _, value = o.partition("=")
+            fixed = f"{key}={hydra_quoted(value)}" if value[:1] not in "'\"" else o
+            fail(f"{o}: Hydra reads a value with spaces, quotes or non-ASCII characters only in quotes: write "
+                 f"\"{fixed}\" (see https://hydra.cc/docs/advanced/override_grammar/basic/)")
+
+
+def _fixed(args: list[str]) -> list[str]:
+    """The overrides that are not sweeps."""
+    return [o.input_line for o in OverridesParser.create().parse_overrides(args) if not o.is_sweep_override()]
+
+
+def _check_group_options(args: list[str], conf_dirs: list[Path]) -> None:
     for a in args:
         key, _, value = a.partition("=")
         key = key.lstrip("+~")
-        if "." in key or not value or not (conf_dir / key).is_dir():
+        if "." in key or not value or not any((d / key).is_dir() for d in conf_dirs):
             continue
-        options = group_options(key, conf_dir)
+        options = group_options(key, *conf_dirs)
         for v in value.strip("[]").split(","):  # a sweep (a,b) or a list of options merged into one ([a,b])
             if v not in options and v != "null":
                 fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(options)}")
@@ -173,33 +193,124 @@ def check_sweep_dir(sweep_dir: str | None) -> None:
                           f"resume=auto to continue its jobs, or choose another hydra.sweep.dir")
 
 
-def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> None:
+class Command(NamedTuple):
+    """What ``python train.py ARGV`` asks of Hydra, read by Hydra's own argument parser."""
+    overrides: list[str]     # the job's own (a sweep's a,b lists included)
+    hydra: list[str]         # hydra.* and hydra/* overrides
+    config_name: str
+    config_dirs: list[Path]  # conf/, then --config-dir's (searched by Hydra too)
+    multirun: bool
+    info_only: bool          # --help, --cfg, --info ...: Hydra prints and runs nothing
+
+
+def read_command(argv: list[str], conf_dir: Path = CONF_DIR) -> Command:
+    args = get_args_parser().parse_args(argv)
+    conf_dir = Path(conf_dir)
+    if args.config_path:
+        conf_dir = (conf_dir.parent / args.config_path).resolve()
+    dirs = [conf_dir] + ([Path(args.config_dir).resolve()] if args.config_dir else [])
+    info = bool(args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+    task = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return Command(task, [o for o in args.overrides if o not in task], args.config_name or "config", dirs,
+                   bool(args.multirun), info)
+
+
+def hydra_quoted(value: str) -> str:
+    """A value as Hydra's override grammar reads it back unchanged: quoted when it holds a space, a non-ASCII
+    character or any other character the grammar gives a meaning."""
+    if re.fullmatch(r"[\w/.\-:+@%~]+", value, flags=re.ASCII):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+class Folders(NamedTuple):
+    run_dir: str | None    # resolved (${now:...} included) as Hydra would; None where it cannot be known yet
+    sweep_dir: str | None
+    given: bool            # the command (or the config) names the folder: it is not the default time stamp
+    sweeper: str           # the sweeper's class
+    chdir: bool            # hydra.job.chdir: the job runs inside its folder
+
+
+def _resolved(node, key: str) -> str | None:
+    try:
+        value = OmegaConf.select(node, key, throw_on_resolution_failure=True)
+    except Exception:  # refers to what only a running job knows (hydra.job.*): Hydra resolves it itself
+        return None
+    return None if value is None else str(value)
+
+
+def hydra_folders(cmd: Command, first_job: list[str]) -> Folders:
+    """The run and sweep folders as Hydra will make them, from the same composition (config, --config-dir,
+    hydra overrides), each resolved once here: train.py hands the resolved path on to Hydra, so the folder this
+    preflight checks and locks is the one the run uses."""
+    with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
+        cfg = compose(cmd.config_name, overrides=[*first_job, *cmd.hydra, *_search_path(cmd)],
+                      return_hydra_config=True)
+    default = "${now:" in str(OmegaConf.to_container(cfg.hydra, resolve=False)[
+        "sweep" if cmd.multirun else "run"]["dir"])
+    return Folders(_resolved(cfg, "hydra.run.dir"), _resolved(cfg, "hydra.sweep.dir"), not default,
+                   str(OmegaConf.select(cfg, "hydra.sweeper._target_") or ""), bool(cfg.hydra.job.chdir))
+
+
+def _search_path(cmd: Command) -> list[str]:
+    extra = [f"file://{d}" for d in cmd.config_dirs[1:]]
+    return [f"hydra.searchpath=[{','.join(hydra_quoted(e) for e in extra)}]"] if extra else []
+
+
+def _absolute_paths(overrides: list[str], chdir: bool) -> list[str]:
+    """With hydra.job.chdir=true the job runs inside its folder: a relative resume= or data.root= is made absolute
+    from where the command was given, which is what the checks here read and what the user meant."""
+    if not chdir:
+        return overrides
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key in ("resume", "data.root") and value not in ("auto", "null", "") and not value.startswith("/"):
+            o = f"{key}={hydra_quoted(str(Path(value).resolve()))}"
+        out.append(o)
+    return out
+
+
+def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> list[str]:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
-    with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither)."""
-    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version",
-                 "--shell-completion", "-sc") or a.startswith("--cfg") for a in argv):
-        return
-    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    if multirun:
-        run_dir = None  # each job's folder is decided by the sweep
-    _check_group_options(args, conf_dir)
+    with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither).
+    Returns the command line to hand to Hydra: its run (or sweep) folder resolved, as checked and locked here."""
+    cmd = read_command(argv, conf_dir)
+    if cmd.info_only:
+        return argv
+    for d in cmd.config_dirs:
+        if not d.is_dir():
+            fail(f"--config-dir={d} is not a folder")
+    _check_group_options(cmd.overrides, cmd.config_dirs)
+    check_grammar(cmd.overrides + cmd.hydra)
 
     try:
-        jobs = _jobs(args)
-        if multirun and check_files and not any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in args):
-            check_sweep_dir(next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")), None))
+        jobs = _jobs(cmd.overrides)
+        folders = hydra_folders(cmd, jobs[0] if jobs else _fixed(cmd.overrides))
+        resume_given = any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in cmd.overrides)
+        if check_files and "resume=auto" in cmd.overrides and not folders.given:
+            which = "hydra.sweep.dir=FOLDER of the sweep" if cmd.multirun else "hydra.run.dir=FOLDER of the run"
+            raise ConfigError(f"resume=auto needs {which} to continue (without it, the folder is named by the "
+                              f"time and would hold a new run)")
+        if (cmd.multirun and check_files and not resume_given and "optuna" not in folders.sweeper):
+            check_sweep_dir(folders.sweep_dir)  # optuna's trials each get a new folder: a search continues
     except ConfigError as e:
         fail(str(e))
     except Exception as e:
-        fail(condense(e))
+        with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
+            fail(_unknown_key(e, cmd.overrides) or condense(e))
+    overrides = _absolute_paths(cmd.overrides, folders.chdir)
+    run_dir = None if cmd.multirun else folders.run_dir
+    key, folder = ("hydra.sweep.dir", folders.sweep_dir) if cmd.multirun else ("hydra.run.dir", run_dir)
+    handed_on = [a for a in argv if a not in cmd.overrides and not (folder and a.startswith(f"{key}="))]
+    handed_on += overrides + ([f"{key}={hydra_quoted(folder)}"] if folder else [])
     if jobs is None:
-        return
-    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
-        for overrides in jobs:
+        return handed_on
+    jobs = _jobs(overrides)
+    with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
+        for job in jobs:
             try:
-                cfg = load_config(compose("config", overrides=overrides))
+                cfg = load_config(compose(cmd.config_name, overrides=[*job, *_search_path(cmd)]))
                 cfg.resume = slurm.resume_mode(cfg.resume)
                 plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
                 check_model(cfg.model, cfg.data)
@@ -219,6 +330,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                         print(done, flush=True)
                     sys.exit(0)  # a finished run stays exactly as it was
             except ConfigError as e:
-                fail(str(e) + (f" [job: {' '.join(overrides)}]" if len(jobs) > 1 else ""))
+                fail(str(e) + (f" [job: {' '.join(job)}]" if len(jobs) > 1 else ""))
             except Exception as e:
-                fail(_unknown_key(e, overrides) or condense(e))
+                fail(_unknown_key(e, job) or condense(e))
+    return handed_on

@@ -1,11 +1,13 @@
-"""The OmegaConf resolvers conf/ uses for run folders (config.yaml's hydra: section, hparams_search's study file).
+"""The OmegaConf resolvers conf/ uses for run folders (config.yaml's hydra: section) and for the optuna study
+(hparams_search/).
 
 Registered once, when this module is first imported: by engine/cli.py (train.py's preflight) and engine/compose.py
 (composition from Python), the two ways a config is composed.
 """
 from __future__ import annotations
 
-import re
+import hashlib
+import urllib.parse
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -25,8 +27,13 @@ def resume_subdir(output_dir: str) -> str | None:
 
 
 def safe_name(text: str) -> str:
-    """A job folder name from its overrides: any value, no nesting (a / becomes _)."""
-    return re.sub(r"[^\w.,=+\-\[\]]", "_", text)[:200]
+    """A job folder name from its overrides, one folder whatever the values: characters other than letters, digits
+    and ``_.-~=,+[]`` are %-escaped (``/`` is %2F), so two different override lists never share a name; a name too
+    long for a file system keeps its first 180 characters and a hash of the whole."""
+    name = urllib.parse.quote(text, safe="=,+[]")
+    if len(name) > 200:
+        name = f"{name[:180]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
 
 
 def made_dir(path: str) -> str:
@@ -35,5 +42,24 @@ def made_dir(path: str) -> str:
     return path
 
 
-for _name, _fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name), ("made_dir", made_dir)):
+def trials_so_far(storage: str | None, study_name: str | None) -> int:
+    """The number of trials an optuna study stored at ``storage`` holds (finished, failed or interrupted); 0 for a
+    new one."""
+    if not storage or not study_name:
+        return 0
+    import optuna  # here: Hydra imports every plugin module at each start, and optuna warns on import
+    try:
+        return len(optuna.load_study(study_name=study_name, storage=storage).trials)
+    except KeyError:  # optuna's answer for a study that is not stored yet
+        return 0
+
+
+def continued_seed(seed: int, storage: str | None, study_name: str | None) -> int:
+    """The sampler's seed plus the trials already stored: the same command again continues the search with new
+    proposals instead of repeating the first command's."""
+    return int(seed) + trials_so_far(storage, study_name)
+
+
+for _name, _fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name), ("made_dir", made_dir),
+                   ("continued_seed", continued_seed)):
     OmegaConf.register_new_resolver(_name, _fn, replace=True)

@@ -1,13 +1,16 @@
 """Short trainings in-process, from the same composition train.py uses (engine.compose)."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from engine import cli
 from engine.compose import CONF_DIR as CONF
 from engine.compose import TINY, compose_cfg, load_cfg
 
-__all__ = ["CONF", "ENV", "ROOT", "TINY", "compose_cfg", "load_cfg", "python", "run_train"]
+__all__ = ["CONF", "ENV", "ROOT", "TINY", "checks", "compose_cfg", "load_cfg", "python", "run_train"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -18,6 +21,23 @@ def python(args, cwd=ROOT, timeout=300, env=ENV) -> subprocess.CompletedProcess:
     stderr lines, signals, launchers)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def checks(args) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` up to the end of its checks (engine.cli.preflight, which train.py runs before
+    Hydra), in this process: the exit code and what a refusal prints. For tests of what is refused and how it is
+    said; test_cli.py runs the same refusals through a real process once."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.preflight([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        finally:
+            while cli._LOCKS:  # a run dir that passed stays locked for the life of the process: not this one's
+                cli._LOCKS.pop().close()
+    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_train(tmp_path: Path, overrides=(), name="run"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optim import BatchSchedule, adascale_gain, lr_multiplier
-from tests.helpers import ROOT, TINY, load_cfg, run_train
+from tests.helpers import ROOT, TINY, checks, load_cfg, run_train
 
 # 256 images, batches 32 -> 128: a ramp of 3 stages over 1 of 3 epochs; a BN-free ViT, so micro_batch cannot matter
 SMALL = [*TINY, "data.train_size=256", "batch=128", "epochs=3", "warmup.steps=1", "data.augment=true",
@@ -225,8 +225,7 @@ def test_two_ranks_ramp_in_lock_step(tmp_path):
      "scaling=adascale at batch 64, below scaling.ref_batch=256"),
 ])
 def test_bad_batch_schedules_are_one_line(tmp_path, overrides, message):
-    r = subprocess.run([sys.executable, "train.py", *TINY, "batch=256", *overrides,
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = checks([*TINY, "batch=256", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
@@ -235,12 +234,10 @@ def test_adaptive_resume_refuses_another_micro_batch(tmp_path):
     adaptive = [*TINY, "batch=256", "batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=64",
                 "batch_schedule.probe=32"]
     run_train(tmp_path, adaptive + ["micro_batch=16", "max_steps=2"])
-    r = subprocess.run([sys.executable, "train.py", *adaptive, "micro_batch=32", "resume=auto",
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = checks([*adaptive, "micro_batch=32", "resume=auto", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "micro_batch was 16 in the checkpoint and is 32 now" in r.stderr
-    r = subprocess.run([sys.executable, "train.py", *adaptive, "micro_batch=16", "batch_schedule.k=2", "resume=auto",
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = checks([*adaptive, "micro_batch=16", "batch_schedule.k=2", "resume=auto", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and "batch_schedule was" in r.stderr, r.stderr
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import ROOT, python
+from tests.helpers import ROOT, checks, python
 
 
 def run(args, cwd=ROOT, timeout=120):
@@ -44,7 +44,7 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, args, message):
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
     run_dir = tmp_path / "run"
-    r = run(["train.py", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"])
+    r = checks([*args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"])
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -55,10 +55,19 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, args, message):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("args,message", [BAD_INPUT[0], BAD_INPUT[-1]], ids=["run", "sweep"])
+def test_a_refusal_through_the_command_line_is_one_line_exit_2_and_no_folder(tmp_path, args, message):
+    """The same checks through a real process: what train.py's __main__ and Hydra add around them."""
+    run_dir = tmp_path / "run"
+    r = run(["train.py", *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and not run_dir.exists()
+
+
 def test_corrupt_checkpoint_is_rejected(tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
-    r = run(["train.py", f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"])
+    r = checks([f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and "not a readable checkpoint" in r.stderr
     assert bad.read_bytes() == b"not a checkpoint"
 
@@ -103,16 +112,29 @@ def test_multirun_grid_survives_a_diverging_job_and_summarizes(tmp_path):
     assert len([ln for ln in c.stdout.splitlines() if "final val_acc" in ln]) == 8  # one line per setting
 
 
-def test_optuna_lr_search_runs_trials_and_reports_the_best(tmp_path):
+def test_optuna_lr_search_runs_trials_reports_the_best_and_continues(tmp_path):
+    """The same command again continues the study in optuna.db: its trial gets a folder of its own (the plugin
+    numbered each command's jobs from 0, so trial 1 landed in trial 0's folder, failed there and was stored as a
+    second trial that never trained)."""
+    import optuna
     sweep = tmp_path / "optuna"
-    r = run(["train.py", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", "data=synthetic",
-             "data.train_size=512", "data.test_size=128", "logger=none", "epochs=1", "warmup=none",
-             f"hydra.sweep.dir={sweep}"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    command = ["train.py", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1", "data=synthetic",
+               "data.train_size=512", "data.test_size=128", "logger=none", "epochs=1", "warmup=none",
+               f"hydra.sweep.dir={sweep}"]
+    for _ in range(2):
+        r = run(command, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
     results = (sweep / "optimization_results.yaml").read_text()
     assert "optim.lr" in results and "best_value" in results
-    assert (sweep / "optuna.db").stat().st_size > 0  # the study, so an interrupted search continues
-    assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2
+    jobs = sorted(p for p in sweep.iterdir() if (p / "summary.json").exists())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    summaries = [json.loads((p / "summary.json").read_text()) for p in jobs]
+    assert all(s["steps"] == 2 and "error" not in s for s in summaries)
+    study = optuna.load_study(study_name="lr_search", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.value for t in study.trials] == [s["val_acc"] for s in summaries]  # each trial's own run
+    first, second = (t.params["optim.lr"] for t in study.trials)
+    assert first != second  # the sampler's seed goes on too: a continued search proposes new LRs
     s = run(["scripts/summarize.py", str(sweep)])  # an LR search is plotted against the LR
     assert s.returncode == 0 and (sweep / "accuracy_vs_optim_lr.png").stat().st_size > 0, s.stderr
 

@@ -13,7 +13,7 @@ from engine.datasets import check_data_available, load_data
 from engine.errors import ConfigError
 from engine.fashion_mnist import load_fashion_mnist, read_idx
 from engine.transforms import Augment
-from tests.helpers import ROOT, TINY, run_train
+from tests.helpers import ROOT, TINY, checks, run_train
 
 
 def write_cifar(root, name="cifar10", n_train=40, n_test=20, bad_label=False):
@@ -220,15 +220,13 @@ def test_an_imagenet_batch_ramp_resumes_bit_exact(tmp_path):
     resumed, resumed_dir = run_train(tmp_path, run + ["resume=auto"], "resumed")
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"] for d in (straight_dir, resumed_dir))
     assert resumed["steps"] == 3 and all(torch.equal(a[k], b[k]) for k in a)
-    r = subprocess.run([sys.executable, "train.py", *run, "data.repeated_aug=2", f"hydra.run.dir={tmp_path / 'ra'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # its copies need a constant batch
+    r = checks([*run, "data.repeated_aug=2", f"hydra.run.dir={tmp_path / 'ra'}"])  # its copies need a constant batch
     assert r.returncode == 2 and r.stderr.startswith("error: data.repeated_aug=2 deals each global batch"), r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "ra").exists()
 
 
 def test_auto_augment_is_refused_for_in_memory_data(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", *TINY, "data.auto_augment=ra", f"hydra.run.dir={tmp_path / 'r'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = checks([*TINY, "data.auto_augment=ra", f"hydra.run.dir={tmp_path / 'r'}"])
     assert r.returncode == 2 and r.stderr.startswith("error: data.auto_augment=ra runs per image"), r.stderr
     assert not (tmp_path / "r").exists()
 
@@ -266,8 +264,7 @@ def test_repeated_augmentation_puts_an_images_copies_on_different_ranks(tmp_path
     assert sorted(copies[data._rank_positions(0, 2, 4)].tolist()) == [0] * 4
     x = imagenet_epoch(data, 2, 2, world_size=2)  # rank 0's 4 images, then rank 1's: the same images, other crops
     assert not torch.equal(x[:4], x[4:])
-    r = subprocess.run([sys.executable, "train.py", *TINY, "data.repeated_aug=3", f"hydra.run.dir={tmp_path / 'r'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = checks([*TINY, "data.repeated_aug=3", f"hydra.run.dir={tmp_path / 'r'}"])
     assert r.returncode == 2 and "data.repeated_aug is not a setting of 'data' as selected" in r.stderr  # imagenet's
 
 

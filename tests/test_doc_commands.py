@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from engine.cli import preflight
 from tests.helpers import ROOT
@@ -53,12 +54,14 @@ def train_args(words: list[str]) -> list[str] | None:
 
 def each_value_once(args: list[str]) -> list[list[str]]:
     """A sweep's jobs, thinned so that every value of every axis is checked once (the others at their first value):
-    what a renamed or out-of-range value breaks, without the whole grid."""
-    axes = {i: a.split("=", 1)[1].split(",") for i, a in enumerate(args)
-            if "=" in a and "," in a and "[" not in a and not a.startswith("-")}
-    first = [f"{a.split('=', 1)[0]}={axes[i][0]}" if i in axes else a for i, a in enumerate(args)]
-    jobs = [first] + [first[:i] + [f"{args[i].split('=', 1)[0]}={v}"] + first[i + 1:]
-                      for i, values in axes.items() for v in values[1:]]
+    what a renamed or out-of-range value breaks, without the whole grid. Sweeps are found by Hydra's own parser."""
+    parser = OverridesParser.create()
+    axes = {}
+    for i, a in enumerate(args):
+        if not a.startswith("-") and (o := parser.parse_overrides([a])[0]).is_discrete_sweep():
+            axes[i] = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+    first = [axes[i][0] if i in axes else a for i, a in enumerate(args)]
+    jobs = [first] + [first[:i] + [v] + first[i + 1:] for i, values in axes.items() for v in values[1:]]
     return [[a for a in job if a not in ("-m", "--multirun")] for job in jobs]
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from engine.ema import make_ema, update_ema
-from tests.helpers import TINY, run_train
+from tests.helpers import TINY, checks, run_train
 
 
 def test_ema_is_torchvisions_average_with_its_batch_adjustment_and_warmup_reset():
@@ -75,7 +75,6 @@ def test_eval_only_evaluates_a_checkpoint_with_its_own_settings(tmp_path):
     evaluated = json.loads((out / "summary.json").read_text())
     assert evaluated["val_acc"] == summary["val_acc"] and evaluated["val_acc_ema"] == summary["val_acc_ema"]
     assert evaluated["steps"] == 4 and not (out / "checkpoints").exists()
-    r = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "eval_only=true",
-                        f"hydra.run.dir={tmp_path / 'none'}"], capture_output=True, text=True, timeout=300)
+    r = checks([*TINY, "eval_only=true", f"hydra.run.dir={tmp_path / 'none'}"])
     assert r.returncode == 2 and r.stderr.strip() == ("error: eval_only=true needs resume=PATH, the checkpoint to "
                                                       "evaluate (got resume=None)")

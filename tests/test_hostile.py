@@ -13,7 +13,7 @@ import torch
 
 from engine.cli import preflight
 from engine.errors import RunError
-from tests.helpers import ROOT, TINY, python, run_train
+from tests.helpers import ROOT, TINY, checks, python, run_train
 
 REFUSED = [  # (overrides, what the one line must say)
     (["warmup.start_factor=-1"], "warmup.start_factor=-1 is invalid: input should be greater than or equal to 0"),
@@ -228,9 +228,7 @@ def test_test_images_of_another_size_are_refused(tmp_path):
 def test_a_vit_patch_that_does_not_divide_the_image_is_one_line(tmp_path):
     """engine/models.py raised a ConfigError it never imported: a NameError traceback, after the run dir existed.
     The preflight builds the model on the meta device: one line, no run dir."""
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "model=vit_tiny", "model.patch_size=5",
-                        "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
+    r = checks([*TINY, "model=vit_tiny", "model.patch_size=5", "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == ["error: model.patch_size=5 does not divide the image size 28"]
     assert not (tmp_path / "run").exists()
@@ -244,7 +242,7 @@ def test_another_runs_checkpoint_is_refused_into_a_folder_holding_a_run(tmp_path
     _, b = run_train(tmp_path, [*run, "max_steps=2"], "B")
     records = [a / "summary.json", a / "metrics.jsonl", a / "checkpoints" / "last.pt"]
     before = [p.read_bytes() for p in records]
-    r = python([ROOT / "train.py", *run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={a}"])
+    r = checks([*run, "max_steps=3", f"resume={b}/checkpoints/last.pt", f"hydra.run.dir={a}"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "continues another run" in r.stderr and str(a) in r.stderr
     assert [p.read_bytes() for p in records] == before
@@ -258,8 +256,7 @@ def test_eval_only_into_an_unfinished_run_is_refused(tmp_path):
     _, other = run_train(tmp_path, [*TINY, "max_steps=2"], "other")
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
-    r = python([ROOT / "train.py", *TINY, "eval_only=true", f"resume={other}/checkpoints/last.pt",
-                f"hydra.run.dir={run_dir}"])
+    r = checks([*TINY, "eval_only=true", f"resume={other}/checkpoints/last.pt", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 2 and "already holds a run (metrics.jsonl)" in r.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 

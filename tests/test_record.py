@@ -2,6 +2,7 @@
 metrics.jsonl holding every step once, metrics.csv holding every row, resumable sweeps, finished runs untouched."""
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -97,10 +98,52 @@ def test_an_interrupted_sweep_resumes_in_place(tmp_path):
     assert json.loads((interrupted / "summary.json").read_text())["steps"] == 4
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=submitit_slurm"], ["hparams_search=lr_optuna"]])
+def test_a_sweep_resumed_with_other_seeds_never_puts_two_jobs_in_one_folder(tmp_path):
+    """The seed was left out of the folder names: seed=1,2 resume=auto after seed=0,1 put seed 1's job into seed
+    0's folder and continued seed 0's run."""
+    sweep = tmp_path / "sweep"
+    for seeds in ("seed=0,1", "seed=1,2"):
+        r = train(["-m", *RUN, seeds, "max_steps=1", "resume=auto", f"hydra.sweep.dir={sweep}"])
+        assert r.returncode == 0, r.stderr[-2000:]
+    runs = {}
+    for job in (p for p in sweep.iterdir() if p.is_dir()):
+        config = (job / ".hydra" / "config.yaml").read_text()
+        runs.setdefault(job.name, set()).update(ln for ln in config.splitlines() if ln.startswith("seed:"))
+    assert sorted((n.split("_")[0], re.search(r",seed=(\d)", n).group(1)) for n in runs) == [
+        ("0", "0"), ("0", "1"), ("1", "1"), ("1", "2")]
+    assert all(len(seeds) == 1 for seeds in runs.values())  # one job per folder
+
+
+@pytest.mark.parametrize("a,b", [
+    ("seed=0", "seed=1"),
+    ("logger.group=a/b", "logger.group=a_b"),
+    ("logger.group=a/b", "logger.group=a%2Fb"),
+    ("logger.group=a b", "logger.group=a_b"),
+    ("logger.run_name=" + "x" * 300 + "1", "logger.run_name=" + "x" * 300 + "2"),
+])
+def test_different_jobs_get_different_folder_names(a, b):
+    """Hydra's override_dirname with conf/config.yaml's settings, then safe_name: a one-to-one map."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from engine.resolvers import safe_name
+    settings = load_cfg_hydra().hydra.job.config.override_dirname
+    names = [safe_name(get_overrides_dirname(OverridesParser.create().parse_overrides([o]), settings.exclude_keys,
+                                             settings.item_sep, settings.kv_sep)) for o in (a, b)]
+    assert names[0] != names[1] and all("/" not in n and len(n) <= 200 for n in names), names
+
+
+def load_cfg_hydra():
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return compose("config", return_hydra_config=True)
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=submitit_slurm"]])
 def test_a_sweep_launched_again_into_its_folder_is_refused_before_any_job(tmp_path, launcher):
     """Without resume=auto, for every launcher: one line, exit 2, and the finished jobs' records untouched (each job
-    used to refuse inside itself and write the refusal into the finished job's summary.json)."""
+    used to refuse inside itself and write the refusal into the finished job's summary.json). An optuna search
+    is the exception: its trials each get a new folder (test_cli.py's optuna test)."""
     sweep = tmp_path / "sweep"
     job = sweep / "0_batch=32"
     job.mkdir(parents=True)

@@ -11,7 +11,7 @@ from engine.cli import group_options
 from engine.datasets import DATASETS
 from engine.models import MODELS
 from optim import BATCH_SCHEDULES, DECAYS, RULES, WARMUPS
-from tests.helpers import ROOT, TINY, python, run_train
+from tests.helpers import ROOT, TINY, checks, python, run_train
 
 run = python
 
@@ -90,7 +90,7 @@ def finished_run(tmp_path_factory):
 @pytest.mark.parametrize("change,message", REFUSED, ids=[c[0] for c in REFUSED])
 def test_resume_refuses_another_run_before_anything_is_written(finished_run, change, message):
     hydra_files = {p: p.read_bytes() for p in (finished_run / ".hydra").iterdir()}
-    r = run(["train.py", *TINY, "max_steps=2", "threads=1", change, "resume=auto", f"hydra.run.dir={finished_run}"])
+    r = checks([*TINY, "max_steps=2", "threads=1", change, "resume=auto", f"hydra.run.dir={finished_run}"])
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: resume=") and message in lines[0], r.stderr
@@ -113,7 +113,7 @@ def test_resume_refuses_another_dataset_and_accepts_what_may_change():
 def test_an_old_checkpoint_format_is_refused(tmp_path):
     old = tmp_path / "old.pt"
     torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0}, old)  # what the previous version wrote
-    r = run(["train.py", *TINY, f"resume={old}", f"hydra.run.dir={tmp_path / 'run'}"])
+    r = checks([*TINY, f"resume={old}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and "checkpoint format 1 is not this version's (4)" in r.stderr
     assert not (tmp_path / "run").exists()
 
