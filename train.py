@@ -15,14 +15,26 @@ import time
 import warnings
 from pathlib import Path
 
-import hydra
+
+def interrupted(signum, frame) -> None:
+    """Ctrl-C outside the training steps (while torch loads, the data is read, or the result is reported): one line.
+    The training steps and the final evaluation handle signals themselves (engine/loop.py's StopFlag)."""
+    print("interrupted (SIGINT) outside the training steps: what the run dir holds is kept; resume=auto continues "
+          "from its last checkpoint, if it has one", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
+
+import hydra  # after the handler: importing torch takes seconds
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from engine import distributed, slurm
-from engine.checkpoint import RunState, already_done, changed_settings, seed_rank, to_resume
+from engine.checkpoint import RunState, already_done, changed_settings, read_summary, seed_rank, to_resume
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import fail, preflight
 from engine.config import load_config
@@ -30,7 +42,16 @@ from engine.datasets import load_data, load_test_split
 from engine.diagnostics import NoiseScale
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
-from engine.loop import Run, check_headroom, evaluate, fit, largest_fitting_micro_batch, try_training_step
+from engine.loop import (
+    Run,
+    StopFlag,
+    check_headroom,
+    evaluate,
+    fit,
+    largest_fitting_micro_batch,
+    measure,
+    try_training_step,
+)
 from engine.metrics import FAILED_JOBS, Progress, RunLogger, log, record_job_failure, say
 from engine.models import build_model
 from engine.plan import Plan, make_plan
@@ -55,8 +76,7 @@ def train(cfg, run_dir: Path) -> dict:
     if (resume is not None or cfg.resume == "auto") and (done := already_done(run_dir, resume and resume.ckpt, plan)):
         if dist.is_main:
             say(done)  # a sweep re-run with resume=auto skips its finished and diverged jobs
-        summary_path = run_dir / "summary.json"
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        return read_summary(run_dir)
     if resume is None and cfg.resume == "auto" and (run_dir / "metrics.jsonl").exists() and dist.is_main:
         say(f"{run_dir} has no checkpoint (stopped before its first one, or checkpoint.enabled=false): it starts "
             f"again from step 0 and its metrics.jsonl starts over")
@@ -87,20 +107,37 @@ def train(cfg, run_dir: Path) -> dict:
     run = Run(train_model, optimizer, scaler, data.to(device), plan, cfg, device, dist, logger, progress, state,
               run_dir, ema)
     announce(run, resume)
-    try:
-        fit(run)
-        if (test := load_test_split(cfg.data)) is not None and state.stopped_by is None:
-            evaluate_test_split(run, test)
-    finally:
-        progress.close()
-        summary = write_summary(run, started)
-        logger.finish(exit_code=0 if not state.diverged and state.stopped_by is None else 1)
+    with StopFlag() as late:  # a signal after the last step waits until the result is written
+        try:
+            fit(run)
+            finish_evaluation(run)
+        finally:
+            progress.close()
+            summary = write_summary(run, started)
+            logger.finish(exit_code=0 if not state.diverged and state.stopped_by is None else 1)
     report(run, summary)
     if state.stopped_by == "SIGUSR2":
         requeue_warned_job(run)
     if state.stopped_by is not None:
         sys.exit(128 + signal.Signals[state.stopped_by].value)  # checkpoint is saved; resume=auto goes on
+    if late.signal_name is not None:
+        if dist.is_main:
+            say(f"{late.signal_name} came after the last step: the final evaluation and summary.json were "
+                f"finished first")
+        sys.exit(128 + signal.Signals[late.signal_name].value)
     return summary
+
+
+def finish_evaluation(run: Run) -> None:
+    """The final numbers of a run that trained to its end: the test split once (with data.val_split), and for a
+    run resumed at its last step (stopped, or killed, while its result was being written) the evaluation again."""
+    state = run.state
+    if state.stopped_by is not None or state.diverged:
+        return
+    if not state.last_eval:
+        state.last_eval = measure(run)
+    if (test := load_test_split(run.cfg.data)) is not None:
+        evaluate_test_split(run, test)
 
 
 def requeue_warned_job(run: Run) -> None:

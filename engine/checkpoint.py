@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .clock import Progress
+from .datasets import check_model
 from .diagnostics import NoiseScale
 from .errors import ConfigError
 
@@ -142,6 +143,10 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
+    for f in RUN_FILES:
+        if (run_dir / f).exists() and not (run_dir / f).is_file():
+            raise ConfigError(f"{run_dir / f} is not a file: the run's record is written there; move it away, or "
+                              f"choose another hydra.run.dir")
     if cfg.eval_only:  # evaluates a checkpoint into a new run dir: none of the resume rules apply
         if cfg.resume in (None, "auto"):
             raise ConfigError(f"eval_only=true needs resume=PATH, the checkpoint to evaluate (got resume={cfg.resume})")
@@ -168,7 +173,29 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
                           f"resume into an empty hydra.run.dir, or into that checkpoint's own run dir")
     ckpt = migrate(load(path))
     check_resumable(ckpt, cfg, path, plan)
+    check_same_model(ckpt, cfg, path)
     return Resume(ckpt, path)
+
+
+def check_same_model(ckpt: dict, cfg, path) -> None:
+    """The model this command builds holds the checkpoint's tensors, shape for shape (the identity names the
+    model; model.width, data.num_classes or the image size change its shape), and EMA weights where ema.enabled
+    asks for them: refused here, before any run dir or record is written."""
+    shapes = check_model(cfg.model, cfg.data)
+    stored = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    for name in sorted(set(shapes) | set(stored)):
+        if shapes.get(name) != stored.get(name):
+            raise ConfigError(f"resume={path}: the model differs from the checkpoint's ({name}: "
+                              f"{_shape(stored.get(name))} in the checkpoint, {_shape(shapes.get(name))} now); "
+                              f"model.*, data.num_classes or the image size changed: resume with the checkpoint's "
+                              f"settings, or start a new run")
+    if cfg.ema.enabled and ckpt.get("ema") is None:
+        raise ConfigError(f"resume={path}: ema.enabled=true, but the checkpoint holds no EMA weights (the run was "
+                          f"started without EMA): resume with ema.enabled=false, or start a new run")
+
+
+def _shape(shape) -> str:
+    return "absent" if shape is None else "x".join(map(str, shape)) or "a scalar"
 
 
 def changed_settings(ckpt: dict, cfg) -> list[str]:
@@ -187,12 +214,22 @@ def changed_settings(ckpt: dict, cfg) -> list[str]:
             if k not in ignored and before.get(k) != now.get(k)]
 
 
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json; {} where there is none or it is torn (a full disk, a kill while it was written)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
-    """Why resuming this run dir has nothing to do (finished or diverged), or None. Without a checkpoint
+    """Why resuming this run dir has nothing to do (finished with its result written, or diverged), or None: a run
+    that trained to its end but was stopped or killed before its summary.json was written is resumed at its last
+    step, which evaluates and writes the summary (train.py's finish_evaluation). Without a checkpoint
     (checkpoint.enabled=false, or killed before the first one) only the summary can say how the run ended: one
     that ended on its own is left alone; one stopped by a signal, or killed, starts again from step 0."""
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_summary(run_dir)
     if summary.get("diverged"):
         return f"{run_dir} diverged at step {summary.get('steps')}; nothing to resume (start a new run to retry)"
     if ckpt is None:
@@ -201,7 +238,8 @@ def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
                     f"nothing to do (choose a new hydra.run.dir to train again)")
         return None
     tau = (ckpt.get("batch_state") or {}).get("tau", float(ckpt["step"]))
-    if plan.finished(Progress(ckpt["step"], ckpt.get("images", 0), tau)):
+    written = summary.get("steps") == ckpt["step"] and not summary.get("stopped_by") and not summary.get("error")
+    if plan.finished(Progress(ckpt["step"], ckpt.get("images", 0), tau)) and written:
         of = f" of {plan.run_steps}" if plan.fixed else f", {ckpt.get('images', 0):,} images"
         return f"{run_dir} is finished (step {ckpt['step']}{of}); nothing to do"
     return None

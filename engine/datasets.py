@@ -80,12 +80,13 @@ def train_size_of(cfg_data) -> int:
     return size - (cfg_data.val_split or 0)
 
 
-def check_model(cfg_model, cfg_data) -> None:
+def check_model(cfg_model, cfg_data) -> dict[str, tuple[int, ...]]:
     """The model's own arguments against the data's shape (a ViT patch that does not divide the image), built on
-    the meta device: no memory, no data read."""
+    the meta device: no memory, no data read. Returns the shape of each tensor of its state_dict."""
     shape, classes = DATASETS[cfg_data.name].shape(cfg_data)
     with torch.device("meta"):
-        build_model(cfg_model, shape, classes)
+        model = build_model(cfg_model, shape, classes)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def in_memory(cfg_data) -> bool:

@@ -194,15 +194,21 @@ def log_layers(run: Run, before: list[torch.Tensor]) -> None:
         run.logger.per_layer(run.state.step, "trust_ratio", diag.trust_ratios_by_name(run.model, run.optimizer))
 
 
+def measure(run: Run) -> dict:
+    """val_loss and val_acc of the model (and _ema of its average) on the evaluation split."""
+    model = getattr(run.model, "_orig_mod", run.model)
+    result = evaluate(model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+    if run.ema is not None:
+        ema_eval = evaluate(run.ema, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
+        result.update({f"{k}_ema": v for k, v in ema_eval.items()})
+    return result
+
+
 def run_eval(run: Run) -> None:
     """Evaluation runs the model uncompiled: through torch.compile, eval mode and the last partial batch would each
     compile another graph."""
     state = run.state
-    model = getattr(run.model, "_orig_mod", run.model)
-    state.last_eval = evaluate(model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
-    if run.ema is not None:
-        ema_eval = evaluate(run.ema, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
-        state.last_eval.update({f"{k}_ema": v for k, v in ema_eval.items()})
+    state.last_eval = measure(run)
     state.last_eval_step = state.step
     if state.last_eval["val_acc"] > state.best_val_acc:
         state.best_val_acc, state.improved = state.last_eval["val_acc"], True

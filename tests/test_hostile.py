@@ -284,3 +284,70 @@ def test_with_a_validation_split_the_progress_line_says_val(tmp_path, caplog):
     run_train(tmp_path, [*TINY, "batch=64", "data.val_split=128", "max_steps=2"])
     lines = [m for m in caplog.messages if m.startswith("epoch ")]
     assert lines and all(" val acc " in m and " test acc " not in m for m in lines)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_final_evaluation_waits_for_the_summary(tmp_path, monkeypatch, signame):
+    """SIGTERM half a second after the last step, during the test split's evaluation, killed the run with no
+    summary.json. The signal now waits: the evaluation and summary are written, then the exit code says 128+N."""
+    import signal
+
+    import train
+    evaluate_test_split = train.evaluate_test_split
+
+    def signalled(run, test):
+        os.kill(os.getpid(), getattr(signal, signame))
+        evaluate_test_split(run, test)
+
+    monkeypatch.setattr(train, "evaluate_test_split", signalled)
+    with pytest.raises(SystemExit) as exit_:
+        run_train(tmp_path, [*TINY, "batch=64", "data.val_split=128", "max_steps=2"])
+    assert exit_.value.code == 128 + getattr(signal, signame)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["stopped_by"] is None and summary["test_acc"] is not None
+
+
+@pytest.mark.parametrize("damage", ["deleted", "stopped", "torn"])
+def test_a_finished_run_without_its_result_is_evaluated_again_on_resume(tmp_path, damage):
+    """Killed after its last checkpoint but before summary.json was written (or stopped at the last step, or the
+    file left torn): resume=auto said "finished, nothing to do" and the result was lost for good. The resume now
+    evaluates the last checkpoint again and writes the same numbers."""
+    run = [*TINY, "batch=64", "data.val_split=128", "max_steps=2"]
+    first, run_dir = run_train(tmp_path, run)
+    path = run_dir / "summary.json"
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "stopped":
+        path.write_text(json.dumps({**first, "stopped_by": "SIGTERM", "test_acc": None}))
+    else:
+        path.write_text(path.read_text()[:20])
+    assert checks([*run, "resume=auto", f"hydra.run.dir={run_dir}"]).returncode == 0
+    again, _ = run_train(tmp_path, [*run, "resume=auto"])
+    assert {k: again[k] for k in ("steps", "val_acc", "test_acc")} == {k: first[k] for k in ("steps", "val_acc",
+                                                                                          "test_acc")}
+    assert json.loads(path.read_text())["test_acc"] == first["test_acc"]
+
+
+@pytest.mark.parametrize("record", ["metrics.jsonl", "summary.json", "checkpoints/last.pt"])
+def test_a_record_path_that_is_a_folder_is_one_line(tmp_path, record):
+    """metrics.jsonl replaced by a folder (any of a run's record files) gave an IsADirectoryError traceback."""
+    run_dir = tmp_path / "run"
+    (run_dir / record).mkdir(parents=True)
+    for resume in ("resume=auto", "resume=null"):
+        r = checks([*TINY, resume, f"hydra.run.dir={run_dir}"])
+        assert r.returncode == 2 and r.stderr == f"error: {run_dir / record} is not a file: the run's record is " \
+            f"written there; move it away, or choose another hydra.run.dir\n", r.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """SIGINT while torch was still loading printed a KeyboardInterrupt traceback."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted (SIGINT) outside the training steps: what the run dir holds is kept; resume=auto continues "
+        "from its last checkpoint, if it has one"], err

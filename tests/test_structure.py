@@ -76,7 +76,10 @@ def test_one_yaml_file_adds_an_optimizer(repo_copy, tmp_path):
 REFUSED = [("batch=128", "batch was 256 in the checkpoint and is 128 now"),
            ("seed=1", "seed was 0 in the checkpoint and is 1 now"),
            ("optim=lars", "optim was torch.optim.SGD in the checkpoint and is optim.LARS now"),
-           ("model=vit_tiny", "model was resnet_small in the checkpoint and is vit_tiny now")]
+           ("model=vit_tiny", "model was resnet_small in the checkpoint and is vit_tiny now"),
+           ("model.width=32", "the model differs from the checkpoint's (head.2.weight: 10x64 in the checkpoint"),
+           ("data.num_classes=5", "(head.2.bias: 10 in the checkpoint, 5 now)"),
+           ("ema.enabled=true", "ema.enabled=true, but the checkpoint holds no EMA weights")]
 
 
 @pytest.fixture(scope="module")
