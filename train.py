@@ -36,7 +36,7 @@ from omegaconf import DictConfig, open_dict
 from engine import distributed, slurm
 from engine.checkpoint import RunState, already_done, changed_settings, read_summary, seed_rank, to_resume
 from engine.checkpoint import load as load_checkpoint
-from engine.cli import fail, preflight
+from engine.cli import fail, lock_run_dir, preflight
 from engine.config import load_config
 from engine.datasets import load_data, load_test_split
 from engine.diagnostics import NoiseScale
@@ -291,6 +291,8 @@ def main(cfg: DictConfig) -> float:
         if not cfg.logger.get("run_name"):
             cfg.logger.run_name = run_dir.name if multirun else single_run_name(run_dir)
     try:
+        if multirun and distributed.env_rank() == 0:
+            lock_run_dir(run_dir)  # a single run's folder is locked in the preflight; a sweep's job's here
         summary = train(cfg, run_dir)
     except (ConfigError, RunError) as e:
         if not multirun:

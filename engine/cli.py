@@ -117,6 +117,11 @@ def check_grammar(overrides: list[str]) -> None:
                  f"\"{fixed}\" (see https://hydra.cc/docs/advanced/override_grammar/basic/)")
 
 
+def sweep_overrides(args: list[str]) -> list[str]:
+    """The overrides that list several values (a sweep), as Hydra's grammar reads them."""
+    return [o for o in args if o not in _fixed([o])]
+
+
 def _fixed(args: list[str]) -> list[str]:
     """The overrides that are not sweeps."""
     return [o.input_line for o in OverridesParser.create().parse_overrides(args) if not o.is_sweep_override()]
@@ -145,13 +150,19 @@ def check_threads(threads: int | None) -> None:
 _LOCKS = []  # open lock files: held for the life of the process
 
 
+def check_writable(folder: Path, setting: str) -> Path:
+    """The folder, or the nearest parent that exists (returned), is writable by this process."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{setting}={folder}: {existing} is not writable; choose a folder you can write to")
+    return existing
+
+
 def lock_run_dir(run_dir: Path) -> None:
     """One run per folder: a second run started into a folder another process is using is refused. Also
     refuses a folder (or the nearest existing parent) this process cannot write to, and removes checkpoint
     temporaries a killed run left behind."""
-    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"hydra.run.dir={run_dir}: {existing} is not writable; choose a folder you can write to")
+    existing = check_writable(run_dir, "hydra.run.dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / ".lock", "a")  # not "w": the holder's pid stays until the lock is ours
@@ -283,6 +294,9 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
             fail(f"--config-dir={d} is not a folder")
     _check_group_options(cmd.overrides, cmd.config_dirs)
     check_grammar(cmd.overrides + cmd.hydra)
+    if not cmd.multirun and (sweeps := sweep_overrides(cmd.overrides)):
+        fail(f"{sweeps[0]} lists several values, which only a sweep runs: add -m (--multirun), or quote a value "
+             f"that holds a comma (key='a,b')")
 
     try:
         jobs = _jobs(cmd.overrides)
@@ -292,6 +306,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
             which = "hydra.sweep.dir=FOLDER of the sweep" if cmd.multirun else "hydra.run.dir=FOLDER of the run"
             raise ConfigError(f"resume=auto needs {which} to continue (without it, the folder is named by the "
                               f"time and would hold a new run)")
+        if cmd.multirun and check_files and folders.sweep_dir:
+            check_writable(Path(folders.sweep_dir).absolute(), "hydra.sweep.dir")
         if (cmd.multirun and check_files and not resume_given and "optuna" not in folders.sweeper):
             check_sweep_dir(folders.sweep_dir)  # optuna's trials each get a new folder: a search continues
     except ConfigError as e:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import fail, preflight
+from engine.cli import fail, preflight, sweep_overrides
 from engine.compose import load_cfg
 from engine.datasets import train_size_of
 from engine.distributed import env_world_size
@@ -36,6 +36,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output path without extension: writes OUT.csv and OUT.png")
     args, rest = parser.parse_known_args(argv)
+    if not args.out.strip() or Path(args.out).name in ("", ".", ".."):
+        fail(f"--out {args.out!r} names no file: give a path without extension (OUT.csv and OUT.png are written)")
     sets, current = [], []
     for a in rest:
         if a == "--vs":
@@ -46,6 +48,8 @@ def main(argv: list[str]) -> None:
     sets.append(current)
     runs = []
     for overrides in sets:
+        if sweeps := sweep_overrides(overrides):
+            fail(f"{sweeps[0]} lists several values: compare settings with --vs (e.g. optim=sgd --vs optim=lars)")
         preflight(overrides, check_files=False, conf_dir=CONF_DIR)
         try:
             cfg, plan = plan_for(overrides)

@@ -20,6 +20,7 @@ OUT/steps_examples_tradeoff.png (with the B_simple measured where the runs reach
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import statistics
@@ -38,7 +39,14 @@ def load_jobs(sweep: Path) -> list[dict]:
     jobs = []
     for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_num(p.parent.parent)):
         job_dir = overrides_file.parent.parent
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
+        try:
+            overrides = yaml.safe_load(overrides_file.read_text()) or []
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            overrides = None
+            print(f"warning: {overrides_file} is unreadable ({type(e).__name__}): job {job_dir.name} is listed "
+                  f"without its overrides", file=sys.stderr)
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            overrides = []
         jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": overrides, **read_summary(job_dir)})
     return jobs
 
@@ -47,12 +55,26 @@ def read_summary(job_dir: Path) -> dict:
     """The job's summary.json; a missing or unreadable one is the job's error (shown in the table, not a crash)."""
     path = job_dir / "summary.json"
     if not path.exists():
-        return {"error": "no summary.json"}
+        return {"running": True} if running(job_dir) else {"error": "no summary.json"}
     try:
         summary = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return {"error": f"summary.json unreadable ({type(e).__name__})"}
     return summary if isinstance(summary, dict) else {"error": "summary.json is not an object"}
+
+
+def running(job_dir: Path) -> bool:
+    """Whether a train.py holds the job's lock (engine/cli.py's lock_run_dir: an exclusive flock on .lock, held for
+    the life of the process): a shared lock is refused while it runs."""
+    try:
+        with open(job_dir / ".lock") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: never started by this version, or not yet
+        return False
+    return False
 
 
 def _job_num(job_dir: Path) -> int:
@@ -119,6 +141,8 @@ def fmt(v, digits=4):
 
 def ended(job: dict) -> str:
     """How the job ended: finished, diverged, stopped by a signal (resumable), or failed with an error."""
+    if job.get("running"):
+        return "running"
     if job.get("error"):
         return "failed: " + job["error"]
     if job.get("diverged"):
@@ -207,6 +231,8 @@ def plot(jobs: list[dict], out: Path, x_key: str, marks: dict[str, float] | None
         if x is None:
             continue
         key = series_key(j, drop=(x_key, "seed"), common=common)
+        if j.get("running"):
+            continue
         if j.get("error") or j.get("diverged") or not isinstance(j.get("val_acc"), float):
             failed.append((x, key))
             continue
@@ -269,7 +295,12 @@ def main() -> None:
     except ValueError as e:
         sys.exit(f"error: --noise-scale {e}")
     out = args.out or args.sweep_dirs[0]
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file: give a folder (summary.md and the plot are written into it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out {out}: cannot make that folder ({e.strerror})")
     md = table(jobs, args.seeds_mean)
     wrote = [out / "summary.md", out / ("accuracy_vs_" + x_key.replace(".", "_").replace("/", "_") + ".png")]
     marks = noise_marks(jobs, noise_rows) if x_key == "batch" else {}

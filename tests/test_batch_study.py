@@ -192,3 +192,66 @@ def test_an_undefined_logged_noise_scale_is_read_as_nan_not_a_crash(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert noise_scale.logged_ema(tmp_path, 15) == 500.0 and math.isnan(noise_scale.logged_ema(tmp_path, 20))
     assert tradeoff.logged_b_simple(tmp_path, 15) == 500.0 and tradeoff.logged_b_simple(tmp_path, 20) is None
+
+
+def _fake_sweep(root: Path) -> Path:
+    """Two jobs as Hydra and train.py leave them: .hydra/overrides.yaml and summary.json."""
+    for num, batch in ((0, 256), (1, 512)):
+        job = root / f"{num}_batch={batch}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- batch={batch}\n")
+        (job / "summary.json").write_text(json.dumps({"val_acc": 0.5, "steps": 2, "global_batch": batch}))
+    return root
+
+
+def _summarize(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    import summarize  # scripts/ is on the path (conftest.py)
+    monkeypatch.setattr(sys, "argv", ["summarize.py", *map(str, args)])
+    code = 0
+    try:
+        summarize.main()
+    except SystemExit as e:
+        code = 1 if isinstance(e.code, str) else e.code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _hold_lock(job: Path):
+    import fcntl
+    handle = open(job / ".lock", "a")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as engine/cli.py's lock_run_dir does
+    return handle
+
+
+@pytest.mark.parametrize("damage,code,says", [
+    ("out_is_a_file", 1, "error: --out {out} is a file: give a folder"),
+    ("overrides_damaged", 0, "warning: {job}/.hydra/overrides.yaml is unreadable (ParserError): job 1_batch=512 "
+                             "is listed without its overrides"),
+    ("overrides_not_a_list", 0, "| 1 | (defaults) |"),
+    ("running", 0, "| running |"),
+    ("killed", 0, "| failed: no summary.json |"),
+])
+def test_summarize_reads_damaged_and_running_sweeps_in_one_line(tmp_path, monkeypatch, capsys, damage, code, says):
+    """--out onto a file and a damaged overrides.yaml were tracebacks; a job still running was listed as failed."""
+    sweep = _fake_sweep(tmp_path / "sweep")
+    job, out = sweep / "1_batch=512", tmp_path / "out"
+    args = [sweep, "--out", out]
+    lock = None
+    if damage == "out_is_a_file":
+        out.write_text("mine")
+    elif damage == "overrides_damaged":
+        (job / ".hydra" / "overrides.yaml").write_text("- batch: [unclosed\n  : :\n")
+    elif damage == "overrides_not_a_list":
+        (job / ".hydra" / "overrides.yaml").write_text("batch: 512\n")
+    else:
+        (job / "summary.json").unlink()
+        lock = _hold_lock(job) if damage == "running" else None
+    rc, stdout, stderr = _summarize(args, monkeypatch, capsys)
+    if lock is not None:
+        lock.close()
+    assert rc == code, stderr
+    assert says.format(out=out, job=job) in stdout + stderr, stdout + stderr
+    if damage == "out_is_a_file":
+        assert out.read_text() == "mine" and stderr.count("\n") == 1

@@ -34,6 +34,9 @@ BAD_INPUT = [
     (["data.root=/nonexistent"], "holds no Fashion-MNIST"),
     (["resume=/nonexistent/last.pt"], "no such checkpoint"),
     (["--multirun", "batch=256,12q"], "[job: batch=12q]"),
+    (["optim=sgd,lars"], "optim=sgd,lars lists several values, which only a sweep runs: add -m"),
+    (["optim.lr=(0.1"], "optim.lr=(0.1: Hydra reads a value with spaces, quotes or non-ASCII characters only in"),
+    (["logger.group=ü"], "write \"logger.group='ü'\""),
 ]
 
 
@@ -86,9 +89,20 @@ def test_lr_schedule_preview_has_one_row_per_optimizer_step(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
-def test_lr_schedule_rejects_bad_input(tmp_path):
-    r = run(["scripts/lr_schedule.py", "warmup.epochs=50", "--out", str(tmp_path / "x")])
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+@pytest.mark.parametrize("args,message", [
+    (["warmup.epochs=50", "--out", "{tmp}/x"], "as long as the run or longer"),
+    (["optim=lars", "--out", ""], "--out '' names no file"),
+    (["optim=lars", "--out", "{tmp}/x/.."], "names no file"),
+    (["optim=sgd,lars", "--out", "{tmp}/x"], "optim=sgd,lars lists several values: compare settings with --vs"),
+    (["optim.lrr=1", "--out", "{tmp}/x"], "optim.lrr is not a setting of 'optim'"),
+])
+def test_lr_schedule_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
+    import lr_schedule  # scripts/ is on the path (conftest.py)
+    with pytest.raises(SystemExit) as exit_:
+        lr_schedule.main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_multirun_grid_survives_a_diverging_job_and_summarizes(tmp_path):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,17 +111,18 @@ def test_a_full_disk_at_start_is_one_line_and_leaves_no_folder(tmp_path, capsys,
     assert not (tmp_path / "new").exists()
 
 
-def test_a_read_only_run_dir_is_one_line(tmp_path):
+@pytest.mark.parametrize("key,mode", [("hydra.run.dir", []), ("hydra.sweep.dir", ["-m"])])
+def test_a_read_only_run_or_sweep_dir_is_one_line(tmp_path, key, mode):
     """Root writes anywhere, so as root (how CI runs) the run starts with every capability dropped (setpriv): uid 0
-    is then held to the folder's mode like any user."""
+    is then held to the folder's mode like any user. A sweep dir there was Hydra's PermissionError traceback."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
-    r = subprocess.run([*unprivileged, sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={ro / 'run'}"],
+    r = subprocess.run([*unprivileged, sys.executable, str(ROOT / "train.py"), *mode, *TINY, f"{key}={ro / 'run'}"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
-    assert r.stderr.startswith(f"error: hydra.run.dir={ro / 'run'}") and "is not writable" in r.stderr
+    assert r.stderr.startswith(f"error: {key}={ro / 'run'}") and "is not writable" in r.stderr
     assert not (ro / "run").exists()
 
 
@@ -351,3 +353,68 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert proc.returncode == 130 and err.strip().splitlines() == [
         "interrupted (SIGINT) outside the training steps: what the run dir holds is kept; resume=auto continues "
         "from its last checkpoint, if it has one"], err
+
+
+def _handed_on(args) -> list[str]:
+    from engine import cli
+    try:
+        return preflight([str(a) for a in args])
+    finally:
+        while cli._LOCKS:
+            cli._LOCKS.pop().close()
+
+
+@pytest.mark.parametrize("given,folder", [
+    ("hydra.run.dir={tmp}/x/run_${{now:%Y}}", "{tmp}/x/run_{year}"),
+    ("hydra.run.dir='{tmp}/q dir/run'", "{tmp}/q dir/run"),
+    ("hydra.run.dir='{tmp}/ü/run'", "{tmp}/ü/run"),
+    ("hydra.run.dir='{tmp}/a=1,b=2/run'", "{tmp}/a=1,b=2/run"),
+    ("hydra.run.dir={tmp}/plain/run", "{tmp}/plain/run"),
+])
+def test_the_preflight_locks_the_folder_hydra_will_use_and_hands_it_on(tmp_path, given, folder):
+    """The preflight read hydra.run.dir as a raw string: ${now:...} locked a literal 'run_${now:%Y}' folder, and a
+    quoted path made a folder named with its quotes. It now resolves the folder once, locks it, and hands Hydra the
+    resolved path, quoted so that Hydra's grammar reads it back unchanged."""
+    import datetime
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    expected = folder.format(tmp=tmp_path, year=datetime.datetime.now().year)
+    argv = _handed_on([*TINY, given.format(tmp=tmp_path)])
+    run_dirs = [a for a in argv if a.startswith("hydra.run.dir=")]
+    assert len(run_dirs) == 1 and OverridesParser.create().parse_overrides(run_dirs)[0].value() == expected
+    assert (Path(expected) / ".lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(expected).relative_to(tmp_path).parts[0]]
+
+
+def test_hydra_s_own_options_pass_the_preflight(tmp_path):
+    """-cn config and --config-dir D optim=mine run under Hydra, and were refused by the preflight."""
+    mine = tmp_path / "conf" / "optim"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text((ROOT / "conf" / "optim" / "sgd.yaml").read_text().replace("momentum: 0.9",
+                                                                                                "momentum: 0.8"))
+    _handed_on(["-cn", "config", *TINY, f"hydra.run.dir={tmp_path / 'a'}"])
+    argv = _handed_on(["--config-dir", tmp_path / "conf", "optim=mine", *TINY, f"hydra.run.dir={tmp_path / 'b'}"])
+    assert "optim=mine" in argv and str(tmp_path / "conf") in argv
+    r = checks(["--config-dir", tmp_path / "conf", "optim=yours", *TINY, f"hydra.run.dir={tmp_path / 'c'}"])
+    assert r.returncode == 2 and "choose one of adamw, lamb, lars, mine, sgd" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["resume=auto"], "resume=auto needs hydra.run.dir=FOLDER of the run to continue"),
+    (["-m", "seed=0,1", "resume=auto"], "resume=auto needs hydra.sweep.dir=FOLDER of the sweep to continue"),
+])
+def test_resume_auto_without_a_folder_is_refused(tmp_path, monkeypatch, args, message):
+    """Without hydra.run.dir the folder is named by the time: resume=auto silently started a new run there."""
+    monkeypatch.chdir(tmp_path)
+    r = checks([*args[:-1], *TINY, args[-1]])  # Hydra's parser takes -m before the overrides
+    assert r.returncode == 2 and message in r.stderr and not list(tmp_path.iterdir()), r.stderr
+
+
+def test_with_hydra_job_chdir_relative_paths_mean_the_launch_folder(tmp_path, monkeypatch):
+    """With hydra.job.chdir=true the job runs inside its folder: a relative resume= was checked from the launch
+    folder by the preflight, then read from the run dir by the job. It is now made absolute before Hydra starts."""
+    _, first = run_train(tmp_path, [*TINY, "max_steps=2", "checkpoint.every_steps=1"], "first")
+    monkeypatch.chdir(tmp_path)
+    argv = _handed_on([*TINY, "max_steps=3", "hydra.job.chdir=true", "resume=first/checkpoints/last.pt",
+                       f"hydra.run.dir={tmp_path / 'fork'}"])
+    assert f"resume={first / 'checkpoints' / 'last.pt'}" in argv
