@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,20 +31,35 @@ class Dataset:
     in_memory: bool = True                 # False: per-image decoding, auto_augment, repeated_aug, decode
 
 
-@functools.lru_cache(maxsize=4)
-def _fashion_readable(root: str | None) -> None:
-    load_fashion_mnist(root)  # reads it (about 0.5 s): a corrupt file is refused before any run dir
+@functools.lru_cache(maxsize=2)
+def _fashion_train_size(root: str | None) -> int:
+    """Read once (about 0.5 s) by the preflight: a corrupt file is refused before any run dir, and the plan is made
+    for the images the files hold (an IDX set of 100 images is not 60,000)."""
+    return load_fashion_mnist(root).train_size
+
+
+def _fashion_size_for_plan(root: str | None) -> int:
+    try:
+        return _fashion_train_size(root)
+    except ConfigError:  # missing or damaged: the data check says so; the LR preview needs no data
+        return 60_000
+
+
+def _imagenet_classes(root: str | None) -> int:
+    """The class folders of train/ (the model's output size), or ImageNet-1k's 1000 where there is no data yet."""
+    train = Path(root or "") / "train"
+    return sum(p.is_dir() for p in train.iterdir()) if root and train.is_dir() else 1000
 
 
 DATASETS = {
-    "fashion_mnist": Dataset(lambda c: load_fashion_mnist(c.root), lambda c: 60_000, lambda c: _fashion_readable(c.root),
-                             lambda c: ((1, 28, 28), 10)),
+    "fashion_mnist": Dataset(lambda c: load_fashion_mnist(c.root), lambda c: _fashion_size_for_plan(c.root),
+                             lambda c: _fashion_train_size(c.root), lambda c: ((1, 28, 28), 10)),
     "cifar10": Dataset(lambda c: disk.load_cifar("cifar10", c.root), lambda c: 50_000,
                        lambda c: disk.check_cifar("cifar10", c), lambda c: ((3, 32, 32), 10)),
     "cifar100": Dataset(lambda c: disk.load_cifar("cifar100", c.root), lambda c: 50_000,
                         lambda c: disk.check_cifar("cifar100", c), lambda c: ((3, 32, 32), 100)),
     "imagenet": Dataset(disk.load_imagenet, lambda c: 1_281_167, lambda c: disk.check_imagenet(c.root),
-                        lambda c: ((3, 224, 224), 1000), in_memory=False),
+                        lambda c: ((3, 224, 224), _imagenet_classes(c.root)), in_memory=False),
     "synthetic": Dataset(lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, c.channels,
                                                   c.num_classes),
                          lambda c: c.train_size, lambda c: None,

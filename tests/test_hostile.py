@@ -418,3 +418,29 @@ def test_with_hydra_job_chdir_relative_paths_mean_the_launch_folder(tmp_path, mo
     argv = _handed_on([*TINY, "max_steps=3", "hydra.job.chdir=true", "resume=first/checkpoints/last.pt",
                        f"hydra.run.dir={tmp_path / 'fork'}"])
     assert f"resume={first / 'checkpoints' / 'last.pt'}" in argv
+
+
+def _idx_set(root: Path, train: int, test: int) -> Path:
+    """A Fashion-MNIST folder in the IDX format (magic 0x0803/0x0801, big-endian sizes, then the bytes)."""
+    import struct
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("t10k", test)):
+        for kind, shape, high in (("images-idx3", (n, 28, 28), 256), ("labels-idx1", (n,), 10)):
+            values = torch.randint(0, high, shape, generator=g, dtype=torch.uint8)
+            header = bytes([0, 0, 8, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+            (root / f"{split}-{kind}-ubyte").write_bytes(header + values.numpy().tobytes())
+    return root
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["batch=256"], "batch=256 is larger than the training set (100 images)"),
+    (["batch=32", "epochs=1", "warmup.epochs=1"], "is as long as the run or longer"),
+    (["data.val_split=100"], "data.val_split=100 must be below the training set's 100 images"),
+])
+def test_a_small_idx_set_is_planned_for_its_own_size(tmp_path, overrides, message):
+    """The preflight planned a data.root IDX set of 100 images as 60,000: refused only after the run dir existed."""
+    root = _idx_set(tmp_path / "fm", train=100, test=50)
+    r = checks([f"data.root={root}", "logger=none", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
