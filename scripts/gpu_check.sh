@@ -35,6 +35,6 @@ for part in optim loop decode; do
   rc=$?
   [ $rc -eq 0 ] || echo "| $part | stopped (exit $rc$([ $rc -eq 124 ] && echo ': time limit')) | | | |" >> "$OUT"
 done
-result=$(timeout "$LIMIT" python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -1)
+result=$(timeout "$LIMIT" python -m pytest -q -p no:cacheprovider -o addopts="" -m cuda tests/test_cuda.py 2>&1 | tail -1)
 echo "| cuda tests | pytest -m cuda tests/test_cuda.py | | | ${result//|//} |" >> "$OUT"
 cat "$OUT"

@@ -87,14 +87,14 @@ def open_new_csv(path: Path):
         sys.exit(f"error: --out {path} cannot be written ({e.strerror})")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", type=Path, nargs="+")
     ap.add_argument("--micro-batch", type=int, default=128, help="images per micro-batch b (default 128)")
     ap.add_argument("--micro-batches", type=int, default=64, help="micro-batches K, at least 4 (default 64)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the images drawn (default 0)")
     ap.add_argument("--out", type=Path, help="write the rows as CSV here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.micro_batch < 1 or args.micro_batches < 4:
         sys.exit(f"error: --micro-batch {args.micro_batch} must be >= 1 and --micro-batches {args.micro_batches} >= 4")
     runs = {run_dir: checkpoints_of(run_dir) for run_dir in args.run_dirs}

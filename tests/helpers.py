@@ -23,7 +23,7 @@ def python(args, cwd=ROOT, timeout=300, env=ENV) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def checks(args) -> subprocess.CompletedProcess:
+def checks(args, conf_dir: Path = CONF) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` up to the end of its checks (engine.cli.preflight, which train.py runs before
     Hydra), in this process: the exit code and what a refusal prints. For tests of what is refused and how it is
     said; test_cli.py runs the same refusals through a real process once."""
@@ -31,7 +31,7 @@ def checks(args) -> subprocess.CompletedProcess:
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            cli.preflight([str(a) for a in args])
+            cli.preflight([str(a) for a in args], conf_dir=conf_dir)
         except SystemExit as e:
             code = e.code
         finally:

@@ -89,14 +89,13 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     for args, message in [([str(tmp_path)], "no checkpoints"),  # before anything is measured or written
                           ([str(run_dir), "--out", str(out)], "exists"),
                           ([str(run_dir), str(tmp_path), "--out", str(tmp_path / "b.csv")], "no checkpoints")]:
-        bad = subprocess.run([sys.executable, "scripts/noise_scale.py", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and message in bad.stderr, bad.stderr
+        with pytest.raises(SystemExit) as bad:  # the same main, in-process: one line, nothing written
+            noise_scale.main(args)
+        assert isinstance(bad.value.code, str) and "\n" not in bad.value.code and message in bad.value.code
     assert out.read_bytes() == measured and not (tmp_path / "b.csv").exists()
     nested = tmp_path / "new" / "folder" / "noise.csv"  # a missing folder is made
-    assert subprocess.run([sys.executable, "scripts/noise_scale.py", str(run_dir), "--micro-batch", "16",
-                           "--micro-batches", "4", "--out", str(nested)], cwd=ROOT, capture_output=True,
-                          timeout=300).returncode == 0 and nested.is_file()
+    noise_scale.main([str(run_dir), "--micro-batch", "16", "--micro-batches", "4", "--out", str(nested)])
+    assert nested.is_file()
 
 
 @pytest.mark.parametrize("evals, target, expected", [
@@ -135,7 +134,7 @@ def fake_job(sweep: Path, num: int, optim: str, batch: int, seed: int, steps_to_
                                                   "noise_scale_b_simple": 1000.0 + seed, "diverged": False}))
 
 
-def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
+def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path, monkeypatch, capsys):
     sweep, num = tmp_path / "sweep", 0
     truth = {"sgd": (200, 102_400), "lars": (100, 409_600)}  # B_crit 512 and 4096
     for optim, (s_min, e_min) in truth.items():
@@ -162,17 +161,15 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path):
     assert f"| {math.exp(math.log(350) + 88 / 688 * math.log(2)):,.0f} (n=1) |" in md
     assert (sweep / "steps_examples_tradeoff.png").stat().st_size > 10_000
     assert (sweep / "accuracy_vs_batch.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--targets", "90"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+    rc, _, err = _summarize([sweep, "--targets", "90"], monkeypatch, capsys)  # the same main, in-process
+    assert rc == 2 and "between 0 and 1" in err
     for content, message in [("step,b_simple\n1,2\n", "has no run column"),
                              ("run,step,b_simple\nx,ten,5\n", "line 2: step='ten'"),
                              ("\x00\xff\xfe", "is not a CSV file")]:
         noise_csv.write_bytes(content.encode("latin-1"))
-        bad = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--noise-scale", str(noise_csv),
-                              "--out", str(tmp_path / "not_made")], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60)
-        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+        rc, _, err = _summarize([sweep, "--noise-scale", noise_csv, "--out", tmp_path / "not_made"], monkeypatch,
+                                capsys)
+        assert rc == 1 and err.count("\n") == 1 and message in err, err
         assert not (tmp_path / "not_made").exists()
 
 

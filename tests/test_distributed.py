@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_train
 
 COMMON = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=wandb", "logger.mode=offline",
           "epochs=2", "warmup.steps=2", "model=vit_tiny", "batch=64", "max_steps=3", "threads=1", "optim=lars"]
@@ -22,8 +23,16 @@ def launch(args, cwd, nproc=None):
     return r
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    launch(COMMON + ["micro_batch=16", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The weights of the same run in one process (in-process: the process boundary is not what is compared)."""
+    setting = [a for a in COMMON if not a.startswith("logger")]  # what is logged does not change the weights
+    _, run_dir = run_train(tmp_path_factory.mktemp("one"), [*setting, "micro_batch=16", "logger=none"])
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+@pytest.mark.xdist_group("one_process")  # one worker computes the reference once for both
+def test_two_ranks_match_one_process(tmp_path, one_process):
     r = launch(COMMON + ["micro_batch=16"], tmp_path, nproc=2)
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # both ranks agreed on rank 0's run dir
@@ -32,10 +41,9 @@ def test_two_ranks_match_one_process(tmp_path):
     assert (summary["world_size"], summary["accum_steps"], summary["micro_batch"]) == (2, 2, 16)
     assert r.stdout.count("final test accuracy") == 1  # only rank 0 reports
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1
-    a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)["model"]
     b = torch.load(two / "checkpoints" / "last.pt", weights_only=False)["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
+    for k in one_process:
+        torch.testing.assert_close(one_process[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
 
 
 def test_batch_must_divide_over_ranks(tmp_path):
@@ -98,7 +106,8 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     assert "Connection closed by peer" not in err
 
 
-def test_two_nodes_match_one_process(tmp_path):
+@pytest.mark.xdist_group("one_process")
+def test_two_nodes_match_one_process(tmp_path, one_process):
     """README's multi-node command, as two torchrun launchers on this machine (one process each, c10d rendezvous):
     the same weights as one process, one run dir, one wandb run."""
     import socket
@@ -106,7 +115,6 @@ def test_two_nodes_match_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    launch(COMMON + ["micro_batch=16", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
@@ -119,10 +127,9 @@ def test_two_nodes_match_one_process(tmp_path):
     assert len(runs) == 1, runs  # both nodes wrote into rank 0's run dir
     assert len(list((runs[0] / "wandb").glob("offline-run-*"))) == 1
     assert sum(o[0].count("final test accuracy") for o in outs) == 1  # only rank 0 reports
-    a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)["model"]
     b = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=False)["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
+    for k in one_process:
+        torch.testing.assert_close(one_process[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
 
 
 def test_every_rank_forgets_an_improvement_once_it_is_saved(tmp_path):
