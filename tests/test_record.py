@@ -14,7 +14,7 @@ import pytest
 from engine.datasets import train_size_of
 from engine.metrics import Progress, record_job_failure
 from engine.plan import make_plan
-from tests.helpers import ENV, ROOT, TINY, load_cfg, python
+from tests.helpers import ENV, ROOT, TINY, checks, load_cfg, python
 from tests.wandb_records import runs as wandb_runs
 
 RUN = [*TINY, "threads=1", "batch=32", "epochs=1", "logger.every_steps=1", "checkpoint.every_steps=2"]
@@ -75,7 +75,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     r = train([*RUN, "max_steps=3", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-    r = train([*RUN, "max_steps=3", "resume=auto", f"hydra.run.dir={tmp_path}"])
+    r = checks([*RUN, "max_steps=3", "resume=auto", f"hydra.run.dir={tmp_path}"])  # said before Hydra starts
     assert r.returncode == 0 and "is finished (step 3 of 3); nothing to do" in r.stdout
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
     r = train([*RUN, "max_steps=5", "resume=auto", f"hydra.run.dir={tmp_path}"])  # a longer max_steps continues
@@ -165,7 +165,8 @@ def test_sweep_job_folders_are_safe_for_any_value(tmp_path):
     assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2
 
 
-def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):
+@pytest.mark.slow  # covered by test_an_interrupted_sweep_resumes_in_place (the resume) and test_slurm.py's submitit
+def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):  # launcher tests (its job pickling, real processes)
     """The launcher README's Slurm command uses (hydra-submitit-launcher), with submitit's local executor: the same
     launcher code and job pickling as on a cluster, jobs as separate processes."""
     sweep = tmp_path / "sweep"
@@ -270,7 +271,7 @@ def test_resume_without_a_checkpoint_never_rewrites_a_finished_record(tmp_path):
     args = [*RUN, "checkpoint.enabled=false", "max_steps=4", f"hydra.run.dir={run_dir}"]
     assert train(args).returncode == 0
     before = {f: (run_dir / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "train.log")}
-    r = train([*args, "resume=auto"])
+    r = checks([*args, "resume=auto"])  # said before Hydra starts
     assert r.returncode == 0 and "ended at step 4 and has no checkpoint to continue from; nothing to do" in r.stdout
     assert {f: (run_dir / f).read_bytes() for f in before} == before
     assert not (run_dir / ".hydra" / "resume-1").exists()
