@@ -7,8 +7,10 @@ Gradient noise scale, Appendix A of the paper: for gradients measured at two bat
     tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)           (unbiased)
 and B_simple = tr(Sigma) / |G|^2, the batch size above which larger batches stop paying off linearly. Each
 estimate is noisy, so both are smoothed with an exponential moving average before taking the ratio (as the
-paper does). Accumulation gives both gradients for free: the first micro-batch's gradient (B_small = micro_batch,
-before any all-reduce) and the full step's gradient (B_big = global batch).
+paper does). Accumulation gives both gradients for free: each micro-batch's own gradient (B_small = micro_batch,
+before any all-reduce; MicroBatchNorms) and the full step's gradient (B_big = global batch). The mean over a step's
+micro-batches is one estimate of lower variance, weighted in the EMA as that many samples. AdaScale and the adaptive
+batch use their probe (the rank's first micro-batches) as the small batch instead.
 """
 from __future__ import annotations
 
@@ -35,13 +37,17 @@ class NoiseScale:
         trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
         return grad_sq, trace
 
-    def update(self, b_small: int, small_sq: float, b_big: int, big_sq: float) -> None:
+    def update(self, b_small: int, small_sq: float, b_big: int, big_sq: float, samples: int = 1) -> None:
+        """One step's estimate. ``small_sq`` may be the mean over ``samples`` independent small-batch gradients:
+        the EMA then decays as for that many one-sample updates (beta ** samples), so a step that measures every
+        micro-batch averages over fewer steps at the same variance, and lags less."""
         g, s = self.estimates(b_small, small_sq, b_big, big_sq)
         if self.grad_sq is None:
             self.grad_sq, self.trace = 0.0, 0.0
-        self.grad_sq = self.beta * self.grad_sq + (1 - self.beta) * g
-        self.trace = self.beta * self.trace + (1 - self.beta) * s
-        self.updates += 1
+        decay = self.beta ** samples
+        self.grad_sq = decay * self.grad_sq + (1 - decay) * g
+        self.trace = decay * self.trace + (1 - decay) * s
+        self.updates += samples
 
     def state_dict(self) -> dict:
         return {"grad_sq": self.grad_sq, "trace": self.trace, "updates": self.updates}
@@ -65,6 +71,26 @@ class NoiseScale:
         correction = 1 - self.beta ** self.updates
         g, s = self.grad_sq / correction, self.trace / correction
         return s / g if g > 0 else math.nan
+
+
+class MicroBatchNorms:
+    """The squared norm of each micro-batch's own gradient while the micro-batches accumulate into ``.grad``: the
+    increment since the previous micro-batch, from one saved copy of the gradients (no host read)."""
+
+    def __init__(self, device):
+        self.previous = None
+        self.total = torch.zeros((), device=device, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, grads: list[torch.Tensor]) -> None:
+        if self.previous is None:
+            self.previous = [g.detach().clone() for g in grads]
+            self.total += sq_norm(grads)
+        else:
+            torch._foreach_sub_(self.previous, grads)  # minus this micro-batch's increment
+            self.total += sq_norm(self.previous)
+            torch._foreach_copy_(self.previous, grads)
+        self.count += 1
 
 
 def stats(name: str, values: torch.Tensor) -> dict:

@@ -128,6 +128,9 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
     probe = plan.probe_micro  # micro-batches in the noise scale's small-batch gradient
     measure = run.cfg.diagnostics.noise_scale or plan.measures_noise
     track_noise = measure and accum > probe and not run.scaler.is_enabled()
+    # the diagnostic alone measures every micro-batch's own gradient; AdaScale and the adaptive batch keep their
+    # probe (the rank's first micro-batches), the estimator recipes/ section 5 was measured with
+    per_micro = diag.MicroBatchNorms(run.device) if track_noise and not plan.measures_noise else None
     loss_sum = torch.zeros((), device=run.device)
     small_sq = torch.zeros((), device=run.device, dtype=torch.float64)
     for k, (x, y) in enumerate(micro_batches):
@@ -138,8 +141,12 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
             scaled = loss / accum
             run.scaler.scale(scaled).backward()
         loss_sum += scaled.detach().float()
-        if track_noise and k == probe - 1:  # this rank's first micro-batches alone: the small-batch gradient
+        if per_micro is not None and not (last and run.dist.enabled):  # DDP's last backward averages the ranks
+            per_micro.add([p.grad for p in params])
+        elif track_noise and per_micro is None and k == probe - 1:  # the rank's first micro-batches: the probe
             small_sq = diag.sq_norm(p.grad for p in params) * (accum / probe) ** 2
+    if per_micro is not None:
+        small_sq = per_micro.total * accum ** 2 / per_micro.count
     run.scaler.unscale_(run.optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
     if run.cfg.grad_clip is not None:  # it returns the norm before clipping: computed once
         gnorm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip, foreach=True)
@@ -158,7 +165,11 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
         return None
     gain = 1.0
     if track_noise:
-        state.noise_scale.update(probe * plan.micro_batch, small, batch, gnorm_value ** 2)
+        if per_micro is not None:
+            state.noise_scale.update(plan.micro_batch, small, batch, gnorm_value ** 2,
+                                     samples=per_micro.count * run.dist.world_size)
+        else:
+            state.noise_scale.update(probe * plan.micro_batch, small, batch, gnorm_value ** 2)
         gain = plan.clock.gain(state.noise_scale, batch)
         lr = plan.lr(state.at, batch, gain)
     apply_lr(run.optimizer, lr, plan.momentum(state.at))

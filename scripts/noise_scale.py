@@ -4,9 +4,10 @@ checkpoints, from many micro-batches at fixed weights, next to the cheap online 
     python train.py recipe=fmnist_accuracy_vs_batch batch=1k 'checkpoint.keep_steps=[16,32,64,128]' hydra.run.dir=RUN
     python scripts/noise_scale.py RUN [more run dirs] [--micro-batch 128] [--micro-batches 64] [--out FILE.csv]
 
-Why: the training-time B_simple (engine/diagnostics.py) is an EMA of one noisy estimate per step, from the step's
-first micro-batch against its whole batch; it lags the weights by about 1 / (1 - diagnostics.noise_ema) steps and
-its EMA of the two estimators is a biased ratio. Here the weights are fixed (checkpoints/step-N.pt and last.pt): K
+Why: the training-time B_simple (engine/diagnostics.py) is an EMA of one estimate per step (each micro-batch's own
+gradient against the whole batch's; AdaScale's and the adaptive batch's from their probe); it averages over about
+1 / ((1 - diagnostics.noise_ema) x micro-batches per step) steps while the weights move, and its EMA of the two
+estimators is a biased ratio. Here the weights are fixed (checkpoints/step-N.pt and last.pt): K
 micro-batches of b training images (a fixed random draw, no augmentation, the run's label smoothing, BN in train
 mode as in training) give K gradients g_k and their mean G over K*b images; then, with the same unbiased estimators
 as training,

@@ -1,0 +1,96 @@
+"""How closely the online noise scale follows a measurement at fixed weights, and what it costs per step.
+
+    python scripts/bench_noise_scale.py --out-dir outputs/noise_tracking [--pairs 5] [--threads 2]
+
+1. Tracking: Fashion-MNIST at batch 1k (micro_batch 128, 150 steps of a 10-epoch schedule, no augmentation), with
+   the checkpoints of steps 25, 50, ..., 125 kept:
+       python train.py batch=1k micro_batch=128 max_steps=150 epochs=10 data.augment=false \\
+           'checkpoint.keep_steps=[25,50,75,100,125]' hydra.run.dir=DIR
+   then B_simple measured again at each kept checkpoint (scripts/noise_scale.py: 64 micro-batches of 128 images at
+   fixed weights), beside the online figure the run logged at that step (noise_scale/b_simple) and their ratio.
+   Goal: within 1.5x at every checkpoint.
+2. Cost: paired, interleaved runs of --steps steps in this one process, diagnostics.noise_scale on and off
+   (diagnostics.every=0 in both); the median steady-state images/s of each and their ratio. Goal: at most 5 %
+   slower.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import noise_scale  # scripts/noise_scale.py, beside this file
+import torch
+
+import train
+from engine.compose import compose_cfg
+
+TRACKING = ["batch=1k", "micro_batch=128", "max_steps=150", "epochs=10", "data.augment=false", "logger=csv",
+            "logger.every_steps=1", "checkpoint.keep_steps=[25,50,75,100,125]"]
+COST = ["batch=1k", "micro_batch=128", "epochs=10", "data.augment=false", "logger=none", "diagnostics.every=0",
+        "checkpoint.enabled=false", "eval.every_steps=null"]
+
+
+def quiet_train(overrides: list[str], run_dir: Path) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.train(compose_cfg(overrides), run_dir)
+
+
+def tracking(out_dir: Path) -> list[dict]:
+    run_dir = out_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    quiet_train(TRACKING, run_dir)
+    table = out_dir / "noise.csv"
+    noise_scale.main([str(run_dir), "--micro-batch", "128", "--micro-batches", "64", "--out", str(table)])
+    rows = list(csv.DictReader(table.open()))
+    print("\n| step | B_simple at the checkpoint | online (logged) | online / checkpoint |\n|---|---|---|---|")
+    for r in rows:
+        ratio = float(r["b_simple_ema_logged"]) / float(r["b_simple"])
+        r["ratio"] = ratio
+        print(f"| {r['step']} | {float(r['b_simple']):.0f} | {float(r['b_simple_ema_logged']):.0f} | {ratio:.2f} |")
+    worst = max(max(r["ratio"], 1 / r["ratio"]) for r in rows)
+    print(f"worst factor between them: {worst:.2f} (goal <= 1.5)")
+    return rows
+
+
+def cost(pairs: int, steps: int) -> float:
+    speeds = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):  # interleaved, order alternating
+                run_dir = Path(tmp) / f"{i}_{on}"
+                run_dir.mkdir()
+                summary = quiet_train([*COST, f"max_steps={steps}", f"diagnostics.noise_scale={str(on).lower()}"],
+                                      run_dir)
+                speeds[on].append(summary["images_per_s"])
+    on, off = statistics.median(speeds[True]), statistics.median(speeds[False])
+    print(f"\nimages/s, median of {pairs} paired runs of {steps} steps: noise scale on {on:.0f} "
+          f"(min {min(speeds[True]):.0f}, max {max(speeds[True]):.0f}), off {off:.0f} (min {min(speeds[False]):.0f}, "
+          f"max {max(speeds[False]):.0f}); on / off = {on / off:.3f} (goal >= 0.95)")
+    return on / off
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, required=True, help="a new folder: the run, its checkpoints, noise.csv")
+    ap.add_argument("--pairs", type=int, default=5, help="paired runs for the cost (default 5)")
+    ap.add_argument("--steps", type=int, default=30, help="steps per cost run (default 30)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--skip-tracking", action="store_true", help="measure the cost only")
+    args = ap.parse_args()
+    if args.out_dir.exists():
+        sys.exit(f"error: --out-dir {args.out_dir} exists: choose a new folder (a measurement is never overwritten)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.skip_tracking:
+        tracking(args.out_dir)
+    cost(args.pairs, args.steps)
+
+
+if __name__ == "__main__":
+    main()
