@@ -140,7 +140,7 @@ def test_a_folder_whose_lock_is_held_is_refused_by_the_lock(tmp_path):
 
 def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "threads=1", "data.train_size=4096", "epochs=3",
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "threads=1", "data.train_size=1024", "epochs=2",
            f"hydra.run.dir={tmp_path}"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # started together: whichever takes the folder first runs, the other is refused
