@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,8 @@ def interrupted(signum, frame) -> None:
     The training steps and the final evaluation handle signals themselves (engine/loop.py's StopFlag)."""
     print("interrupted (SIGINT) outside the training steps: what the run dir holds is kept; resume=auto continues "
           "from its last checkpoint, if it has one", file=sys.stderr, flush=True)
-    sys.exit(128 + signal.SIGINT)
+    sys.stdout.flush()
+    os._exit(128 + signal.SIGINT)  # not SystemExit: an import in progress may catch that and go on
 
 
 if __name__ == "__main__":
