@@ -113,8 +113,8 @@ def check_grammar(overrides: list[str]) -> None:
         except Exception:
             key, _, value = o.partition("=")
             fixed = f"{key}={hydra_quoted(value)}" if value[:1] not in "'\"" else o
-            fail(f"{o}: Hydra reads a value with spaces, quotes or non-ASCII characters only in quotes: write "
-                 f"\"{fixed}\" (see https://hydra.cc/docs/advanced/override_grammar/basic/)")
+            fail(f"{o}: Hydra's grammar reads this value only in quotes (it holds '=', ',', a space, a bracket or a "
+                 f"non-ASCII character): write \"{fixed}\" (https://hydra.cc/docs/advanced/override_grammar/basic/)")
 
 
 def sweep_overrides(args: list[str]) -> list[str]:

@@ -35,8 +35,10 @@ BAD_INPUT = [
     (["resume=/nonexistent/last.pt"], "no such checkpoint"),
     (["--multirun", "batch=256,12q"], "[job: batch=12q]"),
     (["optim=sgd,lars"], "optim=sgd,lars lists several values, which only a sweep runs: add -m"),
-    (["optim.lr=(0.1"], "optim.lr=(0.1: Hydra reads a value with spaces, quotes or non-ASCII characters only in"),
+    (["optim.lr=(0.1"], "optim.lr=(0.1: Hydra's grammar reads this value only in quotes"),
     (["logger.group=ü"], "write \"logger.group='ü'\""),
+    (["eval_only=true", "resume=multirun/x/0_batch=256,seed=1/checkpoints/last.pt"],  # a sweep job's path, pasted
+     "write \"resume='multirun/x/0_batch=256,seed=1/checkpoints/last.pt'\""),
 ]
 
 
