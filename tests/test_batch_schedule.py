@@ -109,20 +109,21 @@ def test_batch_sizes_of_a_schedule_take_the_k_suffix():
     assert (cfg.batch_schedule.start, cfg.batch_schedule.increment) == (1024, 512)
 
 
-def test_preview_writes_step_lr_batch(tmp_path):
+def test_preview_writes_step_lr_batch(tmp_path, capsys):
+    import lr_schedule  # scripts/, in-process (conftest.py)
     out = tmp_path / "ramp"
-    r = subprocess.run([sys.executable, "scripts/lr_schedule.py", *RAMP, f"--out={out}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    lr_schedule.main([*RAMP, f"--out={out}"])
     lines = (tmp_path / "ramp.csv").read_text().splitlines()
     assert lines[0] == "step,lr,batch"
     batches = [int(line.split(",")[2]) for line in lines[1:]]
     assert batches[0] == 32 and batches[-1] == 128 and batches == sorted(batches)
     assert (tmp_path / "ramp.png").stat().st_size > 0
-    r = subprocess.run([sys.executable, "scripts/lr_schedule.py", *TINY, "batch=256", "batch_schedule=adaptive",
-                        "batch_schedule.start=64", "batch_schedule.multiple=64", "batch_schedule.probe=16",
-                        f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot be previewed" in r.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        lr_schedule.main([*TINY, "batch=256", "batch_schedule=adaptive", "batch_schedule.start=64",
+                          "batch_schedule.multiple=64", "batch_schedule.probe=16", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "cannot be previewed" in err
 
 
 # --- what must survive a changing batch ---------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def test_adaptive_resume_refuses_another_micro_batch(tmp_path):
     assert r.returncode == 2 and "batch_schedule was" in r.stderr, r.stderr
 
 
-def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path):
+def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path, monkeypatch):
     """Every `every` steps the next batch is clamp(k x B_simple, start, batch) rounded down to `multiple`, from the
     B_simple logged at that step; the plot script draws the realised batch and LR from metrics.jsonl."""
     keys = [x for x in ADAPTIVE_KEYS if not x.startswith(("batch_schedule.start", "batch_schedule.probe"))] + [
@@ -260,9 +261,10 @@ def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path):
             assert after["batch"] == before["batch"]
     assert len({r["batch"] for r in train}) >= 3  # it did adapt (B_simple here is about 20..60)
     out = tmp_path / "adaptive"
-    r = subprocess.run([sys.executable, "scripts/plot_noise_scale.py", str(run_dir), "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and out.with_suffix(".png").stat().st_size > 0, r.stderr
+    import plot_noise_scale  # scripts/, in-process (conftest.py)
+    monkeypatch.setattr(sys, "argv", ["plot_noise_scale.py", str(run_dir), "--out", str(out)])
+    plot_noise_scale.main()
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_a_format_2_checkpoint_is_a_constant_batch_run():

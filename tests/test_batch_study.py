@@ -4,7 +4,6 @@ interpolation and McCandlish's hyperbola fit against known curves, and summarize
 import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ import yaml
 from engine.clock import Progress
 from engine.data import TensorData
 from engine.transforms import normalize
-from tests.helpers import ROOT, TINY, run_train
+from tests.helpers import TINY, run_train
 
 
 def eval_steps(run_dir: Path) -> list[int]:
@@ -75,10 +74,7 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     _, run_dir = run_train(tmp_path, [*TINY, "batch=64", "micro_batch=16", "logger=csv", "logger.every_steps=1",
                                       "checkpoint.keep_steps=[4,8]"])
     out = tmp_path / "noise.csv"
-    done = subprocess.run([sys.executable, "scripts/noise_scale.py", str(run_dir), "--micro-batch", "16",
-                           "--micro-batches", "8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    noise_scale.main([str(run_dir), "--micro-batch", "16", "--micro-batches", "8", "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
     assert [(r["checkpoint"], int(r["step"])) for r in rows] == [("step-4.pt", 4), ("step-8.pt", 8), ("last.pt", 16)]
     rows_logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -147,9 +143,9 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path, mo
         csv.writer(f).writerows([["run", "checkpoint", "step", "b_simple"],
                                  [sweep / "0_batch=256,optim=sgd", "step-512.pt", 512, 350],
                                  [sweep / "0_batch=256,optim=sgd", "last.pt", 1200, 700]])
-    done = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep), "--seeds-mean", "--targets", "0.9",
-                           "--noise-scale", str(noise_csv)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    rc, _, err = _summarize([sweep, "--seeds-mean", "--targets", "0.9", "--noise-scale", noise_csv], monkeypatch,
+                            capsys)
+    assert rc == 0, err
     md = (sweep / "summary.md").read_text()
     assert ("| optim=sgd | 0.9 | 256: 600 (2/2); 1k: 300 (2/2); 4k: 225 (2/2); 16k: 206 (2/2) | "
             "200.0 | 102,400 | 512 | 0% off |") in md
