@@ -302,10 +302,10 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         jobs = _jobs(cmd.overrides)
         folders = hydra_folders(cmd, jobs[0] if jobs else _fixed(cmd.overrides))
         resume_given = any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in cmd.overrides)
-        if check_files and "resume=auto" in cmd.overrides and not folders.given:
-            which = "hydra.sweep.dir=FOLDER of the sweep" if cmd.multirun else "hydra.run.dir=FOLDER of the run"
-            raise ConfigError(f"resume=auto needs {which} to continue (without it, the folder is named by the "
-                              f"time and would hold a new run)")
+        if check_files and "resume=auto" in cmd.overrides and not folders.given and env_rank() == 0:
+            key = "hydra.sweep.dir" if cmd.multirun else "hydra.run.dir"
+            print(f"resume=auto without {key}: the folder is a new one, named by the time, so this starts from step "
+                  f"0 (to continue a run, give its {key})", flush=True)
         if cmd.multirun and check_files and folders.sweep_dir:
             check_writable(Path(folders.sweep_dir).absolute(), "hydra.sweep.dir")
         if (cmd.multirun and check_files and not resume_given and "optuna" not in folders.sweeper):
