@@ -26,7 +26,8 @@ CIFAR = {
     "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], label_key=b"fine_labels",
                      classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), tv="CIFAR100"),
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io.decode_image reads
+UNREADABLE_IMAGES = (".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")  # ImageFolder lists them; decode_image cannot
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -330,7 +331,7 @@ def unpacked_files(batch: tuple) -> list:
 def _image_folder(datasets, folder: Path):
     """torchvision's ImageFolder for the file list and classes only (it decodes nothing here)."""
     try:
-        return datasets.ImageFolder(str(folder))
+        return datasets.ImageFolder(str(folder), is_valid_file=lambda p: p.lower().endswith(IMAGE_SUFFIXES))
     except (FileNotFoundError, OSError) as e:
         raise ConfigError(f"{folder}: {str(e).splitlines()[0]} (every class folder needs at least one image)") from None
 
@@ -357,11 +358,22 @@ def check_imagenet(root: str | None) -> Path:
             raise ConfigError(f"data.root={root} has no {split}/ folder of class folders (ImageFolder layout: "
                               f"{split}/<class>/<image>.JPEG)")
 
+    classes = {}
     for split in ("train", "val"):
-        for cls in sorted(p for p in (Path(root) / split).iterdir() if p.is_dir()):
-            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in cls.iterdir()):
+        classes[split] = sorted(p for p in (Path(root) / split).iterdir() if p.is_dir())
+        for cls in classes[split]:
+            files = list(cls.iterdir())
+            if odd := next((f for f in files if f.suffix.lower() in UNREADABLE_IMAGES), None):
+                raise ConfigError(f"{odd}: a {odd.suffix} image cannot be decoded here (torchvision.io reads "
+                                  f"{', '.join(IMAGE_SUFFIXES)}): convert it, e.g. to .png")
+            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
                 raise ConfigError(f"{cls} holds no image ({', '.join(IMAGE_SUFFIXES)}): every class folder needs "
                                   f"at least one, or remove the folder from train/ and val/ alike")
+    train, val = ({p.name for p in classes[s]} for s in ("train", "val"))
+    if only := sorted(val - train) or sorted(train - val):
+        where, other = ("val", "train") if only[0] in val else ("train", "val")
+        raise ConfigError(f"data.root={root}: {where}/{only[0]} has no class folder in {other}/: both need the same "
+                          f"class folders (a label is the class's place in their sorted list)")
     return Path(root)
 
 

@@ -1,6 +1,7 @@
 """Dataset readers on small files written here in exactly the standard on-disk formats."""
 import gzip
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -249,6 +250,27 @@ def test_an_empty_class_folder_is_one_line(tmp_path):
     write_imagenet(tmp_path / "imagenet")
     (tmp_path / "imagenet" / "val" / "n03").mkdir()
     with pytest.raises(ConfigError, match="n03 holds no image"):
+        check_data_available(DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path / "imagenet")))
+
+
+def _save_image(path):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: _save_image(r / "val" / "n03" / "a.JPEG"), "val/n03 has no class folder in train/"),
+    (lambda r: _save_image(r / "train" / "n00" / "a.JPEG"), "train/n00 has no class folder in val/"),
+    (lambda r: _save_image(r / "train" / "n01" / "x.bmp"), "x.bmp: a .bmp image cannot be decoded here"),
+    (lambda r: _save_image(r / "val" / "n02" / "x.tif"), "x.tif: a .tif image cannot be decoded here"),
+])
+def test_imagenet_folders_that_would_fail_mid_run_are_refused_first(tmp_path, damage, message):
+    """A class only in val/ (its labels would shift) and a .bmp that ImageFolder lists but decode_image cannot read
+    were found after the run dir existed (the .bmp mid-run); both are now the preflight's one line."""
+    write_imagenet(tmp_path / "imagenet", per_class=1)
+    damage(tmp_path / "imagenet")
+    with pytest.raises(ConfigError, match=re.escape(message)):
         check_data_available(DataConfig(name="imagenet", num_workers=0, val_split=0, root=str(tmp_path / "imagenet")))
 
 
