@@ -302,8 +302,9 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         jobs = _jobs(cmd.overrides)
         folders = hydra_folders(cmd, jobs[0] if jobs else _fixed(cmd.overrides))
         resume_given = any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in cmd.overrides)
-        if check_files and "resume=auto" in cmd.overrides and not folders.given and env_rank() == 0:
-            key = "hydra.sweep.dir" if cmd.multirun else "hydra.run.dir"
+        key, folder = ("hydra.sweep.dir", folders.sweep_dir) if cmd.multirun else ("hydra.run.dir", folders.run_dir)
+        new_folder = not folders.given and not (folder and Path(folder).exists())
+        if check_files and "resume=auto" in cmd.overrides and new_folder and env_rank() == 0:
             print(f"resume=auto without {key}: the folder is a new one, named by the time, so this starts from step "
                   f"0 (to continue a run, give its {key})", flush=True)
         if cmd.multirun and check_files and folders.sweep_dir:
@@ -317,7 +318,6 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
             fail(_unknown_key(e, cmd.overrides) or condense(e))
     overrides = _absolute_paths(cmd.overrides, folders.chdir)
     run_dir = None if cmd.multirun else folders.run_dir
-    key, folder = ("hydra.sweep.dir", folders.sweep_dir) if cmd.multirun else ("hydra.run.dir", run_dir)
     handed_on = [a for a in argv if a not in cmd.overrides and not (folder and a.startswith(f"{key}="))]
     handed_on += overrides + ([f"{key}={hydra_quoted(folder)}"] if folder else [])
     if jobs is None:
