@@ -241,6 +241,27 @@ class Folders(NamedTuple):
     sweeper: str           # the sweeper's class
     chdir: bool            # hydra.job.chdir: the job runs inside its folder
 
+    def of(self, cmd: "Command") -> tuple[str, str | None]:
+        """The setting that names the command's folder, and the folder: the sweep's under -m, else the run's."""
+        return ("hydra.sweep.dir", self.sweep_dir) if cmd.multirun else ("hydra.run.dir", self.run_dir)
+
+
+def check_folders(cmd: Command, folders: Folders) -> None:
+    """What the run or sweep folder allows: a sweep's is writable and holds no finished sweep unless resumed
+    (optuna's trials each get a new folder: a search continues); resume=auto into a new folder says so."""
+    key, folder = folders.of(cmd)
+    if "resume=auto" in cmd.overrides and not folders.given and not (folder and Path(folder).exists()):
+        if env_rank() == 0:
+            print(f"resume=auto without {key}: the folder is a new one, named by the time, so this starts from step "
+                  f"0 (to continue a run, give its {key})", flush=True)
+    if not cmd.multirun:
+        return
+    if folders.sweep_dir:
+        check_writable(Path(folders.sweep_dir).absolute(), "hydra.sweep.dir")
+    resumed = any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in cmd.overrides)
+    if not resumed and "optuna" not in folders.sweeper:
+        check_sweep_dir(folders.sweep_dir)
+
 
 def _resolved(node, key: str) -> str | None:
     try:
@@ -301,16 +322,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
     try:
         jobs = _jobs(cmd.overrides)
         folders = hydra_folders(cmd, jobs[0] if jobs else _fixed(cmd.overrides))
-        resume_given = any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in cmd.overrides)
-        key, folder = ("hydra.sweep.dir", folders.sweep_dir) if cmd.multirun else ("hydra.run.dir", folders.run_dir)
-        new_folder = not folders.given and not (folder and Path(folder).exists())
-        if check_files and "resume=auto" in cmd.overrides and new_folder and env_rank() == 0:
-            print(f"resume=auto without {key}: the folder is a new one, named by the time, so this starts from step "
-                  f"0 (to continue a run, give its {key})", flush=True)
-        if cmd.multirun and check_files and folders.sweep_dir:
-            check_writable(Path(folders.sweep_dir).absolute(), "hydra.sweep.dir")
-        if (cmd.multirun and check_files and not resume_given and "optuna" not in folders.sweeper):
-            check_sweep_dir(folders.sweep_dir)  # optuna's trials each get a new folder: a search continues
+        if check_files:
+            check_folders(cmd, folders)
     except ConfigError as e:
         fail(str(e))
     except Exception as e:
@@ -318,11 +331,13 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
             fail(_unknown_key(e, cmd.overrides) or condense(e))
     overrides = _absolute_paths(cmd.overrides, folders.chdir)
     run_dir = None if cmd.multirun else folders.run_dir
+    key, folder = folders.of(cmd)
     handed_on = [a for a in argv if a not in cmd.overrides and not (folder and a.startswith(f"{key}="))]
     handed_on += overrides + ([f"{key}={hydra_quoted(folder)}"] if folder else [])
     if jobs is None:
         return handed_on
-    jobs = _jobs(overrides)
+    if overrides != cmd.overrides:  # hydra.job.chdir made a path absolute
+        jobs = _jobs(overrides)
     with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
         for job in jobs:
             try:

@@ -26,18 +26,19 @@ def python(args, cwd=ROOT, timeout=300, env=ENV) -> subprocess.CompletedProcess:
 def checks(args, conf_dir: Path = CONF) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` up to the end of its checks (engine.cli.preflight, which train.py runs before
     Hydra), in this process: the exit code and what a refusal prints. For tests of what is refused and how it is
-    said; test_cli.py runs the same refusals through a real process once."""
+    said (``args``: the command line handed on to Hydra when the checks pass); test_cli.py runs the same refusals
+    through a real process once."""
     out, err = io.StringIO(), io.StringIO()
-    code = 0
+    code, argv = 0, [str(a) for a in args]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            cli.preflight([str(a) for a in args], conf_dir=conf_dir)
+            argv = cli.preflight(argv, conf_dir=conf_dir)  # passed: what train.py hands on to Hydra
         except SystemExit as e:
             code = e.code
         finally:
             while cli._LOCKS:  # a run dir that passed stays locked for the life of the process: not this one's
                 cli._LOCKS.pop().close()
-    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def run_train(tmp_path: Path, overrides=(), name="run"):

@@ -356,12 +356,9 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 
 
 def _handed_on(args) -> list[str]:
-    from engine import cli
-    try:
-        return preflight([str(a) for a in args])
-    finally:
-        while cli._LOCKS:
-            cli._LOCKS.pop().close()
+    r = checks(args)
+    assert r.returncode == 0, r.stderr
+    return r.args
 
 
 @pytest.mark.parametrize("given,folder", [
