@@ -95,9 +95,8 @@ def train(cfg, run_dir: Path) -> dict:
     if resume is not None:
         state.restore(resume.ckpt, model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
                       seed=cfg.seed, device=device)
-    # gradients as views of DDP's buckets: no copy into the buckets and back, one gradient's memory less
-    train_model = (torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if dist.enabled
-                   else model)
+    train_model = (distributed.wrap_ddp(model, distributed.static_graph_valid(plan.accum_steps, plan.batches.varies))
+                   if dist.enabled else model)
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode)
     logger = RunLogger(run_dir, cfg.logger.sinks if dist.is_main else None,

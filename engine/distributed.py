@@ -146,6 +146,19 @@ def shared_run_dir(pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:
     return name[0]
 
 
+def wrap_ddp(model: torch.nn.Module, static_graph: bool) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP with gradients as views of its buckets (no copy into the buckets and back, one gradient's memory less)
+    and, where valid (``static_graph_valid``), a static graph: DDP then skips its per-step graph bookkeeping."""
+    return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, static_graph=static_graph)
+
+
+def static_graph_valid(accum_steps: int, batch_varies: bool) -> bool:
+    """A static graph needs every step's backward to synchronise: a first step that accumulates under ``no_sync``
+    fails an internal assert in DDP's reducer (torch 2.14, tests/test_gpu_settings.py), so only steps of one
+    micro-batch, and a batch that never grows into accumulation, qualify."""
+    return accum_steps == 1 and not batch_varies
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

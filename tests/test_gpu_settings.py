@@ -48,6 +48,32 @@ def test_settings_the_reference_trainers_use(overrides, ok):
             load_cfg([*TINY, *overrides])
 
 
+def _ddp_steps(ddp: torch.nn.Module, accum_steps: int, steps: int = 3) -> None:
+    import contextlib
+    for _ in range(steps):
+        for i in range(accum_steps):
+            with ddp.no_sync() if i < accum_steps - 1 else contextlib.nullcontext():
+                ddp(torch.randn(5, 4)).sum().backward()
+
+
+@pytest.mark.parametrize("accum_steps, batch_varies, static", [(1, False, True), (2, False, False),
+                                                               (1, True, False), (4, True, False)])
+def test_ddp_takes_a_static_graph_only_where_it_trains(tmp_path, accum_steps, batch_varies, static):
+    """Where the rule says yes DDP runs with ``static_graph``; where it says no, forcing it would fail (the reason
+    for the rule): one gloo rank in this process."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert distributed.static_graph_valid(accum_steps, batch_varies) is static
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        _ddp_steps(distributed.wrap_ddp(model, static), accum_steps)
+        if accum_steps > 1:
+            with pytest.raises(RuntimeError, match="expect_autograd_hooks_"):
+                _ddp_steps(distributed.wrap_ddp(model, static_graph=True), accum_steps)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("seconds, batches, expected", [
     ([10.0, 0.1, 0.1, 0.1], [64, 64, 64, 64], 64 / 0.1),   # the first step's set-up is left out
     ([5.0], [64], 64 / 5.0),                                # a run of one step has only that

@@ -53,7 +53,7 @@ def assert_same(a, b, tol=0.0):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
-# --- the regressions (items 1-6), each failed before the fix ----------------------------------------
+# --- regressions, each of which failed before its fix --------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_add_param_group_then_step(kind):

@@ -174,7 +174,7 @@ def test_interrupted_sbatch_job_resumes_by_itself(cluster, tmp_path, tmp_path_fa
 
 
 def test_submitit_job_requeued_resumes_by_itself(cluster, tmp_path, tmp_path_factory):
-    """The issue's own case: a launcher job requeued after its first checkpoint ended at once, refusing its folder."""
+    """A launcher job requeued after its first checkpoint resumes by itself and ends where the uninterrupted run ends."""
     ref = reference(tmp_path_factory, RUN + ["micro_batch=128"], "run")
     sweep = tmp_path / "sweep"
     launcher = subprocess.Popen(
