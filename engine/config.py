@@ -151,8 +151,17 @@ class DataConfig(Group):
     repeated_aug: Optional[NonNeg] = None         # imagenet: DeiT's repeated augmentation, N copies per image; 0 = off
     auto_augment: Optional[Literal["ra", "ta_wide"]] = None  # imagenet: RandAugment / TrivialAugmentWide per image
     decode: Optional[Literal["workers", "device"]] = None  # imagenet: JPEG decoding in the workers or batched on device
+    device_crop: Optional[Literal["per_image", "batched"]] = None  # imagenet, decode=device: resize crops one by one
+    #                                                            or together (roi_align, within a tolerance)
     mixup_alpha: Optional[NonNegFloat] = None      # MixUp's Beta(alpha, alpha); 0 = off (torchvision.transforms.v2)
     cutmix_alpha: Optional[NonNegFloat] = None     # CutMix's Beta(alpha, alpha); 0 = off; both > 0: one per step
+
+    @model_validator(mode="after")
+    def _batched_crop_on_the_device(self):
+        if self.device_crop == "batched" and self.decode != "device":
+            raise ValueError(f"data.device_crop=batched crops the images the training device decoded: it needs "
+                             f"data.decode=device (got data.decode={self.decode})")
+        return self
 
 
 class LoggerConfig(Group):

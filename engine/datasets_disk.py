@@ -17,7 +17,7 @@ import torch
 from .data import DOWNLOAD_CACHE, TensorData
 from .errors import ConfigError, RunError
 from .sampling import epoch_order, global_batches
-from .transforms import normalize
+from .transforms import normalize, resized_crops, to_device
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
@@ -104,8 +104,10 @@ class DecodedImages(torch.utils.data.Dataset):
     same crops and flips as decoding in the workers (bit for bit on CPU, where both use libjpeg-turbo; tested).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform, train: bool, on_device: bool = False):
+    def __init__(self, samples: list[tuple[str, int]], transform, train: bool, on_device: bool = False,
+                 batched_crop: bool = False):
         self.samples, self.transform, self.train, self.on_device = samples, transform, train, on_device
+        self.batched_crop = batched_crop and train and on_device
 
     def __len__(self):
         return len(self.samples)
@@ -125,8 +127,33 @@ class DecodedImages(torch.utils.data.Dataset):
         keys, files, labels = zip(*items)
         paths = [self.samples[self._index(k)][0] for k in keys]
         images = _decode_batch_on(device, paths, list(files))
-        x = torch.stack([self._transformed(image, k) for image, k in zip(images, keys)])
+        if self.batched_crop:
+            x = self._crops_of_batch(images, keys)
+        else:
+            x = torch.stack([self._transformed(image, k) for image, k in zip(images, keys)])
         return normalize(x, IMAGENET_MEAN, IMAGENET_STD), torch.tensor(labels).to(device, non_blocking=True)
+
+    def _crops_of_batch(self, images: list[torch.Tensor], keys: list) -> torch.Tensor:
+        """data.device_crop=batched: each image's crop box, flip and policy draws as ``_transformed`` makes them
+        (same generator, same order: RandomResizedCrop's parameters, the flip's coin, then the policy's), but the
+        crops resized together (``resized_crops``) and flipped as one batch; a policy still runs per image."""
+        crop, flip, *policy = self.transform.transforms
+        boxes, flips, states = [], [], []
+        for image, key in zip(images, keys):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(_key_seed(key))
+                box = crop.make_params([image])
+                boxes.append((box["top"], box["left"], box["height"], box["width"]))
+                flips.append(bool(torch.rand(1) < flip.p))
+                states.append(torch.default_generator.get_state())
+        x = resized_crops(images, boxes, crop.size[0])
+        x = torch.where(to_device(torch.tensor(flips), x.device)[:, None, None, None], x.flip(-1), x)
+        if policy:
+            for n, state in enumerate(states):
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.set_state(state)
+                    x[n] = policy[0](x[n])
+        return x
 
     def _index(self, key) -> int:
         return key[0] if self.train else key
@@ -134,13 +161,16 @@ class DecodedImages(torch.utils.data.Dataset):
     def _transformed(self, image: torch.Tensor, key) -> torch.Tensor:
         if not self.train:
             return self.transform(image)
-        index, epoch, seed, copy = key
         # transforms.v2 draws its parameters from the CPU generator whatever the image's device: seed only that one
         # (torch.manual_seed would also reseed CUDA's, which dropout in the training process draws from)
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy)
-                                                % 2 ** 63)
+            torch.default_generator.manual_seed(_key_seed(key))
             return self.transform(image)
+
+
+def _key_seed(key: tuple) -> int:
+    index, epoch, seed, copy = key
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy) % 2 ** 63
 
 
 def _undecodable(path: str, error: Exception) -> RunError:
@@ -192,7 +222,7 @@ class ImageFolderData:
     """
 
     def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None,
-                 repeated_aug: int = 0, decode: str | None = None):
+                 repeated_aug: int = 0, decode: str | None = None, device_crop: str | None = None):
         from torchvision import datasets
         from torchvision.transforms import v2
         policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
@@ -202,7 +232,8 @@ class ImageFolderData:
                               f"({len(train.classes)} vs {len(val.classes)})")
         self.train = DecodedImages(train.samples, v2.Compose([
             v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *policy]),
-            train=True, on_device=decode == "device")  # torchvision's reference order: crop, flip, policy
+            train=True, on_device=decode == "device", batched_crop=device_crop == "batched")
+        # torchvision's reference order: crop, flip, policy
         self.val = DecodedImages(val.samples, v2.Compose([
             v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]),
             train=False, on_device=decode == "device")
@@ -300,9 +331,11 @@ class ImageFolderData:
 
 
 def _batches(loader, device):
-    """The loader's batches on ``device``: moved there, or with on-device decoding decoded there."""
+    """The loader's batches on ``device``: moved there, or with on-device decoding decoded there; on CUDA one batch
+    ahead, on a side stream (``_ahead_on_side_stream``)."""
     dataset = loader.dataset
-    try:
+
+    def on_device():
         for batch in loader:
             if dataset.on_device:
                 yield dataset.decode_batch(unpacked_files(batch), device)
@@ -310,8 +343,32 @@ def _batches(loader, device):
                 x, y = batch
                 x = normalize(x.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
                 yield x, y.to(device, non_blocking=True)
+    try:
+        yield from _ahead_on_side_stream(on_device(), torch.device(device))
     except RunError as e:
         raise RunError(_first_line_of(e)) from None
+
+
+def _ahead_on_side_stream(batches, device: torch.device):
+    """On CUDA, the next batch's copy, decoding and crops are queued on a side stream before this one is handed
+    over (timm's PrefetchLoader), so they run beside the training kernels instead of after them; the training
+    stream waits for a batch only when it takes it. Elsewhere the batches as they come."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side, batches = torch.cuda.Stream(device), iter(batches)
+
+    def queued():
+        with torch.cuda.stream(side):
+            return next(batches, None)
+    ahead = queued()
+    while ahead is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
+        for t in ahead:
+            t.record_stream(current)  # made on the side stream: not to be reused while training still reads it
+        batch, ahead = ahead, queued()
+        yield batch
 
 
 def packed_files(items: list) -> tuple:
@@ -384,4 +441,4 @@ def check_cifar(name: str, cfg_data) -> None:
 def load_imagenet(cfg_data) -> ImageFolderData:
     return ImageFolderData(str(check_imagenet(cfg_data.root)), cfg_data.num_workers,
                            auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug,
-                           decode=cfg_data.decode)
+                           decode=cfg_data.decode, device_crop=cfg_data.device_crop)

@@ -71,6 +71,40 @@ class Mix:
         return mixed[1::2].contiguous(), soft[1::2]
 
 
+def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], size: int,
+                  budget: int = 2 ** 27) -> torch.Tensor:
+    """uint8 (C, H, W) images of any sizes, each cropped to its (top, left, height, width) box and resized to
+    ``size`` x ``size``: one ``torchvision.ops.roi_align`` call per group of similar-sized images (sorted by area,
+    zero-padded onto one canvas of at most ``budget`` elements) instead of a resize per image. roi_align averages
+    bilinear samples over each output pixel's footprint (a box filter) where RandomResizedCrop(antialias=True)
+    weighs them by a triangle, so the two differ a little (data.device_crop=batched; tolerance in
+    tests/test_datasets.py)."""
+    from torchvision.ops import roi_align
+    device, channels = images[0].device, images[0].shape[0]
+    out = torch.empty(len(images), channels, size, size, dtype=torch.uint8, device=device)
+    order = sorted(range(len(images)), key=lambda k: images[k].shape[-2] * images[k].shape[-1])
+    while order:
+        group = [order.pop(0)]
+        # +1: a replicated last row and column, so samples at a box's far edge never blend in the padding
+        h, w = images[group[0]].shape[-2] + 1, images[group[0]].shape[-1] + 1
+        while order and (len(group) + 1) * channels * max(h, images[order[0]].shape[-2] + 1) * max(
+                w, images[order[0]].shape[-1] + 1) <= budget:
+            k = order.pop(0)
+            group.append(k)
+            h, w = max(h, images[k].shape[-2] + 1), max(w, images[k].shape[-1] + 1)
+        canvas = torch.zeros(len(group), channels, h, w, device=device)
+        for n, k in enumerate(group):
+            padded = torch.nn.functional.pad(images[k][None].float(), (0, 1, 0, 1), mode="replicate")[0]
+            canvas[n, :, :padded.shape[-2], :padded.shape[-1]] = padded
+        rois = torch.tensor([[n, left, top, left + width, top + height]
+                             for n, (top, left, height, width) in enumerate(boxes[k] for k in group)],
+                            dtype=torch.float32)
+        crops = roi_align(canvas, to_device(rois, device), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                          aligned=True)
+        out[to_device(torch.tensor(group), device)] = crops.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def make_mix(cfg_data, num_classes: int) -> Mix | None:
     mixup, cutmix = cfg_data.mixup_alpha or 0.0, cfg_data.cutmix_alpha or 0.0
     return Mix(mixup, cutmix, num_classes) if mixup > 0 or cutmix > 0 else None
@@ -92,6 +126,8 @@ def _norm_constants(mean: tuple, std: tuple, device: torch.device, dtype) -> tup
 def to_device(t: torch.Tensor | None, device) -> torch.Tensor | None:
     """A step's small CPU tensor (indices, augmentation draws) onto the GPU without stalling it: pinned, then
     copied asynchronously (a copy from pageable memory waits for the GPU's queue to drain)."""
-    if t is None or torch.device(device).type != "cuda":
-        return t
+    if t is None:
+        return None
+    if torch.device(device).type != "cuda":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -43,14 +43,14 @@ def pil_path(paths):
             t(im.convert("RGB"))
 
 
-def train_images(paths, on_device: bool = False):
+def train_images(paths, on_device: bool = False, batched_crop: bool = False):
     """The training images as the ImageNet loader makes them (engine.datasets_disk.DecodedImages)."""
     from torchvision.transforms import v2
 
     from engine.datasets_disk import DecodedImages
     t = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])  # uint8: normalised on
     # the training device, as the loader does
-    return DecodedImages([(str(p), 0) for p in paths], t, train=True, on_device=on_device)
+    return DecodedImages([(str(p), 0) for p in paths], t, train=True, on_device=on_device, batched_crop=batched_crop)
 
 
 def decoded_images_path(paths):

@@ -6,7 +6,8 @@ optim:  one optimizer step on ResNet-50's tensors: LARS against torch's fused SG
         host syncs per step; goal <= 1.5x).
 loop:   train.py's loop against a bare bf16 + channels_last loop, on ResNet-50 at 224 px (synthetic; goal >= 0.97) and
         on a CIFAR-size ResNet-18 with accumulation and augmentation (goal >= 0.9): images/s, host syncs per step.
-decode: data.decode=device (batched nvjpeg, then crops per image) against nvjpeg's batched decode alone, images/s.
+decode: data.decode=device (batched nvjpeg, then crops per image or batched: device_crop) against nvjpeg's batched
+        decode alone, images/s.
 
 Host syncs: on CUDA, what torch.cuda.set_sync_debug_mode("warn") reports; on the CPU (--dry-run) their twin, reads
 of a tensor's value (aten._local_scalar_dense). Every row is appended to --out as it is measured, so a part that
@@ -214,17 +215,18 @@ def part_decode(table: Table, device: torch.device, dry: bool) -> None:
         alone = n / (time.perf_counter() - t0)
         table.row("decode", "nvjpeg batched decode alone" if device.type == "cuda" else "batched decode (CPU)",
                   alone, "images/s")
-        data = train_images(paths, on_device=True)
-        items = [data[(i, 0, 0, 0)] for i in range(n)]
-        data.decode_batch(items[:4], device.type)
-        wait(device)
-        t0 = time.perf_counter()
-        for k in range(0, n, 64):
-            data.decode_batch(items[k:k + 64], device.type)
-        wait(device)
-        ours_rate = n / (time.perf_counter() - t0)
-        table.row("decode", "data.decode=device (decode + crop, flip, normalise)", ours_rate, "images/s",
-                  f"{ours_rate / alone:.2f}x of decoding alone")
+        for crop in ("per_image", "batched"):
+            data = train_images(paths, on_device=True, batched_crop=crop == "batched")
+            items = [data[(i, 0, 0, 0)] for i in range(n)]
+            data.decode_batch(items[:4], device.type)
+            wait(device)
+            t0 = time.perf_counter()
+            for k in range(0, n, 64):
+                data.decode_batch(items[k:k + 64], device.type)
+            wait(device)
+            ours_rate = n / (time.perf_counter() - t0)
+            table.row("decode", f"data.decode=device device_crop={crop} (decode, crop, flip, normalise)", ours_rate,
+                      "images/s", f"{ours_rate / alone:.2f}x of decoding alone")
 
 
 PARTS = {"optim": part_optim, "loop": part_loop, "decode": part_decode}

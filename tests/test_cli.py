@@ -14,6 +14,7 @@ def run(args, cwd=ROOT, timeout=120):
 
 BAD_INPUT = [
     (["optim=foo"], "choose one of adamw, lamb, lars, sgd"),
+    (["data=imagenet", "data.root=/nowhere", "data.device_crop=batched"], "it needs data.decode=device"),
     (["model=resnet999"], "is not an option of 'model'"),
     (["optim.lr=abc"], "optim.lr='abc' is invalid"),
     (["optim.lrr=0.1"], "optim.lrr is not a setting of 'optim' as selected (did you mean optim.lr?)"),

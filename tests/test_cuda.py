@@ -61,6 +61,26 @@ def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path):
     assert summary["steps"] == 1 and 0 <= summary["val_acc"] <= 1
 
 
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_batches_prepared_on_a_side_stream_are_the_batches(tmp_path, monkeypatch, decode):
+    """On CUDA the next batch is decoded (or copied) on a side stream while this one trains: the images equal those
+    taken on the training stream, with training kernels queued between the batches."""
+    from engine import datasets_disk
+    from tests.test_datasets import write_imagenet
+    write_imagenet(tmp_path / "imagenet", per_class=8)
+    data = datasets_disk.ImageFolderData(str(tmp_path / "imagenet"), 1, 32, decode=decode)
+    loader = data._loader(data.val, datasets_disk._Batches([list(range(k, k + 4)) for k in range(0, 16, 4)]))
+    ahead = []
+    for x, _ in datasets_disk._batches(loader, "cuda"):
+        torch.randn(4096, 4096, device="cuda").square().sum()  # training kernels meanwhile
+        ahead.append(x.cpu())
+    monkeypatch.setattr(datasets_disk, "_ahead_on_side_stream", lambda batches, device: batches)
+    plain = [x.cpu() for x, _ in datasets_disk._batches(loader, "cuda")]
+    assert len(ahead) == len(plain) == 4
+    for a, b in zip(ahead, plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # --- what the review found untested on CUDA -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -180,6 +180,65 @@ def test_decoding_on_the_device_gives_the_images_the_workers_give(tmp_path, poli
     assert load_data(setting).train.on_device  # and the setting reaches the loader
 
 
+def _smooth_images(sizes, seed=0):
+    """Photo-like uint8 images: smooth colour fields plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in sizes:
+        low = torch.rand(1, 3, max(h // 8, 2), max(w // 8, 2), generator=g) * 255
+        image = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic") + torch.randn(1, 3, h, w,
+                                                                                                 generator=g) * 8
+        out.append(image.clamp(0, 255).round().to(torch.uint8)[0])
+    return out
+
+
+@pytest.mark.parametrize("size, budget, mean_at_most, p99_at_most", [
+    (224, 2 ** 27, 0.5, 6), (224, 3 * 200 * 200, 0.5, 6),   # one canvas, or many small groups: the same crops
+    (32, 2 ** 27, 3.5, 18),                                  # strong downscaling: box and triangle filters part more
+])
+def test_batched_crops_are_torchvisions_within_the_stated_tolerance(size, budget, mean_at_most, p99_at_most):
+    """data.device_crop=batched resizes crops with roi_align; the reference is torchvision's
+    resized_crop(antialias=True), image by image (|difference| on the 0..255 scale; docs/data.md states it)."""
+    from torchvision.transforms.v2 import functional as F
+
+    from engine.transforms import resized_crops
+    g = torch.Generator().manual_seed(1)
+    sizes = [tuple(torch.randint(40, 400, (2,), generator=g).tolist()) for _ in range(24)]
+    images, boxes = _smooth_images(sizes), []
+    for h, w in sizes:
+        bh, bw = (torch.randint(4, n + 1, (1,), generator=g).item() for n in (h, w))
+        boxes.append((torch.randint(0, h - bh + 1, (1,), generator=g).item(),
+                      torch.randint(0, w - bw + 1, (1,), generator=g).item(), bh, bw))
+    reference = torch.stack([F.resized_crop(i, *b, size=[size, size], antialias=True)
+                             for i, b in zip(images, boxes, strict=True)])
+    diff = (resized_crops(images, boxes, size, budget=budget).float() - reference.float()).abs()
+    assert diff.mean() <= mean_at_most and diff.flatten().quantile(0.99) <= p99_at_most
+
+
+@pytest.mark.parametrize("policy", [None, "ra"])
+def test_batched_crops_take_the_per_image_paths_boxes_flips_and_policy(tmp_path, policy):
+    """The batched path draws each image's box, flip and policy from its key in the per-image path's order, so a
+    run's images are the per-image run's up to the resize (a different box or flip would differ by far more)."""
+    from PIL import Image
+
+    from engine.datasets_disk import ImageFolderData
+    for c in ("n01", "n02"):
+        for split in ("train", "val"):
+            (tmp_path / split / c).mkdir(parents=True)
+        for i, image in enumerate(_smooth_images([(120 + 9 * i, 90 + 13 * i) for i in range(4)], seed=int(c[1:]))):
+            for split in ("train", "val"):
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / split / c / f"{c}_{i}.JPEG",
+                                                                     quality=95)
+    per_image = imagenet_epoch(ImageFolderData(str(tmp_path), 0, 64, auto_augment=policy, decode="device"), 4, 2)
+    batched = imagenet_epoch(ImageFolderData(str(tmp_path), 0, 64, auto_augment=policy, decode="device",
+                                             device_crop="batched"), 4, 2)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255  # back to the 0..255 scale
+    diff = ((batched - per_image) * std).abs()
+    assert diff.mean() <= (1.0 if policy is None else 2.0), diff.mean()
+    flipped = ((batched.flip(-1) - per_image) * std).abs()
+    assert diff.mean() < flipped.mean() / 4  # flips agree
+
+
 def test_imagenet_under_a_changing_batch_sees_the_same_images_at_any_micro_batch_or_ranks(tmp_path):
     """A batch schedule walks the image stream (a step may straddle two epochs): each step's images, crops and
     MixUp/CutMix pairs are the same for micro-batches 6, 3 (decoded on the device) and 1 rank or 2."""
