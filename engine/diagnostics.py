@@ -5,12 +5,17 @@ Gradient noise scale, Appendix A of the paper: for gradients measured at two bat
     E|G_B|^2 = |G|^2 + tr(Sigma) / B, so
     |G|^2     ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)      (unbiased)
     tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)           (unbiased)
-and B_simple = tr(Sigma) / |G|^2, the batch size above which larger batches stop paying off linearly. Each
-estimate is noisy, so both are smoothed with an exponential moving average before taking the ratio (as the
-paper does). Accumulation gives both gradients for free: each micro-batch's own gradient (B_small = micro_batch,
-before any all-reduce; MicroBatchNorms) and the full step's gradient (B_big = global batch). The mean over a step's
-micro-batches is one estimate of lower variance, weighted in the EMA as that many samples. AdaScale and the adaptive
-batch use their probe (the rank's first micro-batches) as the small batch instead.
+and B_simple = tr(Sigma) / |G|^2, the batch size above which larger batches stop paying off linearly.
+Accumulation gives both gradients for free: each micro-batch's own gradient (B_small = micro_batch, before any
+all-reduce; MicroBatchNorms) and the full step's gradient (B_big = global batch); the mean over a step's
+micro-batches is one estimate, weighted in the EMA as that many samples.
+
+tr(Sigma) changes slowly along a run and its estimate is noisy: it is smoothed by an exponential moving average.
+|G|^2 is not: near the peak LR the weights oscillate across a valley and |G|^2 changes up to 20x within five steps
+while tr(Sigma) stays within 20 % (measured at fixed weights, docs/diagnostics.md), so an average over steps lags by
+that much. The diagnostic therefore divides the smoothed tr(Sigma) by this step's own |G|^2 (``per_step_grad``).
+AdaScale and the adaptive batch act on a steadier figure: both moving averages, from their probe (the rank's first
+micro-batches) as the small batch, the estimator of the paper and of recipes/ section 5.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ def sq_norm(tensors) -> torch.Tensor:
 
 
 class NoiseScale:
-    def __init__(self, beta: float = 0.99):
-        self.beta = beta
+    def __init__(self, beta: float = 0.99, per_step_grad: bool = False):
+        self.beta, self.per_step_grad = beta, per_step_grad
         self.grad_sq = self.trace = None   # EMAs, bias-corrected on read
+        self.step_grad_sq = None           # the last step's own |G|^2 estimate
         self.updates = 0
 
     @staticmethod
@@ -47,14 +53,16 @@ class NoiseScale:
         decay = self.beta ** samples
         self.grad_sq = decay * self.grad_sq + (1 - decay) * g
         self.trace = decay * self.trace + (1 - decay) * s
+        self.step_grad_sq = g
         self.updates += samples
 
     def state_dict(self) -> dict:
-        return {"grad_sq": self.grad_sq, "trace": self.trace, "updates": self.updates}
+        return {"grad_sq": self.grad_sq, "trace": self.trace, "updates": self.updates,
+                "step_grad_sq": self.step_grad_sq}
 
     def load_state_dict(self, state: dict) -> None:
         self.grad_sq, self.trace = state.get("grad_sq"), state.get("trace")
-        self.updates = state.get("updates", 0)
+        self.updates, self.step_grad_sq = state.get("updates", 0), state.get("step_grad_sq")
 
     @property
     def smoothed(self) -> tuple[float, float]:
@@ -66,10 +74,13 @@ class NoiseScale:
 
     @property
     def b_simple(self) -> float:
+        """Smoothed tr(Sigma) over |G|^2: smoothed too, or with ``per_step_grad`` the last step's own (nan where that
+        estimate is not positive: the step's gradient is within its noise, B_simple beyond what it can measure)."""
         if not self.updates:
             return math.nan
-        correction = 1 - self.beta ** self.updates
-        g, s = self.grad_sq / correction, self.trace / correction
+        g, s = self.smoothed
+        if self.per_step_grad:
+            g = self.step_grad_sq if self.step_grad_sq is not None else math.nan
         return s / g if g > 0 else math.nan
 
 

@@ -1,20 +1,21 @@
 """Measure the gradient noise scale B_simple (McCandlish et al. 2018, arXiv 1812.06162, Appendix A) at a run's kept
-checkpoints, from many micro-batches at fixed weights, next to the cheap online estimate the run logged.
+checkpoints, from many micro-batches at fixed weights, next to the online figure the run logged at those weights.
 
     python train.py recipe=fmnist_accuracy_vs_batch batch=1k 'checkpoint.keep_steps=[16,32,64,128]' hydra.run.dir=RUN
     python scripts/noise_scale.py RUN [more run dirs] [--micro-batch 128] [--micro-batches 64] [--out FILE.csv]
 
-Why: the training-time B_simple (engine/diagnostics.py) is an EMA of one estimate per step (each micro-batch's own
-gradient against the whole batch's; AdaScale's and the adaptive batch's from their probe); it averages over about
-1 / ((1 - diagnostics.noise_ema) x micro-batches per step) steps while the weights move, and its EMA of the two
-estimators is a biased ratio. Here the weights are fixed (checkpoints/step-N.pt and last.pt): K
+Why: the training-time B_simple (engine/diagnostics.py) is cheap and noisy: a moving average of tr(Sigma) over
+about 1 / ((1 - diagnostics.noise_ema) x micro-batches per step) steps, over one step's own |G|^2 estimate from its
+global batch (AdaScale's and the adaptive batch's: moving averages of both, from their probe). Here the weights are
+fixed (checkpoints/step-N.pt and last.pt): K
 micro-batches of b training images (a fixed random draw, no augmentation, the run's label smoothing, BN in train
 mode as in training) give K gradients g_k and their mean G over K*b images; then, with the same unbiased estimators
 as training,
     |G|^2     ~ (Kb |G|^2 - b mean_k |g_k|^2) / (Kb - b),    tr(Sigma) ~ (mean_k |g_k|^2 - |G|^2) / (1/b - 1/(Kb)),
 and B_simple = tr(Sigma) / |G|^2. The two halves of the K micro-batches give two independent estimates; their
 spread is printed as a gauge of the estimate's own noise. Prints one row per checkpoint (step, images, B_simple,
-the halves, the logged EMA at that step) and writes them as CSV with --out.
+the halves, and the online figure from the same weights: step N's checkpoint holds the weights after N updates,
+whose gradients step N + 1 measured and logged; none for the last step) and writes them as CSV with --out.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tradeoff import last_logged_b_simple as logged_ema  # scripts/tradeoff.py, beside this file
+from tradeoff import metrics_rows  # scripts/tradeoff.py, beside this file
 
 from engine.checkpoint import load as load_checkpoint
 from engine.config import load_config
@@ -34,7 +35,7 @@ from engine.datasets import load_data
 from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
 
-FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_ema_logged",
+FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_online",
           "micro_batch", "micro_batches"]
 
 
@@ -69,6 +70,15 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
     return {"b_simple": b_simple(norms, mean_sq(sums, micro_batches), micro_batch),
             "b_simple_half1": b_simple(norms[:half], mean_sq(halves[0], half), micro_batch),
             "b_simple_half2": b_simple(norms[half:], mean_sq(halves[1], micro_batches - half), micro_batch)}
+
+
+def online_at_weights_of(run_dir: Path, step: int) -> float | None:
+    """The B_simple the run logged from the gradients at checkpoint ``step``'s weights: step + 1's (None if that step
+    never ran or logged none)."""
+    for row in metrics_rows(run_dir):
+        if row.get("step") == step + 1 and row.get("noise_scale/b_simple") is not None:
+            return float(row["noise_scale/b_simple"])
+    return None
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:
@@ -117,15 +127,15 @@ def main(argv: list[str] | None = None) -> None:
             model.load_state_dict(ckpt["model"])
             row = {"run": str(run_dir), "checkpoint": path.name, "step": ckpt["step"], "images": ckpt.get("images"),
                    **measure(model, data, cfg, args.micro_batch, args.micro_batches, args.seed),
-                   "b_simple_ema_logged": logged_ema(run_dir, ckpt["step"]),
+                   "b_simple_online": online_at_weights_of(run_dir, ckpt["step"]),
                    "micro_batch": args.micro_batch, "micro_batches": args.micro_batches}
             if writer:  # row by row: what was measured survives a later failure
                 writer.writerow(row)
                 out.flush()
-            ema = row["b_simple_ema_logged"]
+            online = row["b_simple_online"]
             print(f"{run_dir.name} {path.name:>12} step {row['step']:>5}: B_simple {row['b_simple']:8.1f} (halves "
-                  f"{row['b_simple_half1']:.1f}, {row['b_simple_half2']:.1f}); online EMA "
-                  f"{'-' if ema is None else f'{ema:.1f}'}", flush=True)
+                  f"{row['b_simple_half1']:.1f}, {row['b_simple_half2']:.1f}); online at these weights "
+                  f"{'-' if online is None else f'{online:.1f}'}", flush=True)
     if out:
         out.close()
         print(f"wrote {args.out}")

@@ -11,7 +11,7 @@ axis) when it varies, the LR (`optim.lr`, log axis) for an optuna LR search, oth
 varies. With --seeds-mean, jobs differing only in `seed` are averaged: mean +- std and every seed's value in the
 table, error bars in the plot.
 
-On a batch axis the gradient noise scale is marked: the median online B_simple (EMA) at the end of the smallest-batch
+On a batch axis the gradient noise scale is marked: the median online B_simple at the end of the smallest-batch
 jobs that measured it, and with --noise-scale (scripts/noise_scale.py's CSV) the median measured at their last checkpoints. With
 --targets, also the steps and images each constant-batch job needed to first reach each target test accuracy,
 McCandlish et al.'s trade-off fitted per line (scripts/tradeoff.py): a table appended to summary.md and
@@ -203,7 +203,7 @@ def knees(jobs: list[dict], within: float = 0.01) -> list[str]:
 
 
 def noise_marks(jobs: list[dict], noise_rows: list[dict]) -> dict[str, float]:
-    """B_simple to mark on a batch axis: the median online EMA at the end of the smallest-batch jobs that measured it
+    """B_simple to mark on a batch axis: the median online B_simple at the end of the smallest-batch jobs that measured it
     (accumulation >= 2; the longest runs, so the least lag), and the median of the checkpoint measurements
     (noise_scale.py) at the runs' last checkpoints."""
     marks = {}
@@ -212,7 +212,7 @@ def noise_marks(jobs: list[dict], noise_rows: list[dict]) -> dict[str, float]:
     if measured:
         smallest = min(j["global_batch"] for j in measured)
         online = [j["noise_scale_b_simple"] for j in measured if j["global_batch"] == smallest]
-        marks[f"B_simple online EMA at the end, batch {batch_label(smallest)} (median)"] = statistics.median(online)
+        marks[f"B_simple online at the end, batch {batch_label(smallest)} (median)"] = statistics.median(online)
     last = [float(r["b_simple"]) for r in noise_rows if r["checkpoint"] == "last.pt" and float(r["b_simple"]) > 0]
     if last:
         marks["B_simple from checkpoints at the end (median)"] = statistics.median(last)

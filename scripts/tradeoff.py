@@ -73,7 +73,7 @@ def crossings(jobs: list[dict], targets: list[float], series_of) -> dict:
 
 
 def last_logged_b_simple(job_dir: Path, step: float) -> float | None:
-    """The run's online B_simple (EMA) at the last train row at or before ``step``: None where never logged, nan
+    """The run's online B_simple at the last train row at or before ``step``: None where never logged, nan
     where logged as undefined ("nan", text in JSON: the |G|^2 estimate was <= 0)."""
     value = None
     for row in metrics_rows(job_dir):
@@ -131,7 +131,7 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict, dict]:
     """The markdown table (per series and target: every batch's steps/images, the fit, B_simple), the fits, and per
     target the median B_simple where the runs reached it, over every line (to mark on the plot)."""
     lines = ["| setting | target | batch: steps to target, mean over seeds (seeds reached) | S_min | E_min (images) | "
-             "B_crit = E_min/S_min | fit's worst point | B_simple online EMA at target (median) | "
+             "B_crit = E_min/S_min | fit's worst point | B_simple online at target (median) | "
              "B_simple from checkpoints at target (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
     fits, pooled = {}, defaultdict(lambda: ([], []))
@@ -162,7 +162,7 @@ def table(found: dict, noise_rows: list[dict]) -> tuple[str, dict, dict]:
                         else "no fit | - | - | -")
                      + f" | {_median(online)} | {_median(offline)} |")
     marks = {t: {label: statistics.median(v) for label, v in
-                 (("B_simple at target, checkpoints (median)", offline), ("B_simple at target, online EMA (median)",
+                 (("B_simple at target, checkpoints (median)", offline), ("B_simple at target, online (median)",
                                                                           online)) if v}
              for t, (offline, online) in pooled.items()}
     return "\n".join(lines), fits, marks

@@ -79,7 +79,9 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     assert [(r["checkpoint"], int(r["step"])) for r in rows] == [("step-4.pt", 4), ("step-8.pt", 8), ("last.pt", 16)]
     rows_logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["noise_scale/b_simple"] for r in rows_logged if "noise_scale/b_simple" in r}
-    assert all(float(r["b_simple_ema_logged"]) == pytest.approx(logged[int(r["step"])]) for r in rows)
+    # each checkpoint beside the figure logged from its weights' gradients: the next step's; none after the last
+    assert [r["b_simple_online"] and float(r["b_simple_online"]) for r in rows] == [
+        pytest.approx(logged[5]), pytest.approx(logged[9]), ""]
     assert all(math.isfinite(float(r["b_simple"])) for r in rows)
     measured = out.read_bytes()
     for args, message in [([str(tmp_path)], "no checkpoints"),  # before anything is measured or written
@@ -151,7 +153,7 @@ def test_summarize_targets_fits_each_line_and_marks_the_noise_scale(tmp_path, mo
             "200.0 | 102,400 | 512 | 0% off |") in md
     assert "| optim=lars | 0.9 | " in md and "| 100.0 | 409,600 | 4,096 |" in md
     assert "- knee of optim=sgd: batch 16k (best 0.9005" in md  # every batch's mean is 0.9005 here
-    assert "B_simple online EMA at the end, batch 256 (median): 1,000" in md
+    assert "B_simple online at the end, batch 256 (median): 1,000" in md
     assert "B_simple from checkpoints at the end (median): 700" in md
     # seed 0's job at 256 reached 0.9 at step 600: between its checkpoints at 512 (350) and 1200 (700), log-linearly
     assert f"| {math.exp(math.log(350) + 88 / 688 * math.log(2)):,.0f} (n=1) |" in md
@@ -175,7 +177,7 @@ def test_noise_marks_use_the_smallest_batch_that_measured_it():
     jobs = [{"global_batch": 128, "noise_scale_b_simple": None}, {"global_batch": 256, "noise_scale_b_simple": 900.0},
             {"global_batch": 256, "noise_scale_b_simple": 1100.0}, {"global_batch": 1024, "noise_scale_b_simple": 50.0}]
     rows = [{"checkpoint": "last.pt", "b_simple": "700"}, {"checkpoint": "step-16.pt", "b_simple": "5"}]
-    assert summarize.noise_marks(jobs, rows) == {"B_simple online EMA at the end, batch 256 (median)": 1000.0,
+    assert summarize.noise_marks(jobs, rows) == {"B_simple online at the end, batch 256 (median)": 1000.0,
                                                  "B_simple from checkpoints at the end (median)": 700.0}
 
 
@@ -183,7 +185,8 @@ def test_an_undefined_logged_noise_scale_is_read_as_nan_not_a_crash(tmp_path):
     """metrics.jsonl stores a non-finite value as text ("nan": the |G|^2 estimate fell to <= 0 as the LR reached 0)."""
     rows = [{"step": 10, "noise_scale/b_simple": 500.0}, {"step": 20, "noise_scale/b_simple": "nan"}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert noise_scale.logged_ema(tmp_path, 15) == 500.0 and math.isnan(noise_scale.logged_ema(tmp_path, 20))
+    assert noise_scale.online_at_weights_of(tmp_path, 9) == 500.0
+    assert math.isnan(noise_scale.online_at_weights_of(tmp_path, 19)) and noise_scale.online_at_weights_of(tmp_path, 10) is None
     assert tradeoff.logged_b_simple(tmp_path, 15) == 500.0 and tradeoff.logged_b_simple(tmp_path, 20) is None
 
 

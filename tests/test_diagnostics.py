@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from engine.diagnostics import NoiseScale, update_ratios
@@ -68,6 +69,29 @@ def test_estimates_are_exact_without_sampling_noise():
     small, big = G2 + trace / 10, G2 + trace / 1000  # E|G_B|^2 = |G|^2 + tr(Sigma)/B
     g, s = NoiseScale.estimates(10, small, 1000, big)
     assert abs(g - G2) < 1e-9 and abs(s - trace) < 1e-9
+
+
+@pytest.mark.parametrize("per_step_grad, steps", [(True, 1), (True, 4), (False, 1), (False, 4)])
+def test_b_simple_follows_a_swinging_gradient_only_with_the_steps_own(per_step_grad, steps):
+    """Near the peak LR |G|^2 swings from step to step while tr(Sigma) holds still (docs/diagnostics.md). Exact
+    estimates (no sampling noise) of |G|^2 alternating 1.0 and 0.05 at tr(Sigma) 10: the diagnostic's figure is
+    tr(Sigma) over this step's |G|^2 (10 or 200) at once; the moving average of both reads the ratio of their
+    averages (hand-computed here), as AdaScale and the adaptive batch use it."""
+    beta, b, big, trace = 0.9, 8, 64, 10.0
+    ns = NoiseScale(beta, per_step_grad=per_step_grad)
+    seen = [1.0 if k % 2 == 0 else 0.05 for k in range(steps)]
+    for g in seen:
+        ns.update(b, g + trace / b, big, g + trace / big, samples=big // b)
+    if per_step_grad:
+        expected = trace / seen[-1]
+    else:
+        decay = beta ** (big // b)
+        weights = [(1 - decay) * decay ** (steps - 1 - k) for k in range(steps)]
+        expected = trace / (sum(w * g for w, g in zip(weights, seen, strict=True)) / sum(weights))
+    assert ns.b_simple == pytest.approx(expected)
+    restored = NoiseScale(beta, per_step_grad=per_step_grad)
+    restored.load_state_dict(ns.state_dict())
+    assert restored.b_simple == pytest.approx(expected)  # a resume logs the same figure
 
 
 def test_update_ratios():
