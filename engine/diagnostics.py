@@ -47,7 +47,10 @@ class NoiseScale:
         """One step's estimate. ``small_sq`` may be the mean over ``samples`` independent small-batch gradients:
         the EMA then decays as for that many one-sample updates (beta ** samples), so a step that measures every
         micro-batch averages over fewer steps at the same variance, and lags less."""
-        g, s = self.estimates(b_small, small_sq, b_big, big_sq)
+        self.add(*self.estimates(b_small, small_sq, b_big, big_sq), samples)
+
+    def add(self, g: float, s: float, samples: int = 1) -> None:
+        """One step's estimates of |G|^2 and tr(Sigma), as ``samples`` one-sample updates."""
         if self.grad_sq is None:
             self.grad_sq, self.trace = 0.0, 0.0
         decay = self.beta ** samples

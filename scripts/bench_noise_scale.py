@@ -32,6 +32,8 @@ import torch
 
 import train
 from engine.compose import compose_cfg
+from engine.config import load_config
+from engine.diagnostics import NoiseScale
 
 KEPT = list(range(5, 150, 5))
 TRACKING = ["batch=1k", "micro_batch=128", "max_steps=150", "epochs=10", "data.augment=false", "logger=csv",
@@ -46,21 +48,49 @@ def quiet_train(overrides: list[str], run_dir: Path) -> dict:
 
 
 def tracking(out_dir: Path) -> list[dict]:
+    """The run, then each kept checkpoint measured again; beside the figure the run logged, the same steps'
+    estimates through moving averages of both |G|^2 and tr(Sigma) (AdaScale's and the adaptive batch's way)."""
     run_dir = out_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=False)
-    quiet_train(TRACKING, run_dir)
+    steps = []  # (|G|^2, tr(Sigma), samples) of every step, as the run estimated them
+    update = NoiseScale.update
+
+    def recording(self, b_small, small_sq, b_big, big_sq, samples=1):
+        steps.append((*NoiseScale.estimates(b_small, small_sq, b_big, big_sq), samples))
+        update(self, b_small, small_sq, b_big, big_sq, samples)
+    NoiseScale.update = recording
+    try:
+        quiet_train(TRACKING, run_dir)
+    finally:
+        NoiseScale.update = update
+    both = both_averaged(steps, load_config(compose_cfg(TRACKING)).diagnostics.noise_ema)
     table = out_dir / "noise.csv"
     noise_scale.main([str(run_dir), "--micro-batch", "128", "--micro-batches", "64", "--out", str(table)])
     rows = [r for r in csv.DictReader(table.open()) if r["b_simple_online"]]  # last.pt: no later step logged
-    print("\n| step | B_simple at the checkpoint | online, same weights | online / checkpoint |\n|---|---|---|---|")
+    print("\n| step | B_simple at the checkpoint | online, same weights | ratio | both averaged | ratio |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        r["ratio"] = float(r["b_simple_online"]) / float(r["b_simple"])  # nan where the step's |G|^2 was <= 0
-        print(f"| {r['step']} | {float(r['b_simple']):.0f} | {float(r['b_simple_online']):.0f} | {r['ratio']:.2f} |")
-    factors = [max(r["ratio"], 1 / r["ratio"]) if r["ratio"] > 0 else math.inf for r in rows]
-    print(f"within 1.5x at {sum(f <= 1.5 for f in factors)} of {len(rows)} checkpoints, within 2x at "
-          f"{sum(f <= 2 for f in factors)}; worst factor {max(factors):.2f}, median {statistics.median(factors):.2f} "
-          f"(goal: every one within 1.5x)")
+        fixed, step = float(r["b_simple"]), int(r["step"])
+        r["ratio"] = float(r["b_simple_online"]) / fixed  # nan where the step's |G|^2 was <= 0
+        r["ratio_both_averaged"] = both[step] / fixed   # both[step]: step + 1's figure, from these weights
+        print(f"| {step} | {fixed:.0f} | {float(r['b_simple_online']):.0f} | {r['ratio']:.2f} | {both[step]:.0f} | "
+              f"{r['ratio_both_averaged']:.2f} |")
+    for name, key in (("online (logged)", "ratio"), ("both averaged", "ratio_both_averaged")):
+        factors = [max(r[key], 1 / r[key]) if r[key] > 0 else math.inf for r in rows]
+        print(f"{name}: within 1.5x at {sum(f <= 1.5 for f in factors)} of {len(rows)} checkpoints, within 2x at "
+              f"{sum(f <= 2 for f in factors)}; median factor {statistics.median(factors):.2f}, worst "
+              f"{max(factors):.2f} (goal: every one within 1.5x)")
     return rows
+
+
+def both_averaged(steps: list[tuple[float, float, int]], beta: float) -> list[float]:
+    """B_simple after each step from bias-corrected moving averages of both estimates (NoiseScale without
+    per_step_grad), weighting a step by its samples as the run does."""
+    ns, out = NoiseScale(beta), []
+    for grad_sq, trace, samples in steps:
+        ns.add(grad_sq, trace, samples)
+        out.append(ns.b_simple)
+    return out
 
 
 def cost(pairs: int, steps: int) -> float:
@@ -85,7 +115,6 @@ def per_micro_batch_cost(repeats: int = 30) -> float:
     128 Fashion-MNIST-sized images, 8 micro-batches a step)."""
     import torch.nn.functional as F
 
-    from engine.config import load_config
     from engine.diagnostics import MicroBatchNorms
     from engine.models import build_model
     model = build_model(load_config(compose_cfg([])).model, (1, 28, 28), 10)
