@@ -152,7 +152,8 @@ class DecodedImages(torch.utils.data.Dataset):
             for n, state in enumerate(states):
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.set_state(state)
-                    x[n] = policy[0](x[n])
+                    for transform in policy:
+                        x[n] = transform(x[n])
         return x
 
     def _index(self, key) -> int:
