@@ -91,7 +91,9 @@ def train(cfg, run_dir: Path) -> dict:
     ema = make_ema(model, cfg, plan)
     if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
         plan = choose_micro_batch(plan, model, optimizer, data, cfg, device, dist)
-    state = RunState(noise_scale=NoiseScale(cfg.diagnostics.noise_ema, per_step_grad=not plan.measures_noise))
+    noise = (NoiseScale(cfg.diagnostics.noise_ema) if plan.measures_noise  # AdaScale, adaptive: averages of both
+             else NoiseScale(cfg.diagnostics.noise_trace_ema, per_step_grad=True))
+    state = RunState(noise_scale=noise)
     if resume is not None:
         state.restore(resume.ckpt, model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
                       seed=cfg.seed, device=device)

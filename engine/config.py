@@ -217,7 +217,8 @@ class EmaConfig(Group):
 class DiagnosticsConfig(Group):
     every: NonNeg                                  # trust / update ratios every N steps; 0 = off
     noise_scale: bool
-    noise_ema: UnitOpen
+    noise_ema: UnitOpen                            # AdaScale, adaptive batch: per step, of |G|^2 and tr(Sigma)
+    noise_trace_ema: UnitOpen = 0.9                # noise_scale/b_simple: per micro-batch, of tr(Sigma)
 
 
 class Config(Group):

@@ -5,9 +5,9 @@ checkpoints, from many micro-batches at fixed weights, next to the online figure
     python scripts/noise_scale.py RUN [more run dirs] [--micro-batch 128] [--micro-batches 64] [--out FILE.csv]
 
 Why: the training-time B_simple (engine/diagnostics.py) is cheap and noisy: a moving average of tr(Sigma) over
-about 1 / ((1 - diagnostics.noise_ema) x micro-batches per step) steps, over one step's own |G|^2 estimate from its
-global batch (AdaScale's and the adaptive batch's: moving averages of both, from their probe). Here the weights are
-fixed (checkpoints/step-N.pt and last.pt): K
+about 1 / ((1 - diagnostics.noise_trace_ema) x micro-batches per step) steps, over one step's own |G|^2 estimate
+from its global batch (AdaScale's and the adaptive batch's: moving averages of both, from their probe). Here the
+weights are fixed (checkpoints/step-N.pt and last.pt): K
 micro-batches of b training images (a fixed random draw, no augmentation, the run's label smoothing, BN in train
 mode as in training) give K gradients g_k and their mean G over K*b images; then, with the same unbiased estimators
 as training,
