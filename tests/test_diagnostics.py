@@ -94,6 +94,24 @@ def test_b_simple_follows_a_swinging_gradient_only_with_the_steps_own(per_step_g
     assert restored.b_simple == pytest.approx(expected)  # a resume logs the same figure
 
 
+@pytest.mark.parametrize("overrides, beta, per_step_grad", [
+    (["diagnostics.noise_trace_ema=0.5"], 0.5, True),                                    # the diagnostic alone
+    (["scaling=adascale", "scaling.ref_batch=32", "diagnostics.noise_ema=0.95"], 0.95, False),  # AdaScale acts on it
+])
+def test_each_noise_estimate_takes_its_own_average(tmp_path, monkeypatch, overrides, beta, per_step_grad):
+    import train
+    made = []
+
+    class Recording(NoiseScale):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(train, "NoiseScale", Recording)
+    run_train(tmp_path, [*TINY, "batch=64", "micro_batch=16", "max_steps=2", *overrides])
+    (noise,) = made
+    assert (noise.beta, noise.per_step_grad) == (beta, per_step_grad) and noise.updates > 0
+
+
 def test_update_ratios():
     before = [torch.ones(4), torch.zeros(3)]
     after = [torch.full((4,), 1.5), torch.ones(3)]
