@@ -41,7 +41,7 @@ from engine.checkpoint import load as load_checkpoint
 from engine.cli import fail, lock_run_dir, preflight
 from engine.config import load_config
 from engine.datasets import load_data, load_test_split
-from engine.diagnostics import NoiseScale
+from engine.diagnostics import noise_scale_for
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
 from engine.loop import (
@@ -91,9 +91,7 @@ def train(cfg, run_dir: Path) -> dict:
     ema = make_ema(model, cfg, plan)
     if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
         plan = choose_micro_batch(plan, model, optimizer, data, cfg, device, dist)
-    noise = (NoiseScale(cfg.diagnostics.noise_ema) if plan.measures_noise  # AdaScale, adaptive: averages of both
-             else NoiseScale(cfg.diagnostics.noise_trace_ema, per_step_grad=True))
-    state = RunState(noise_scale=noise)
+    state = RunState(noise_scale=noise_scale_for(plan.measures_noise, cfg.diagnostics))
     if resume is not None:
         state.restore(resume.ckpt, model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
                       seed=cfg.seed, device=device)

@@ -87,6 +87,15 @@ class NoiseScale:
         return s / g if g > 0 else math.nan
 
 
+def noise_scale_for(measures_noise: bool, cfg_diagnostics) -> NoiseScale:
+    """AdaScale and the adaptive batch act on moving averages of both estimates (``noise_ema``, per step); the
+    diagnostic alone divides a short average of tr(Sigma) (``noise_trace_ema``, per micro-batch) by the step's own
+    |G|^2."""
+    if measures_noise:
+        return NoiseScale(cfg_diagnostics.noise_ema)
+    return NoiseScale(cfg_diagnostics.noise_trace_ema, per_step_grad=True)
+
+
 class MicroBatchNorms:
     """The squared norm of each micro-batch's own gradient while the micro-batches accumulate into ``.grad``: the
     increment since the previous micro-batch, from one saved copy of the gradients (no host read)."""

@@ -99,14 +99,14 @@ def test_b_simple_follows_a_swinging_gradient_only_with_the_steps_own(per_step_g
     (["scaling=adascale", "scaling.ref_batch=32", "diagnostics.noise_ema=0.95"], 0.95, False),  # AdaScale acts on it
 ])
 def test_each_noise_estimate_takes_its_own_average(tmp_path, monkeypatch, overrides, beta, per_step_grad):
-    import train
+    from engine import diagnostics
     made = []
 
     class Recording(NoiseScale):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
-    monkeypatch.setattr(train, "NoiseScale", Recording)
+    monkeypatch.setattr(diagnostics, "NoiseScale", Recording)
     run_train(tmp_path, [*TINY, "batch=64", "micro_batch=16", "max_steps=2", *overrides])
     (noise,) = made
     assert (noise.beta, noise.per_step_grad) == (beta, per_step_grad) and noise.updates > 0
