@@ -145,15 +145,15 @@ class DecodedImages(torch.utils.data.Dataset):
                 box = crop.make_params([image])
                 boxes.append((box["top"], box["left"], box["height"], box["width"]))
                 flips.append(bool(torch.rand(1) < flip.p))
-                states.append(torch.default_generator.get_state())
+                if policy:  # where the policy's draws start
+                    states.append(torch.default_generator.get_state())
         x = resized_crops(images, boxes, crop.size[0])
         x = torch.where(to_device(torch.tensor(flips), x.device)[:, None, None, None], x.flip(-1), x)
-        if policy:
-            for n, state in enumerate(states):
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.set_state(state)
-                    for transform in policy:
-                        x[n] = transform(x[n])
+        for n, state in enumerate(states):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.set_state(state)
+                for transform in policy:
+                    x[n] = transform(x[n])
         return x
 
     def _index(self, key) -> int:

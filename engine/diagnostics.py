@@ -11,9 +11,9 @@ all-reduce; MicroBatchNorms) and the full step's gradient (B_big = global batch)
 micro-batches is one estimate, weighted in the EMA as that many samples.
 
 tr(Sigma) changes slowly along a run and its estimate is noisy: it is smoothed by an exponential moving average.
-|G|^2 is not: near the peak LR the weights oscillate across a valley and |G|^2 changes up to 20x within five steps
-while tr(Sigma) stays within 20 % (measured at fixed weights, docs/diagnostics.md), so an average over steps lags by
-that much. The diagnostic therefore divides the smoothed tr(Sigma) by this step's own |G|^2 (``per_step_grad``).
+|G|^2 is not: near the peak LR the weights oscillate across a valley and |G|^2 changes up to 13x within five steps
+while tr(Sigma) changes at most 1.4x (measured at fixed weights, docs/benchmarks.md), so an average over steps lags
+by that much. The diagnostic therefore divides the smoothed tr(Sigma) by this step's own |G|^2 (``per_step_grad``).
 AdaScale and the adaptive batch act on a steadier figure: both moving averages, from their probe (the rank's first
 micro-batches) as the small batch, the estimator of the paper and of recipes/ section 5.
 """
