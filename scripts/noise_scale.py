@@ -36,7 +36,7 @@ from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
 
 FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_online",
-          "micro_batch", "micro_batches"]
+          "one_step_images", "one_step_within_1_5x", "one_step_low", "one_step_high", "micro_batch", "micro_batches"]
 
 
 def b_simple(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int) -> float:
@@ -46,30 +46,61 @@ def b_simple(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int)
     return trace / grad_sq if grad_sq > 0 else math.nan
 
 
-def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 0) -> dict:
-    """B_simple at the model's current weights from ``micro_batches`` micro-batches of ``micro_batch`` images."""
+def one_step_ratios(norms: list[float], group_sums: list[list[torch.Tensor]], trace: float, micro_batch: int,
+                    b_simple_all: float) -> list[float]:
+    """Each group of micro-batches (one training step's images) as the run sees them: B_simple from that group's own
+    |G|^2 over the whole measurement's tr(Sigma), as a factor of ``b_simple_all`` (inf where the group's |G|^2 is not
+    positive). However exactly an online estimate knows tr(Sigma), one step's |G|^2 scatters this much."""
+    size = len(norms) // len(group_sums)
+    ratios = []
+    for i, total in enumerate(group_sums):
+        mean_sq = float(sq_norm(torch._foreach_div(total, size)))
+        grad_sq, _ = NoiseScale.estimates(micro_batch, sum(norms[i * size:(i + 1) * size]) / size, micro_batch * size,
+                                          mean_sq)
+        ratios.append(trace / grad_sq / b_simple_all if grad_sq > 0 else math.inf)
+    return ratios
+
+
+def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 0,
+            step_micro_batches: int | None = None) -> dict:
+    """B_simple at the model's current weights from ``micro_batches`` micro-batches of ``micro_batch`` images; with
+    ``step_micro_batches`` (dividing ``micro_batches`` at least twice), how far one step's |G|^2 scatters around it
+    (``one_step_ratios``): the fraction of those groups within 1.5x, and the lowest and highest factor."""
     params = [p for p in model.parameters() if p.requires_grad]
     need = micro_batch * micro_batches
     if need > data.train_size:
         raise SystemExit(f"error: --micro-batch {micro_batch} x --micro-batches {micro_batches} = {need} images, more "
                          f"than the {data.train_size} training images")
     index = torch.randperm(data.train_size, generator=torch.Generator().manual_seed(seed))[:need]
+    half = micro_batches // 2
+    # gradients summed in chunks that tile both the halves and the steps' groups: one copy of the model per chunk
+    chunk = math.gcd(half, step_micro_batches) if step_micro_batches else half
+    chunks = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(-(-micro_batches // chunk))]
     model.train()
-    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    halves = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(2)]
     norms = []
     for k, (x, y) in enumerate(data.one_step_micro_batches(index, 0, micro_batch, 1, 0, seed, None, "cpu")):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
         grads = [p.grad.double() for p in params]
         norms.append(float(sq_norm(grads)))
-        torch._foreach_add_(sums, grads)
-        torch._foreach_add_(halves[2 * k // micro_batches], grads)
-    half = micro_batches // 2
+        torch._foreach_add_(chunks[k // chunk], grads)
+    summed = lambda parts: [sum(ts) for ts in zip(*parts)]
     mean_sq = lambda total, n: float(sq_norm(torch._foreach_div(total, n)))
-    return {"b_simple": b_simple(norms, mean_sq(sums, micro_batches), micro_batch),
-            "b_simple_half1": b_simple(norms[:half], mean_sq(halves[0], half), micro_batch),
-            "b_simple_half2": b_simple(norms[half:], mean_sq(halves[1], micro_batches - half), micro_batch)}
+    per_half = half // chunk
+    row = {"b_simple": b_simple(norms, mean_sq(summed(chunks), micro_batches), micro_batch),
+           "b_simple_half1": b_simple(norms[:half], mean_sq(summed(chunks[:per_half]), half), micro_batch),
+           "b_simple_half2": b_simple(norms[half:], mean_sq(summed(chunks[per_half:]), micro_batches - half),
+                                      micro_batch)}
+    if step_micro_batches:
+        _, trace = NoiseScale.estimates(micro_batch, sum(norms) / len(norms), need, mean_sq(summed(chunks),
+                                                                                             micro_batches))
+        per_step = step_micro_batches // chunk
+        groups = [summed(chunks[i:i + per_step]) for i in range(0, len(chunks), per_step)]
+        ratios = one_step_ratios(norms, groups, trace, micro_batch, row["b_simple"])
+        row |= {"one_step_images": micro_batch * step_micro_batches,
+                "one_step_within_1_5x": sum(1 / 1.5 <= r <= 1.5 for r in ratios) / len(ratios),
+                "one_step_low": min(ratios), "one_step_high": max(ratios)}
+    return row
 
 
 def online_at_weights_of(run_dir: Path, step: int) -> float | None:
@@ -98,16 +129,29 @@ def open_new_csv(path: Path):
         sys.exit(f"error: --out {path} cannot be written ({e.strerror})")
 
 
+def step_groups(step_images: int, micro_batch: int, micro_batches: int) -> int | None:
+    """Micro-batches per step when ``step_images`` is a multiple of ``micro_batch`` (at least two) that divides the K
+    micro-batches at least twice; None otherwise."""
+    size, rest = divmod(step_images, micro_batch)
+    return size if not rest and size >= 2 and micro_batches % size == 0 and micro_batches // size >= 2 else None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", type=Path, nargs="+")
     ap.add_argument("--micro-batch", type=int, default=128, help="images per micro-batch b (default 128)")
     ap.add_argument("--micro-batches", type=int, default=64, help="micro-batches K, at least 4 (default 64)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the images drawn (default 0)")
+    ap.add_argument("--step-images", type=int, default=None,
+                    help="images of one training step, whose |G|^2 scatter is measured (default: the run's batch "
+                         "where it fits; 0: not measured)")
     ap.add_argument("--out", type=Path, help="write the rows as CSV here")
     args = ap.parse_args(argv)
     if args.micro_batch < 1 or args.micro_batches < 4:
         sys.exit(f"error: --micro-batch {args.micro_batch} must be >= 1 and --micro-batches {args.micro_batches} >= 4")
+    if args.step_images and not step_groups(args.step_images, args.micro_batch, args.micro_batches):
+        sys.exit(f"error: --step-images {args.step_images} must be a multiple of --micro-batch {args.micro_batch} "
+                 f"(at least two) that divides --micro-batches {args.micro_batches} at least twice")
     runs = {run_dir: checkpoints_of(run_dir) for run_dir in args.run_dirs}
     for run_dir, found in runs.items():
         if not found:
@@ -125,17 +169,22 @@ def main(argv: list[str] | None = None) -> None:
                 data = load_data(cfg.data)
             model = build_model(cfg.model, data.image_shape, data.num_classes)
             model.load_state_dict(ckpt["model"])
+            step_images = cfg.batch if args.step_images is None else args.step_images
+            per_step = step_groups(step_images, args.micro_batch, args.micro_batches) if step_images else None
             row = {"run": str(run_dir), "checkpoint": path.name, "step": ckpt["step"], "images": ckpt.get("images"),
-                   **measure(model, data, cfg, args.micro_batch, args.micro_batches, args.seed),
+                   **measure(model, data, cfg, args.micro_batch, args.micro_batches, args.seed, per_step),
                    "b_simple_online": online_at_weights_of(run_dir, ckpt["step"]),
                    "micro_batch": args.micro_batch, "micro_batches": args.micro_batches}
             if writer:  # row by row: what was measured survives a later failure
                 writer.writerow(row)
                 out.flush()
             online = row["b_simple_online"]
+            one_step = (f"; one step of {row['one_step_images']} images: {row['one_step_low']:.2f}-"
+                        f"{row['one_step_high']:.2f}x, within 1.5x in {row['one_step_within_1_5x']:.0%}"
+                        if per_step else "")
             print(f"{run_dir.name} {path.name:>12} step {row['step']:>5}: B_simple {row['b_simple']:8.1f} (halves "
                   f"{row['b_simple_half1']:.1f}, {row['b_simple_half2']:.1f}); online at these weights "
-                  f"{'-' if online is None else f'{online:.1f}'}", flush=True)
+                  f"{'-' if online is None else f'{online:.1f}'}{one_step}", flush=True)
     if out:
         out.close()
         print(f"wrote {args.out}")

@@ -70,6 +70,26 @@ def test_noise_scale_at_fixed_weights_matches_the_exact_per_example_value():
     assert all(v > 0 for v in got.values())
 
 
+@pytest.mark.parametrize("micro_batches, per_step", [(8, 4), (12, 3), (16, 8)])
+def test_one_steps_grad_sq_is_the_mean_inner_product_of_its_micro_batches(micro_batches, per_step):
+    """Each group's |G|^2 is the unbiased estimate from its own micro-batches: the mean of <g_i, g_j> over its pairs
+    i != j (a hand-written U-statistic), divided into the given tr(Sigma) and taken as a factor of B_simple."""
+    g = torch.Generator().manual_seed(micro_batches)
+    grads = [[torch.randn(5, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)]
+             for _ in range(micro_batches)]
+    flat = torch.stack([torch.cat(x) for x in grads])
+    groups = [[sum(t) for t in zip(*grads[i:i + per_step], strict=True)] for i in range(0, micro_batches, per_step)]
+    trace, b_simple_all = 7.0, 3.0
+    got = noise_scale.one_step_ratios([float(v.pow(2).sum()) for v in flat], groups, trace, 16, b_simple_all)
+    expected = []
+    for i in range(0, micro_batches, per_step):
+        block = flat[i:i + per_step]
+        pairs = block @ block.T
+        grad_sq = float((pairs.sum() - pairs.diagonal().sum()) / (per_step * (per_step - 1)))
+        expected.append(trace / grad_sq / b_simple_all if grad_sq > 0 else math.inf)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
 def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     _, run_dir = run_train(tmp_path, [*TINY, "batch=64", "micro_batch=16", "logger=csv", "logger.every_steps=1",
                                       "checkpoint.keep_steps=[4,8]"])
@@ -83,10 +103,14 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     assert [r["b_simple_online"] and float(r["b_simple_online"]) for r in rows] == [
         pytest.approx(logged[5]), pytest.approx(logged[9]), ""]
     assert all(math.isfinite(float(r["b_simple"])) for r in rows)
+    # one step of the run's batch (64 = 4 micro-batches of 16): 2 groups, each a fraction 0, 1/2 or 1 within 1.5x
+    assert all(r["one_step_images"] == "64" and r["one_step_within_1_5x"] in {"0.0", "0.5", "1.0"}
+               and float(r["one_step_low"]) <= float(r["one_step_high"]) for r in rows)
     measured = out.read_bytes()
     for args, message in [([str(tmp_path)], "no checkpoints"),  # before anything is measured or written
                           ([str(run_dir), "--out", str(out)], "exists"),
-                          ([str(run_dir), str(tmp_path), "--out", str(tmp_path / "b.csv")], "no checkpoints")]:
+                          ([str(run_dir), str(tmp_path), "--out", str(tmp_path / "b.csv")], "no checkpoints"),
+                          ([str(run_dir), "--step-images", "48", "--out", str(tmp_path / "b.csv")], "--step-images 48")]:
         with pytest.raises(SystemExit) as bad:  # the same main, in-process: one line, nothing written
             noise_scale.main(args)
         assert isinstance(bad.value.code, str) and "\n" not in bad.value.code and message in bad.value.code
