@@ -275,7 +275,8 @@ def hydra_folders(cmd: Command, first_job: list[str]) -> Folders:
     """The run and sweep folders as Hydra will make them, from the same composition (config, --config-dir,
     hydra overrides), each resolved once here: train.py hands the resolved path on to Hydra, so the folder this
     preflight checks and locks is the one the run uses."""
-    with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
+    # job_name: Hydra names the job after the script that runs it, train.py (${hydra.job.name} in a folder)
+    with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None, job_name="train"):
         cfg = compose(cmd.config_name, overrides=[*first_job, *cmd.hydra, *_search_path(cmd)],
                       return_hydra_config=True)
     default = "${now:" in str(OmegaConf.to_container(cfg.hydra, resolve=False)[

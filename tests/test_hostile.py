@@ -367,14 +367,17 @@ def _handed_on(args) -> list[str]:
     ("hydra.run.dir='{tmp}/ü/run'", "{tmp}/ü/run"),
     ("hydra.run.dir='{tmp}/a=1,b=2/run'", "{tmp}/a=1,b=2/run"),
     ("hydra.run.dir={tmp}/plain/run", "{tmp}/plain/run"),
+    ("hydra.run.dir={tmp}/${{hydra.job.name}}/run", "{tmp}/train/run"),  # Hydra's own keys
+    ("hydra.run.dir={tmp}/${{oc.env:LB_TEST_FOLDER}}/run", "{tmp}/from_env/run"),  # OmegaConf's resolvers
 ])
-def test_the_preflight_locks_the_folder_hydra_will_use_and_hands_it_on(tmp_path, given, folder):
+def test_the_preflight_locks_the_folder_hydra_will_use_and_hands_it_on(tmp_path, monkeypatch, given, folder):
     """The preflight read hydra.run.dir as a raw string: ${now:...} locked a literal 'run_${now:%Y}' folder, and a
     quoted path made a folder named with its quotes. It now resolves the folder once, locks it, and hands Hydra the
     resolved path, quoted so that Hydra's grammar reads it back unchanged."""
     import datetime
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    monkeypatch.setenv("LB_TEST_FOLDER", "from_env")
     expected = folder.format(tmp=tmp_path, year=datetime.datetime.now().year)
     argv = _handed_on([*TINY, given.format(tmp=tmp_path)])
     run_dirs = [a for a in argv if a.startswith("hydra.run.dir=")]
