@@ -76,14 +76,19 @@ class NoiseScale:
         return self.grad_sq / correction, self.trace / correction
 
     @property
-    def b_simple(self) -> float:
-        """Smoothed tr(Sigma) over |G|^2: smoothed too, or with ``per_step_grad`` the last step's own (nan where that
-        estimate is not positive: the step's gradient is within its noise, B_simple beyond what it can measure)."""
-        if not self.updates:
-            return math.nan
+    def parts(self) -> tuple[float, float]:
+        """(|G|^2, tr(Sigma)) that ``b_simple`` divides: the smoothed tr(Sigma), and the smoothed |G|^2 or with
+        ``per_step_grad`` the last step's own (nan before any update)."""
         g, s = self.smoothed
-        if self.per_step_grad:
+        if self.per_step_grad and self.updates:
             g = self.step_grad_sq if self.step_grad_sq is not None else math.nan
+        return g, s
+
+    @property
+    def b_simple(self) -> float:
+        """tr(Sigma) over |G|^2 (``parts``); nan where that |G|^2 is not positive: the step's gradient is within its
+        noise, B_simple beyond what it can measure."""
+        g, s = self.parts
         return s / g if g > 0 else math.nan
 
 

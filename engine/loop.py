@@ -187,8 +187,10 @@ def log_step(run: Run, stats: dict, batch: int, seconds: float, last: bool) -> N
         row = {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr, "batch": batch,
                "epoch": plan.epoch_of(state.at), "images": state.images,
                "images_per_s": batch / seconds}
-        if state.noise_scale.updates:
-            row["noise_scale/b_simple"] = state.noise_scale.b_simple
+        if state.noise_scale.updates:  # B_simple and the two estimates it divides
+            grad_sq, trace = state.noise_scale.parts
+            row |= {"noise_scale/b_simple": state.noise_scale.b_simple, "noise_scale/grad_sq": grad_sq,
+                    "noise_scale/trace": trace}
         row.update(plan.clock.record(state.at, stats.gain))
         run.logger.log(state.step, row)
     run.progress.update(state.step, f"loss {stats.loss:.4f} lr {stats.lr:.4g}" + (

@@ -78,6 +78,12 @@ def tracking(out_dir: Path) -> list[dict]:
         print(f"| {step} | {fixed:.0f} | {float(r['b_simple_online']):.0f} | {r['ratio']:.2f} | {both[step]:.0f} | "
               f"{r['ratio_both_averaged']:.2f} | {float(r['one_step_low']):.2f}-{float(r['one_step_high']):.2f}, "
               f"{float(r['one_step_within_1_5x']):.0%} |")
+    misses = [r for r in rows if not 1 / 1.5 <= r["ratio"] <= 1.5]
+    for name, part in (("tr(Sigma)", "trace"), ("|G|^2", "grad_sq")):
+        span = lambda rs: (f"{min(rs):.2f}-{max(rs):.2f}" if rs else "-")
+        ratio = lambda r: float(r[f"{part}_online"]) / float(r[part])
+        print(f"{name} online / at the checkpoint: {span([ratio(r) for r in rows])} at every checkpoint, "
+              f"{span([ratio(r) for r in misses])} at the {len(misses)} outside 1.5x")
     within = [float(r["one_step_within_1_5x"]) for r in rows]
     print(f"one step's own |G|^2 over the exact tr(Sigma) (8 groups of 1,024 images per checkpoint): within 1.5x at "
           f"{sum(within):.1f} of {len(rows)} checkpoints on average; at every one with probability "

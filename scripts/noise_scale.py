@@ -15,7 +15,11 @@ as training,
 and B_simple = tr(Sigma) / |G|^2. The two halves of the K micro-batches give two independent estimates; their
 spread is printed as a gauge of the estimate's own noise. Prints one row per checkpoint (step, images, B_simple,
 the halves, and the online figure from the same weights: step N's checkpoint holds the weights after N updates,
-whose gradients step N + 1 measured and logged; none for the last step) and writes them as CSV with --out.
+whose gradients step N + 1 measured and logged; none for the last step) and writes them as CSV with --out, with
+|G|^2 and tr(Sigma) each beside the run's own (which of the two an online miss came from).
+One step's floor (columns one_step_*): the K micro-batches as steps of --step-images images (default the run's
+batch), each step's own |G|^2 over the whole measurement's tr(Sigma), as a factor of B_simple; how often such a
+step lands within 1.5x bounds how closely any online figure from one step's images can follow.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
 
 FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_online",
-          "one_step_images", "one_step_within_1_5x", "one_step_low", "one_step_high", "micro_batch", "micro_batches"]
+          "grad_sq", "grad_sq_online", "trace", "trace_online", "one_step_images", "one_step_within_1_5x", "one_step_low", "one_step_high", "micro_batch", "micro_batches"]
 
 
 def b_simple(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int) -> float:
@@ -87,13 +91,13 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
     summed = lambda parts: [sum(ts) for ts in zip(*parts)]
     mean_sq = lambda total, n: float(sq_norm(torch._foreach_div(total, n)))
     per_half = half // chunk
-    row = {"b_simple": b_simple(norms, mean_sq(summed(chunks), micro_batches), micro_batch),
+    grad_sq, trace = NoiseScale.estimates(micro_batch, sum(norms) / len(norms), need,
+                                          mean_sq(summed(chunks), micro_batches))
+    row = {"b_simple": trace / grad_sq if grad_sq > 0 else math.nan, "grad_sq": grad_sq, "trace": trace,
            "b_simple_half1": b_simple(norms[:half], mean_sq(summed(chunks[:per_half]), half), micro_batch),
            "b_simple_half2": b_simple(norms[half:], mean_sq(summed(chunks[per_half:]), micro_batches - half),
                                       micro_batch)}
     if step_micro_batches:
-        _, trace = NoiseScale.estimates(micro_batch, sum(norms) / len(norms), need, mean_sq(summed(chunks),
-                                                                                             micro_batches))
         per_step = step_micro_batches // chunk
         groups = [summed(chunks[i:i + per_step]) for i in range(0, len(chunks), per_step)]
         ratios = one_step_ratios(norms, groups, trace, micro_batch, row["b_simple"])
@@ -103,13 +107,14 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
     return row
 
 
-def online_at_weights_of(run_dir: Path, step: int) -> float | None:
-    """The B_simple the run logged from the gradients at checkpoint ``step``'s weights: step + 1's (None if that step
-    never ran or logged none)."""
+def online_at_weights_of(run_dir: Path, step: int) -> dict:
+    """What the run logged from the gradients at checkpoint ``step``'s weights: step + 1's B_simple and the |G|^2 and
+    tr(Sigma) it divided (None where that step never ran or logged none)."""
     for row in metrics_rows(run_dir):
         if row.get("step") == step + 1 and row.get("noise_scale/b_simple") is not None:
-            return float(row["noise_scale/b_simple"])
-    return None
+            return {f"{key}_online": None if row.get(f"noise_scale/{key}") is None else float(row[f"noise_scale/{key}"])
+                    for key in ("b_simple", "grad_sq", "trace")}
+    return {"b_simple_online": None, "grad_sq_online": None, "trace_online": None}
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             per_step = step_groups(step_images, args.micro_batch, args.micro_batches) if step_images else None
             row = {"run": str(run_dir), "checkpoint": path.name, "step": ckpt["step"], "images": ckpt.get("images"),
                    **measure(model, data, cfg, args.micro_batch, args.micro_batches, args.seed, per_step),
-                   "b_simple_online": online_at_weights_of(run_dir, ckpt["step"]),
+                   **online_at_weights_of(run_dir, ckpt["step"]),
                    "micro_batch": args.micro_batch, "micro_batches": args.micro_batches}
             if writer:  # row by row: what was measured survives a later failure
                 writer.writerow(row)

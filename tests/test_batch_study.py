@@ -102,6 +102,10 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     # each checkpoint beside the figure logged from its weights' gradients: the next step's; none after the last
     assert [r["b_simple_online"] and float(r["b_simple_online"]) for r in rows] == [
         pytest.approx(logged[5]), pytest.approx(logged[9]), ""]
+    for r in rows:  # B_simple is the ratio of the two parts, at the checkpoint and as the run logged it
+        assert float(r["b_simple"]) == pytest.approx(float(r["trace"]) / float(r["grad_sq"]))
+        if r["b_simple_online"] and float(r["grad_sq_online"]) > 0:
+            assert float(r["b_simple_online"]) == pytest.approx(float(r["trace_online"]) / float(r["grad_sq_online"]))
     assert all(math.isfinite(float(r["b_simple"])) for r in rows)
     # one step of the run's batch (64 = 4 micro-batches of 16): 2 groups, each a fraction 0, 1/2 or 1 within 1.5x
     assert all(r["one_step_images"] == "64" and r["one_step_within_1_5x"] in {"0.0", "0.5", "1.0"}
@@ -207,10 +211,13 @@ def test_noise_marks_use_the_smallest_batch_that_measured_it():
 
 def test_an_undefined_logged_noise_scale_is_read_as_nan_not_a_crash(tmp_path):
     """metrics.jsonl stores a non-finite value as text ("nan": the |G|^2 estimate fell to <= 0 as the LR reached 0)."""
-    rows = [{"step": 10, "noise_scale/b_simple": 500.0}, {"step": 20, "noise_scale/b_simple": "nan"}]
+    rows = [{"step": 10, "noise_scale/b_simple": 500.0},  # a run before |G|^2 and tr(Sigma) were logged beside it
+            {"step": 20, "noise_scale/b_simple": "nan", "noise_scale/grad_sq": -0.5, "noise_scale/trace": 20.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert noise_scale.online_at_weights_of(tmp_path, 9) == 500.0
-    assert math.isnan(noise_scale.online_at_weights_of(tmp_path, 19)) and noise_scale.online_at_weights_of(tmp_path, 10) is None
+    online = lambda step: noise_scale.online_at_weights_of(tmp_path, step)
+    assert online(9) == {"b_simple_online": 500.0, "grad_sq_online": None, "trace_online": None}
+    assert math.isnan(online(19)["b_simple_online"]) and online(19)["grad_sq_online"] == -0.5
+    assert set(online(10).values()) == {None}
     assert tradeoff.logged_b_simple(tmp_path, 15) == 500.0 and tradeoff.logged_b_simple(tmp_path, 20) is None
 
 
