@@ -163,9 +163,10 @@ def test_trust_ratios_are_the_adapted_tensors_only_and_named(tmp_path):
 
     summary, run_dir = run_train(tmp_path, TINY + ["optim=lars", "batch=128", "micro_batch=32", "epochs=1",
                                                    "diagnostics.every=2", "logger=wandb"])
-    from tests.wandb_records import records
+    from tests.wandb_records import finished_records
+    assert summary["steps"] == 4, summary
     keys = set()
-    for rec in records(next((run_dir / "wandb").glob("offline-run-*/*.wandb"))):
+    for rec in finished_records(next((run_dir / "wandb").glob("offline-run-*/*.wandb"))):
         if rec.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     per_layer = {k.removeprefix("trust_ratio/") for k in keys if k.startswith("trust_ratio/")

@@ -2,6 +2,7 @@
 record headers) around wandb's own protobuf Records (wandb.proto.wandb_internal_pb2)."""
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -32,12 +33,23 @@ def records(path: Path):
             yield record
 
 
+def finished_records(path: Path, wait_s: float = 60) -> list:
+    """The records of a finished run: wandb's service may still be writing the file when run.finish() has returned,
+    so read again until the exit record is there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def runs(run_dir: Path) -> list[dict]:
     """One dict per offline wandb run in run_dir/wandb: its id, group, name, config, history steps, exit code."""
     out = []
     for f in sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb")):
         info = {"history_steps": [], "exit_code": None, "preempting": False, "config": {}}
-        for r in records(f):
+        for r in finished_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 info.update(run_id=r.run.run_id, group=r.run.run_group, name=r.run.display_name)
