@@ -40,7 +40,8 @@ from engine.diagnostics import NoiseScale, sq_norm
 from engine.models import build_model
 
 FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_online",
-          "grad_sq", "grad_sq_online", "trace", "trace_online", "one_step_images", "one_step_within_1_5x", "one_step_low", "one_step_high", "micro_batch", "micro_batches"]
+          "grad_sq", "grad_sq_online", "trace", "trace_online",
+          "one_step_images", "one_step_within_1_5x", "one_step_low", "one_step_high", "micro_batch", "micro_batches"]
 
 
 def b_simple(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int) -> float:

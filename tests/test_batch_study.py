@@ -114,7 +114,8 @@ def test_noise_scale_script_measures_every_kept_checkpoint(tmp_path):
     for args, message in [([str(tmp_path)], "no checkpoints"),  # before anything is measured or written
                           ([str(run_dir), "--out", str(out)], "exists"),
                           ([str(run_dir), str(tmp_path), "--out", str(tmp_path / "b.csv")], "no checkpoints"),
-                          ([str(run_dir), "--step-images", "48", "--out", str(tmp_path / "b.csv")], "--step-images 48")]:
+                          ([str(run_dir), "--step-images", "48", "--out", str(tmp_path / "b.csv")],
+                           "--step-images 48")]:
         with pytest.raises(SystemExit) as bad:  # the same main, in-process: one line, nothing written
             noise_scale.main(args)
         assert isinstance(bad.value.code, str) and "\n" not in bad.value.code and message in bad.value.code
