@@ -79,11 +79,12 @@ def tracking(out_dir: Path) -> list[dict]:
               f"{r['ratio_both_averaged']:.2f} | {float(r['one_step_low']):.2f}-{float(r['one_step_high']):.2f}, "
               f"{float(r['one_step_within_1_5x']):.0%} |")
     misses = [r for r in rows if not 1 / 1.5 <= r["ratio"] <= 1.5]
+    span = lambda ratios: f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
     for name, part in (("tr(Sigma)", "trace"), ("|G|^2", "grad_sq")):
-        span = lambda rs: (f"{min(rs):.2f}-{max(rs):.2f}" if rs else "-")
-        ratio = lambda r: float(r[f"{part}_online"]) / float(r[part])
-        print(f"{name} online / at the checkpoint: {span([ratio(r) for r in rows])} at every checkpoint, "
-              f"{span([ratio(r) for r in misses])} at the {len(misses)} outside 1.5x")
+        online_over_fixed = [float(r[f"{part}_online"]) / float(r[part]) for r in rows]
+        at_misses = [v for v, r in zip(online_over_fixed, rows, strict=True) if r in misses]
+        print(f"{name} online / at the checkpoint: {span(online_over_fixed)} at every checkpoint, "
+              f"{span(at_misses)} at the {len(misses)} outside 1.5x")
     within = [float(r["one_step_within_1_5x"]) for r in rows]
     print(f"one step's own |G|^2 over the exact tr(Sigma) (8 groups of 1,024 images per checkpoint): within 1.5x at "
           f"{sum(within):.1f} of {len(rows)} checkpoints on average; at every one with probability "

@@ -44,10 +44,15 @@ FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "
           "one_step_images", "one_step_within_1_5x", "one_step_low", "one_step_high", "micro_batch", "micro_batches"]
 
 
+def estimates(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int) -> tuple[float, float]:
+    """(|G|^2, tr(Sigma)) from K micro-batch gradients' squared norms and the squared norm of their mean."""
+    big = micro_batch * len(micro_sq_norms)
+    return NoiseScale.estimates(micro_batch, sum(micro_sq_norms) / len(micro_sq_norms), big, mean_grad_sq)
+
+
 def b_simple(micro_sq_norms: list[float], mean_grad_sq: float, micro_batch: int) -> float:
     """B_simple from K micro-batch gradients' squared norms and the squared norm of their mean."""
-    big = micro_batch * len(micro_sq_norms)
-    grad_sq, trace = NoiseScale.estimates(micro_batch, sum(micro_sq_norms) / len(micro_sq_norms), big, mean_grad_sq)
+    grad_sq, trace = estimates(micro_sq_norms, mean_grad_sq, micro_batch)
     return trace / grad_sq if grad_sq > 0 else math.nan
 
 
@@ -59,9 +64,8 @@ def one_step_ratios(norms: list[float], group_sums: list[list[torch.Tensor]], tr
     size = len(norms) // len(group_sums)
     ratios = []
     for i, total in enumerate(group_sums):
-        mean_sq = float(sq_norm(torch._foreach_div(total, size)))
-        grad_sq, _ = NoiseScale.estimates(micro_batch, sum(norms[i * size:(i + 1) * size]) / size, micro_batch * size,
-                                          mean_sq)
+        grad_sq, _ = estimates(norms[i * size:(i + 1) * size], float(sq_norm(torch._foreach_div(total, size))),
+                               micro_batch)
         ratios.append(trace / grad_sq / b_simple_all if grad_sq > 0 else math.inf)
     return ratios
 
@@ -92,8 +96,7 @@ def measure(model, data, cfg, micro_batch: int, micro_batches: int, seed: int = 
     summed = lambda parts: [sum(ts) for ts in zip(*parts)]
     mean_sq = lambda total, n: float(sq_norm(torch._foreach_div(total, n)))
     per_half = half // chunk
-    grad_sq, trace = NoiseScale.estimates(micro_batch, sum(norms) / len(norms), need,
-                                          mean_sq(summed(chunks), micro_batches))
+    grad_sq, trace = estimates(norms, mean_sq(summed(chunks), micro_batches), micro_batch)
     row = {"b_simple": trace / grad_sq if grad_sq > 0 else math.nan, "grad_sq": grad_sq, "trace": trace,
            "b_simple_half1": b_simple(norms[:half], mean_sq(summed(chunks[:per_half]), half), micro_batch),
            "b_simple_half2": b_simple(norms[half:], mean_sq(summed(chunks[per_half:]), micro_batches - half),
