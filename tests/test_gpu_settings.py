@@ -165,8 +165,8 @@ def test_a_step_builds_no_tensor_from_host_data_and_reads_none(tmp_path, monkeyp
 
 
 def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
-    """scripts/gpu_check.sh --dry-run: the same code as on a GPU, at tiny sizes: one row per measurement, written
-    to --out, and the cuda-marked tests' line."""
+    """scripts/gpu_check.sh --dry-run: the same code as on a GPU, at tiny sizes: the machine, the cuda-marked
+    tests' line, one row per measurement and one per whole run of train.py, written to --out."""
     import subprocess
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
@@ -176,9 +176,10 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines()[2:]]
     parts = [c[0].strip() for c in rows]
-    assert parts.count("optim") == 6 and parts.count("loop") == 6 and parts.count("decode") == 3, rows
-    assert "stopped" not in out.read_text() and "skipped" in rows[-1][-1]
-    assert all(float(c[2].replace(",", "")) > 0 for c in rows if c[0].strip() != "cuda tests")
+    assert parts == ["machine", "cuda tests"] + ["optim"] * 6 + ["loop"] * 6 + ["decode"] * 3 + ["train"] * 2, rows
+    assert "stopped" not in out.read_text() and "skipped" in rows[1][-1]
+    assert all(float(c[2].replace(",", "")) > 0 for c in rows[2:])
+    assert all("test acc" in c[-1] for c in rows[-2:]), rows
 
 
 def test_evaluation_runs_the_uncompiled_model(monkeypatch):
