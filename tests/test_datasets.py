@@ -397,3 +397,13 @@ def test_device_decoding_sends_a_batch_of_files_as_one_tensor():
     back = unpacked_files(batch)
     assert [k for k, _, _ in back] == [k for k, _, _ in items] and [lab for *_, lab in back] == [0, 1, 0, 1]
     assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(back, items, strict=True))
+
+
+def test_synthetic_images_are_the_int64_draws_of_their_seed():
+    """make_synthetic draws uint8 (faster); the images are those of the int64 formula at the same seed."""
+    from engine.data import make_synthetic
+    data = make_synthetic(64, 16, 8, 3, 10)
+    g = torch.Generator().manual_seed(12345)
+    y = torch.randint(0, 10, (64,), generator=g)
+    x = torch.randint(0, 64, (64, 3, 8, 8), generator=g) + (y * 191 // 9)[:, None, None, None]
+    assert torch.equal(data.train_y, y) and torch.equal(data.train_x, x.to(torch.uint8))
