@@ -196,9 +196,10 @@ def ours(overrides: list[str], device: torch.device) -> tuple[float, float]:
             (statistics.median(between) * 1e3, statistics.median(per_step) * 1e3) if between else None)
 
 
-def bare(overrides: list[str], device: torch.device) -> float:
+def bare(overrides: list[str], device: torch.device, read_before_step: bool = False) -> float:
     """The loop a user writes by hand: the same model, batch and data on the device, bf16 autocast and channels_last
-    as set, SGD; images/s after a warm-up step."""
+    as set, SGD; images/s after a warm-up step. ``read_before_step``: the loss read to the host before the optimizer
+    step, where train.py reads its one number per step (its finiteness check), to show what that read costs."""
     from engine.compose import load_cfg
     from engine.datasets import load_data
     from engine.models import build_model
@@ -225,6 +226,8 @@ def bare(overrides: list[str], device: torch.device) -> float:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(model(x), data.train_y[part]) * (len(part) / cfg.batch)
             loss.backward()
+        if read_before_step:
+            loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
     wait(device)
@@ -240,6 +243,8 @@ def part_loop(table: Table, device: torch.device, dry: bool) -> None:
             table.row("loop", f"ours, host work between steps, {name}", gap[0], "ms", f"of {gap[1]:.3g} ms/step")
         hand = bare(overrides, device)
         table.row("loop", f"bare, {name}", hand, "images/s")
+        table.row("loop", f"bare reading the loss before each step, {name}", bare(overrides, device, True),
+                  "images/s", "train.py's one host read, where it sits")
         table.row("loop", f"ours / bare, {name}", images_per_s / hand, "x", f"goal >= {goal}")
 
 

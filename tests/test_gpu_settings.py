@@ -176,7 +176,7 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines()[2:]]
     parts = [c[0].strip() for c in rows]
-    assert parts == ["machine", "cuda tests"] + ["optim"] * 6 + ["loop"] * 6 + ["decode"] * 3 + ["train"] * 2, rows
+    assert parts == ["machine", "cuda tests"] + ["optim"] * 6 + ["loop"] * 8 + ["decode"] * 3 + ["train"] * 2, rows
     assert "stopped" not in out.read_text() and "skipped" in rows[1][-1]
     assert all(float(c[2].replace(",", "")) > 0 for c in rows[2:])
     assert all("test acc" in c[-1] for c in rows[-2:]), rows
