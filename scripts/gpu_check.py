@@ -64,7 +64,9 @@ def syncs(device: torch.device):
                 yield count
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        where = [f"{Path(w.filename).name}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+        # each synchronising operation's own warning (set_sync_debug_mode also warns, once per process)
+        where = [f"{Path(w.filename).name}:{w.lineno}" for w in seen
+                 if "called a synchronizing CUDA operation" in str(w.message)]
         count[0] = len(where)
         count.extend(where)  # the Python lines that synchronised, for the table's note
         return
