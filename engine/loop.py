@@ -32,7 +32,7 @@ from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
 from .config import Config
 from .data import TrainData
-from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
+from .distributed import DistContext, all_gather_objects, all_reduce_min, all_reduce_sum, barrier
 from .ema import update_ema
 from .errors import RunError
 from .metrics import Progress, RunLogger
@@ -223,7 +223,7 @@ def run_eval(run: Run) -> None:
     state = run.state
     state.last_eval = measure(run)
     state.last_eval_step = state.step
-    if state.last_eval["val_acc"] > state.best_val_acc:
+    if state.last_eval["val_acc"] > state.best_val_acc and math.isfinite(state.last_eval["val_loss"]):
         state.best_val_acc, state.improved = state.last_eval["val_acc"], True
     if run.dist.is_main:
         run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.at)})
@@ -236,6 +236,13 @@ def run_eval(run: Run) -> None:
 def save(run: Run, epoch: int) -> bool:
     """Checkpoint (rank 0; every rank holds the same weights). Returns whether a checkpoint was written."""
     if not run.cfg.checkpoint.enabled:
+        return False
+    bad = nonfinite_tensor(run)
+    if all_reduce_min(int(bad is None), run.device) == 0:  # every rank skips together: the save is a collective
+        run.state.improved = False
+        run.progress.write(f"checkpoint at step {run.state.step} not written: "
+                           f"{bad or 'another rank' + chr(39) + 's state'} holds inf or NaN; checkpoints/last.pt "
+                           f"keeps the last finite state, to resume from with a smaller LR")
         return False
     rng = gather_rng(run.device)  # every rank takes part; rank 0 writes them all
     if run.device.type == "cuda":
@@ -253,6 +260,25 @@ def save(run: Run, epoch: int) -> bool:
                            f"{'the disk is full' if full else e}; the previous last.pt, if any, is intact") from None
     run.state.improved = False  # on every rank: they must agree on when the next save (a collective) comes
     return True
+
+
+def nonfinite_tensor(run: Run) -> str | None:
+    """The first tensor of what a checkpoint holds (weights, buffers such as BatchNorm's running statistics, which
+    a diverging forward pass fills with inf, optimizer and EMA state) that is not finite, or None; one host read."""
+    named = [(f"model {k}", v) for k, v in _unwrap(run.model).state_dict().items()]
+    named += [(f"optimizer state {k}", v) for state in run.optimizer.state.values() for k, v in state.items()
+              if isinstance(v, torch.Tensor)]
+    if run.ema is not None:
+        named += [(f"EMA {k}", v) for k, v in run.ema.state_dict().items()]
+    named = [(k, v) for k, v in named if v.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(v).all() for _, v in named]).all()):
+        return None
+    return next(k for k, v in named if not bool(torch.isfinite(v).all()))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def gather_rng(device) -> list[dict]:
