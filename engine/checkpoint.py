@@ -143,6 +143,7 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
+    check_checkpoint_folder(run_dir / "checkpoints")
     for f in RUN_FILES:
         if (run_dir / f).exists() and not (run_dir / f).is_file():
             raise ConfigError(f"{run_dir / f} is not a file: the run's record is written there; move it away, or "
@@ -165,8 +166,9 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
                               f"choose another hydra.run.dir")
         return None
     path = last if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not last.exists():
+    if cfg.resume == "auto" and not os.path.lexists(last):  # a link that leads nowhere is read, and refused
         return None
+    check_link(path)
     held = [f for f in RUN_FILES if (run_dir / f).exists()]
     if held and path.resolve().parent.parent != run_dir.resolve():  # another run's checkpoint into this run
         raise ConfigError(f"resume={path} continues another run, and {run_dir} already holds one ({held[0]}): "
@@ -175,6 +177,19 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     check_resumable(ckpt, cfg, path, plan)
     check_same_model(ckpt, cfg, path)
     return Resume(ckpt, path)
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """``checkpoints`` must be a folder, or absent: a file there, or a link that leads nowhere (a purged scratch
+    folder), would make resume=auto start over and overwrite the run's records, and a new run fail at its first
+    save after training."""
+    if not os.path.lexists(folder) or folder.is_dir():
+        return
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} is a link to {os.readlink(folder)}, which is not a folder (deleted or "
+                          f"purged?): the run's checkpoints are there; restore it, or choose another hydra.run.dir")
+    raise ConfigError(f"{folder} is not a folder: the run's checkpoints are written there; move it away, or choose "
+                      f"another hydra.run.dir")
 
 
 def check_same_model(ckpt: dict, cfg, path) -> None:
@@ -328,7 +343,14 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.close(dir_fd)
 
 
+def check_link(path: Path) -> None:
+    if path.is_symlink() and not path.exists():  # dangling, or a loop
+        raise ConfigError(f"resume={path}: a link to {os.readlink(path)}, which leads to no file; the run dir is left "
+                          f"as it is: restore the checkpoint, or resume=PATH from another one")
+
+
 def load(path: Path) -> dict:
+    check_link(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:

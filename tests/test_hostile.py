@@ -466,3 +466,57 @@ def test_a_diverging_run_keeps_its_last_finite_checkpoint(tmp_path):
                                       "checkpoint.every_steps=1", f"resume={run_dir / 'checkpoints' / 'last.pt'}"],
                            name="retry")
     assert not resumed["diverged"] and resumed["steps"] == 30
+
+
+def _unfinished_run(run_dir: Path) -> None:
+    """Two steps with a checkpoint after each, its summary.json removed: a run killed before its end."""
+    run_train(run_dir.parent, [*SMALL, "max_steps=2", "checkpoint.every_steps=1"], name=run_dir.name)
+    (run_dir / "summary.json").unlink()
+
+
+SMALL = ["data=synthetic", "batch=64", "threads=1", "logger=none", "data.train_size=512", "data.test_size=128"]
+UNREADABLE = [  # (how checkpoints/ is damaged, what the one line says); the first three are issue 41's
+    ("last.pt a link to itself", "which leads to no file"),
+    ("checkpoints a dangling link", "which is not a folder"),
+    ("checkpoints a plain file", "is not a folder"),
+    ("last.pt a dangling link", "which leads to no file"),
+    ("checkpoints a link to a file", "which is not a folder"),
+    ("checkpoints a link to itself", "which is not a folder"),
+    ("last.pt empty", "not a readable checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def unfinished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("unfinished") / "run"
+    _unfinished_run(run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("damage, said", UNREADABLE, ids=[d for d, _ in UNREADABLE])
+def test_resume_auto_refuses_a_run_whose_checkpoint_cannot_be_read(tmp_path, unfinished, damage, said):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(unfinished, run_dir, symlinks=True)
+    ckpts, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.pt"
+    if damage.startswith("last.pt"):
+        last.unlink()
+        {"last.pt a link to itself": lambda: last.symlink_to(last), "last.pt a dangling link":
+         lambda: last.symlink_to(tmp_path / "gone.pt"), "last.pt empty": lambda: last.write_bytes(b"")}[damage]()
+    else:
+        shutil.rmtree(ckpts)
+        (tmp_path / "a_file").write_text("x")
+        {"checkpoints a dangling link": lambda: ckpts.symlink_to(tmp_path / "purged"),
+         "checkpoints a plain file": lambda: ckpts.write_text("x"),
+         "checkpoints a link to a file": lambda: ckpts.symlink_to(tmp_path / "a_file"),
+         "checkpoints a link to itself": lambda: ckpts.symlink_to(ckpts)}[damage]()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    r = checks([*SMALL, "max_steps=2", "resume=auto", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # left as it was
+
+
+def test_a_new_run_refuses_a_folder_holding_a_file_named_checkpoints(tmp_path):
+    (tmp_path / "checkpoints").write_text("not a folder")
+    r = checks([*SMALL, "max_steps=2", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 2 and "checkpoints is not a folder" in r.stderr, r.stderr
