@@ -28,7 +28,10 @@ FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random ge
 # What a resume must keep: the data order is a function of (seed, batch schedule), and the rest is the run itself.
 # micro_batch, the number of ranks, threads, the logger and max_steps may change, except under batch_schedule=
 # adaptive and scaling=adascale, whose decisions depend on gradients measured per micro-batch and rank.
-IDENTITY = ("global_batch", "batch_schedule", "seed", "optimizer", "model", "dataset")
+IDENTITY = ("global_batch", "batch_schedule", "seed", "optimizer", "model", "dataset", "data")
+# which images are trained on and evaluated: a resume that changed one would train on another set, or validate on
+# images it trained on (data.root may change: paths differ between machines)
+DATA_IDENTITY = ("train_size", "test_size", "val_split", "image_size", "channels", "num_classes")
 MEASURED = ("micro_batch", "world_size")
 RUN_FILES = ("checkpoints/last.pt", "summary.json", "metrics.jsonl")  # a folder with any of these holds a run
 
@@ -36,7 +39,8 @@ RUN_FILES = ("checkpoints/last.pt", "summary.json", "metrics.jsonl")  # a folder
 def identity(cfg, plan=None) -> dict:
     schedule = {k: v for k, v in cfg.batch_schedule.model_dump().items() if v is not None}
     ident = {"global_batch": cfg.batch, "batch_schedule": schedule, "seed": cfg.seed, "optimizer": cfg.optim.target,
-             "model": cfg.model.name, "dataset": cfg.data.name}
+             "model": cfg.model.name, "dataset": cfg.data.name,
+             "data": {k: getattr(cfg.data, k) for k in DATA_IDENTITY if getattr(cfg.data, k) is not None}}
     if plan is not None:
         ident.update(micro_batch=plan.micro_batch, world_size=plan.world_size)
     return ident
@@ -287,6 +291,11 @@ def check_resumable(ckpt: dict, cfg, path, plan=None) -> None:
     keys = IDENTITY + (MEASURED if plan is not None and measured(cfg, plan) else ())
     for key in keys:
         then, now = ckpt["identity"].get(key), now_identity[key]
+        if key == "data" and then is not None and then != now:
+            field = next(k for k in DATA_IDENTITY if then.get(k) != now.get(k))
+            raise ConfigError(f"resume={path}: data.{field} was {then.get(field)} in the checkpoint and is "
+                              f"{now.get(field)} now; it changes which images the run trains on or evaluates, so "
+                              f"a resume keeps it: start a new run dir to change it")
         if then is not None and then != now:
             setting = {"global_batch": "batch", "optimizer": "optim", "model": "model", "dataset": "data",
                        "world_size": "ranks"}.get(key, key)

@@ -520,3 +520,21 @@ def test_a_new_run_refuses_a_folder_holding_a_file_named_checkpoints(tmp_path):
     (tmp_path / "checkpoints").write_text("not a folder")
     r = checks([*SMALL, "max_steps=2", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2 and "checkpoints is not a folder" in r.stderr, r.stderr
+
+
+DATA_CHANGES = [  # a resume of an unfinished run that would train or evaluate other images; the first two: issue 41
+    (["data.val_split=128"], "data.val_split was 0 in the checkpoint and is 128 now"),
+    (["data.train_size=1024"], "data.train_size was 512 in the checkpoint and is 1024 now"),
+    (["data.test_size=256"], "data.test_size was 128 in the checkpoint and is 256 now"),
+    (["data.image_size=32"], "data.image_size was"),
+    (["data.channels=3"], "data.channels was"),
+]
+
+
+@pytest.mark.parametrize("change, said", DATA_CHANGES, ids=[c[0] for c, _ in DATA_CHANGES])
+def test_a_resume_on_other_images_is_refused(tmp_path, unfinished, change, said):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(unfinished, run_dir)
+    r = checks([*SMALL, "max_steps=4", "resume=auto", *change, f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2 and said in r.stderr, r.stderr
