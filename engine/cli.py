@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from . import slurm
 from .checkpoint import RUN_FILES, already_done, to_resume
+from .checkpoint import load as load_checkpoint
 from .compose import CONF_DIR
 from .config import load_config
 from .datasets import check_data_available, check_model, train_size_of
@@ -304,6 +305,24 @@ def _absolute_paths(overrides: list[str], chdir: bool) -> list[str]:
     return out
 
 
+EVAL_MAY_SET = ("root", "num_workers", "decode", "device_crop")  # where and how the images are read
+
+
+def check_eval_only_settings(cfg, overrides: list[str]) -> None:
+    """eval_only evaluates the checkpoint's own model on its own data: a model or data setting of the command that
+    differs from the checkpoint's would be recorded in .hydra/config.yaml beside a result it did not produce."""
+    touched = {o.lstrip("+~").split("=")[0].split(".")[0] for o in overrides}
+    if not touched & {"model", "data"}:
+        return
+    stored = load_config(load_checkpoint(Path(cfg.resume))["config"])
+    for section in ("model", "data"):
+        now, then = (getattr(c, section).model_dump(exclude=set(EVAL_MAY_SET)) for c in (cfg, stored))
+        if section in touched and now != then:
+            key = next(k for k in now if now[k] != then.get(k))
+            fail(f"eval_only=true evaluates the checkpoint's own {section} ({section}.{key}={then.get(key)} in "
+                 f"{cfg.resume}); the command's {section}.{key}={now[key]} would be recorded but not used: drop it")
+
+
 def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> list[str]:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
     with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither).
@@ -354,6 +373,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 resume = None
                 if run_dir is not None or cfg.resume not in (None, "auto"):
                     resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
+                if cfg.eval_only:
+                    check_eval_only_settings(cfg, job)
                 if run_dir is not None and env_rank() == 0:
                     lock_run_dir(Path(run_dir))
                 if run_dir and (resume or cfg.resume == "auto") and (

@@ -538,3 +538,21 @@ def test_a_resume_on_other_images_is_refused(tmp_path, unfinished, change, said)
     shutil.copytree(unfinished, run_dir)
     r = checks([*SMALL, "max_steps=4", "resume=auto", *change, f"hydra.run.dir={run_dir}"])
     assert r.returncode == 2 and said in r.stderr, r.stderr
+
+
+EVAL_OTHER = [  # eval_only of a resnet_small checkpoint with settings it would not use; the first: issue 41's
+    (["model=vit_tiny"], "model.name=resnet_small in"),
+    (["model.width=32"], "model.width="),
+    (["data.test_size=64"], "data.test_size=128 in"),
+    (["data.num_classes=5"], "data.num_classes=10 in"),
+]
+
+
+@pytest.mark.parametrize("change, said", EVAL_OTHER, ids=[c[0] for c, _ in EVAL_OTHER])
+def test_eval_only_refuses_model_or_data_settings_it_would_not_use(tmp_path, unfinished, change, said):
+    r = checks([*SMALL, "eval_only=true", f"resume={unfinished}/checkpoints/last.pt", *change,
+                f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert r.returncode == 2 and said in r.stderr and "would be recorded but not used" in r.stderr, r.stderr
+    same = checks([*SMALL, "eval_only=true", f"resume={unfinished}/checkpoints/last.pt", "model=resnet_small",
+                   f"hydra.run.dir={tmp_path / 'eval2'}"])
+    assert same.returncode == 0, same.stderr  # the checkpoint's own settings
