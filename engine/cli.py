@@ -259,6 +259,9 @@ def check_folders(cmd: Command, folders: Folders) -> None:
         return
     if folders.sweep_dir:
         check_writable(Path(folders.sweep_dir).absolute(), "hydra.sweep.dir")
+        if "${" not in folders.sweep_dir and (held := [f for f in RUN_FILES if (Path(folders.sweep_dir) / f).exists()]):
+            raise ConfigError(f"hydra.sweep.dir={folders.sweep_dir} holds a single run ({held[0]}): a sweep would "
+                              f"write its jobs' folders inside it; choose another hydra.sweep.dir")
     resumed = any(a.split("=", 1)[0] == "resume" and a != "resume=null" for a in cmd.overrides)
     if not resumed and "optuna" not in folders.sweeper:
         check_sweep_dir(folders.sweep_dir)

@@ -556,3 +556,10 @@ def test_eval_only_refuses_model_or_data_settings_it_would_not_use(tmp_path, unf
     same = checks([*SMALL, "eval_only=true", f"resume={unfinished}/checkpoints/last.pt", "model=resnet_small",
                    f"hydra.run.dir={tmp_path / 'eval2'}"])
     assert same.returncode == 0, same.stderr  # the checkpoint's own settings
+
+
+@pytest.mark.parametrize("extra", [[], ["resume=auto"], ["seed=0,1"]])
+def test_a_sweep_into_a_single_runs_folder_is_refused(tmp_path, unfinished, extra):
+    """Issue 41's case (hydra.sweep.dir=RUN) and two more: resumed, and a grid."""
+    r = checks(["-m", *SMALL, "max_steps=2", *extra, f"hydra.sweep.dir={unfinished}"])
+    assert r.returncode == 2 and "holds a single run (checkpoints/last.pt)" in r.stderr, r.stderr
