@@ -18,16 +18,27 @@ from pathlib import Path
 
 
 def interrupted(signum, frame) -> None:
-    """Ctrl-C outside the training steps (while torch loads, the data is read, or the result is reported): one line.
-    The training steps and the final evaluation handle signals themselves (engine/loop.py's StopFlag)."""
-    print("interrupted (SIGINT) outside the training steps: what the run dir holds is kept; resume=auto continues "
+    """Ctrl-C or a closed terminal outside the training steps (while torch loads, the data is read, or the result is
+    reported): one line. The training steps and the final evaluation handle signals themselves (engine/loop.py's
+    StopFlag)."""
+    name = signal.Signals(signum).name
+    print(f"interrupted ({name}) outside the training steps: what the run dir holds is kept; resume=auto continues "
           "from its last checkpoint, if it has one", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(128 + signal.SIGINT)  # not SystemExit: an import in progress may catch that and go on
+    os._exit(128 + signum)  # not SystemExit: an import in progress may catch that and go on
+
+
+EARLY_WARNING = []  # Slurm's time-limit warning (SIGUSR2) that came before the training steps
+
+
+def warned_early(signum, frame) -> None:
+    EARLY_WARNING.append(signal.Signals(signum).name)  # the loop stops after its first step, saves and requeues
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    signal.signal(signal.SIGUSR2, warned_early)
 
 import hydra  # after the handler: importing torch takes seconds
 import torch
@@ -110,7 +121,7 @@ def train(cfg, run_dir: Path) -> dict:
     announce(run, resume)
     with StopFlag() as late:  # a signal after the last step waits until the result is written
         try:
-            fit(run)
+            fit(run, warned=bool(EARLY_WARNING))
             finish_evaluation(run)
         finally:
             progress.close()

@@ -62,9 +62,10 @@ class Run:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def fit(run: Run) -> RunState:
+def fit(run: Run, warned: bool = False) -> RunState:
+    """``warned``: Slurm's time-limit warning came before the first step (train.py kept it): stop after it."""
     plan, state = run.plan, run.state
-    with StopFlag() as stop:
+    with StopFlag(warned) as stop:
         for step, batch, micro_batches in training_steps(run.data, plan, run.cfg, run.dist.rank, run.device, state):
             t0 = time.perf_counter()
             inspect = _inspecting(run, step)
@@ -388,16 +389,16 @@ def _inspecting(run: Run, step: int) -> bool:
 
 
 class StopFlag:
-    """SIGTERM and SIGINT (preemption, a requeue, Ctrl-C) and SIGUSR2 (Slurm's warning of the time limit:
+    """SIGTERM, SIGINT and SIGHUP (preemption, a requeue, Ctrl-C, a closed terminal) and SIGUSR2 (Slurm's warning of the time limit:
     ``--signal=USR2@N``, submitit's ``signal_delay_s``) ask the loop to checkpoint at the next step boundary that
     every rank agrees on, and exit; a warned job then requeues itself (train.py). A repeated signal (torchrun's agent
     passes Slurm's SIGTERM on once more; Slurm signals again when it requeues) is absorbed: the checkpoint is written
     in full and every rank reaches the barrier after it."""
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)  # SIGHUP: a closed terminal or ssh
 
-    def __init__(self):
-        self.signal_name = None
-        self.warned = False  # SIGUSR2 came: the job is near its time limit
+    def __init__(self, warned: bool = False):
+        self.signal_name = "SIGUSR2" if warned else None
+        self.warned = warned  # SIGUSR2 came: the job is near its time limit
         self.previous = {}
 
     def __enter__(self):

@@ -288,7 +288,7 @@ def test_with_a_validation_split_the_progress_line_says_val(tmp_path, caplog):
     assert lines and all(" val acc " in m and " test acc " not in m for m in lines)
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_during_the_final_evaluation_waits_for_the_summary(tmp_path, monkeypatch, signame):
     """SIGTERM half a second after the last step, during the test split's evaluation, killed the run with no
     summary.json. The signal now waits: the evaluation and summary are written, then the exit code says 128+N."""
@@ -563,3 +563,54 @@ def test_a_sweep_into_a_single_runs_folder_is_refused(tmp_path, unfinished, extr
     """Issue 41's case (hydra.sweep.dir=RUN) and two more: resumed, and a grid."""
     r = checks(["-m", *SMALL, "max_steps=2", *extra, f"hydra.sweep.dir={unfinished}"])
     assert r.returncode == 2 and "holds a single run (checkpoints/last.pt)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGHUP", "SIGTERM", "SIGINT", "SIGUSR2"])
+def test_a_signal_between_steps_saves_and_exits_128_plus_n(tmp_path, monkeypatch, signame):
+    """SIGHUP (a closed terminal or ssh) killed the run and lost its work since the last checkpoint; now it is
+    handled as SIGTERM is: a checkpoint at the step, the summary, exit 128+N."""
+    import signal
+
+    from engine import loop
+    train_step, calls = loop.train_step, [0]
+
+    def signalled(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return train_step(*a, **k)
+    monkeypatch.setattr(loop, "train_step", signalled)
+    with pytest.raises(SystemExit) as exit_:
+        run_train(tmp_path, [*SMALL, "max_steps=6"])
+    assert exit_.value.code == 128 + getattr(signal, signame)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["stopped_by"] == signame and summary["steps"] == ckpt["step"] == 3  # the step it came in
+
+
+def test_the_time_limit_warning_before_the_first_step_stops_after_it(tmp_path, monkeypatch):
+    """SIGUSR2 during start-up (train.py keeps it): the run saves after its first step and exits as warned."""
+    import train
+    monkeypatch.setattr(train, "EARLY_WARNING", ["SIGUSR2"])
+    with pytest.raises(SystemExit) as exit_:
+        run_train(tmp_path, [*SMALL, "max_steps=6"])
+    assert exit_.value.code == 140
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_by"] == "SIGUSR2"
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["step"] == 1
+
+
+@pytest.mark.parametrize("signame, code, said", [
+    ("SIGHUP", 129, "interrupted (SIGHUP) outside the training steps"),
+    ("SIGUSR2", 140, "SIGUSR2: checkpoint saved at step 1, exiting"),
+])
+def test_a_signal_during_the_imports(tmp_path, signame, code, said):
+    """SIGHUP and SIGUSR2 while torch loads killed the process with no line (exit -1, -12)."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, "max_steps=4",
+                             f"hydra.run.dir={tmp_path / 'run'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and said in out + err, out[-2000:] + err[-2000:]
