@@ -109,6 +109,9 @@ def check_grammar(overrides: list[str]) -> None:
     """An override Hydra's grammar cannot read is one line that says how to write it."""
     parser = OverridesParser.create()
     for o in overrides:
+        if not o.strip():
+            fail(f"an argument is empty ({o!r}): an unset shell variable, or a stray pair of quotes? Give key=value, "
+                 f"or leave the argument out")
         try:
             parser.parse_overrides([o])
         except Exception:

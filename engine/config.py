@@ -73,8 +73,9 @@ class WarmupConfig(Group):
 class ScheduleConfig(Group):
     name: Option("schedule", DECAYS)
     min_factor: Optional[Unit] = None              # cosine/poly floor as a fraction of the peak
-    milestones: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = None  # step: fractions of the run ...
-    milestone_epochs: Optional[list[PosFloat]] = None  # ... or epochs (wins when set)
+    milestones: Optional[Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(min_length=1)]] = None  # step:
+    #                                                                   fractions of the run ...
+    milestone_epochs: Optional[Annotated[list[PosFloat], Field(min_length=1)]] = None  # ... or epochs (wins when set)
     gamma: Optional[Annotated[float, Field(gt=0, le=1)]] = None
     power: Optional[PosFloat] = None
     pct_start: Optional[Annotated[float, Field(gt=0, lt=1)]] = None

@@ -46,8 +46,35 @@ def scaled_kwargs(cls: type, kwargs: dict, rule: str, batch: int, ref_batch: int
 SHARED_KEYWORD_RANGES = {"momentum": (0.0, 1.0), "dampening": (0.0, 1.0)}
 
 
+def check_keyword_types(cls: type, kwargs: dict) -> None:
+    """Each keyword has the type of the constructor's default (a class may not check it: torch's SGD trains with
+    nesterov='maybe'): a bool takes true or false, a number a number, a tuple of numbers a list of them. An
+    Adam-style class (one with betas) divides by sqrt(v) + eps, and v is 0 where a gradient is 0: eps > 0."""
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty and p.default is not None}
+    for key, value in kwargs.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, tuple) and all(isinstance(d, (int, float)) for d in default):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          for v in value)
+            wanted = "a list of numbers"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"optim.{key}={value} is invalid: {cls.__name__}'s {key} takes {wanted}")
+    eps = kwargs.get("eps", defaults.get("eps"))
+    if "betas" in defaults and isinstance(eps, (int, float)) and not eps > 0:
+        raise ConfigError(f"optim.eps={eps:g} is invalid: {cls.__name__} divides by sqrt(v) + eps, and v is 0 where a "
+                          f"gradient is 0 (0/0 = NaN at the first step): eps must be > 0")
+
+
 def check_constructor(plan) -> None:
     """Build the optimizer on a dummy parameter: its own TypeError / ValueError is the one line."""
+    check_keyword_types(plan.optimizer_cls, plan.optimizer_kwargs)
     for key, (lo, hi) in SHARED_KEYWORD_RANGES.items():
         value = plan.optimizer_kwargs.get(key)
         if isinstance(value, (int, float)) and not lo <= value < hi:

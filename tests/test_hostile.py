@@ -57,6 +57,17 @@ REFUSED = [  # (overrides, what the one line must say)
     (["optim=lars", "optim.weight_decay=inf"], "weight_decay"),
     (["optim=lamb", "optim.betas=[0.9,0.99,0.999]"], "LAMB: betas must be two values in [0, 1)"),
     (["optim=lamb", "optim.eps=inf"], "LAMB: eps must be finite and >= 0, got inf"),
+    # typed and ranged the same strict way, in the run's config or an optimizer's keywords (fourth pass; the first
+    # five are issue 41's, the last four beyond it)
+    (["optim.nesterov=maybe"], "optim.nesterov=maybe is invalid: SGD's nesterov takes true or false"),
+    (["optim=lars", "optim.trust_clip=maybe"], "optim.trust_clip=maybe is invalid: LARS's trust_clip takes true"),
+    (["schedule=step", "schedule.milestones=[]"], "schedule.milestones=[] is invalid"),
+    (["optim=adamw", "optim.eps=0"], "optim.eps=0 is invalid: AdamW divides by sqrt(v) + eps"),
+    (["optim=lamb", "optim.eps=0"], "optim.eps=0 is invalid: LAMB divides by sqrt(v) + eps"),
+    (["optim.momentum=abc"], "optim.momentum=abc is invalid: SGD's momentum takes a number"),
+    (["optim=adamw", "optim.betas=[0.9,x]"], "AdamW's betas takes a list of numbers"),
+    (["optim=adamw", "+optim.amsgrad=2"], "optim.amsgrad=2 is invalid: AdamW's amsgrad takes true or false"),
+    (["schedule=step", "schedule.milestone_epochs=[]"], "schedule.milestone_epochs=[] is invalid"),
 ]
 
 
@@ -614,3 +625,10 @@ def test_a_signal_during_the_imports(tmp_path, signame, code, said):
     proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code and said in out + err, out[-2000:] + err[-2000:]
+
+
+@pytest.mark.parametrize("argument", ["", " "])
+def test_an_empty_argument_is_named_as_empty(tmp_path, argument):
+    """python train.py $S "" (an unset "$EXTRA") was told it "holds '=' or ','"."""
+    r = checks([*SMALL, argument, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and r.stderr.startswith("error: an argument is empty"), r.stderr
