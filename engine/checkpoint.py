@@ -147,11 +147,7 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     """The checkpoint this run continues from (None for a fresh run), after every refusal: a run dir that already
     holds a run needs resume=auto; a checkpoint of another format or another run's identity is refused."""
     last = run_dir / "checkpoints" / "last.pt"
-    check_checkpoint_folder(run_dir / "checkpoints")
-    for f in RUN_FILES:
-        if (run_dir / f).exists() and not (run_dir / f).is_file():
-            raise ConfigError(f"{run_dir / f} is not a file: the run's record is written there; move it away, or "
-                              f"choose another hydra.run.dir")
+    check_record_paths(run_dir, cfg.logger.sinks)
     if cfg.eval_only:  # evaluates a checkpoint into a new run dir: none of the resume rules apply
         if cfg.resume in (None, "auto"):
             raise ConfigError(f"eval_only=true needs resume=PATH, the checkpoint to evaluate (got resume={cfg.resume})")
@@ -183,17 +179,33 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     return Resume(ckpt, path)
 
 
-def check_checkpoint_folder(folder: Path) -> None:
-    """``checkpoints`` must be a folder, or absent: a file there, or a link that leads nowhere (a purged scratch
-    folder), would make resume=auto start over and overwrite the run's records, and a new run fail at its first
-    save after training."""
-    if not os.path.lexists(folder) or folder.is_dir():
-        return
-    if folder.is_symlink():
-        raise ConfigError(f"{folder} is a link to {os.readlink(folder)}, which is not a folder (deleted or "
-                          f"purged?): the run's checkpoints are there; restore it, or choose another hydra.run.dir")
-    raise ConfigError(f"{folder} is not a folder: the run's checkpoints are written there; move it away, or choose "
-                      f"another hydra.run.dir")
+def record_paths(sinks: dict | None) -> dict[str, str]:
+    """What a run writes in its folder, each a "file" or a "folder": its records, Hydra's log (train.py's job is
+    named train) and each configured sink's own (``records`` in engine/sinks.py)."""
+    from hydra.utils import get_class
+    paths = {"checkpoints": "folder", ".hydra": "folder", "train.log": "file", **{f: "file" for f in RUN_FILES}}
+    for node in (sinks or {}).values():
+        try:
+            paths |= getattr(get_class(node["_target_"]), "records", {})
+        except Exception:  # a sink that cannot be imported warns when the run starts, and logging goes on
+            continue
+    return paths
+
+
+def check_record_paths(run_dir: Path, sinks: dict | None = None) -> None:
+    """Each record path is absent or what the run writes there. A file where a folder goes (or the reverse), or
+    a link to a device such as /dev/full or to nothing (a purged scratch folder), would make the run fail at its
+    first save after training, lose its records with exit 0, or make resume=auto start over and overwrite them."""
+    for name, kind in record_paths(sinks).items():
+        path = run_dir / name
+        if not os.path.lexists(path) or (path.is_file() if kind == "file" else path.is_dir()):
+            continue
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a link to {os.readlink(path)}, which is not a {kind} (deleted or "
+                              f"purged?): the run's record is written there; restore it, or choose another "
+                              f"hydra.run.dir")
+        raise ConfigError(f"{path} is not a {kind}: the run's record is written there; move it away, or choose "
+                          f"another hydra.run.dir")
 
 
 def check_same_model(ckpt: dict, cfg, path) -> None:

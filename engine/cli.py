@@ -166,6 +166,9 @@ def lock_run_dir(run_dir: Path) -> None:
     """One run per folder: a second run started into a folder another process is using is refused. Also
     refuses a folder (or the nearest existing parent) this process cannot write to, and removes checkpoint
     temporaries a killed run left behind."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ConfigError(f"hydra.run.dir={run_dir} is a link to {os.readlink(run_dir)}, which does not exist (a "
+                          f"purged scratch folder?): create it, or choose another hydra.run.dir")
     existing = check_writable(run_dir, "hydra.run.dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

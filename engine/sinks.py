@@ -20,6 +20,7 @@ class Sink:
     run being resumed."""
 
     run_id: str | None = None  # kept in every checkpoint, so a resume continues the same remote run
+    records: dict[str, str] = {}  # what it writes in the run dir, "file" or "folder": checked before the run starts
 
     def __init__(self, run_dir: Path, *, config: dict, name: str, group: str | None, resume_step: int | None,
                  run_id: str | None):
@@ -41,6 +42,7 @@ class Sink:
 class WandbSink(Sink):
     """wandb (https://docs.wandb.ai): offline by default; ``mode=online`` streams, bounded by ``init_timeout``.
     wandb cannot rewind, so a resumed run keeps what it had and wandb ignores the replayed steps."""
+    records = {"wandb": "folder"}
 
     def __init__(self, run_dir, *, config, name, group, resume_step, run_id, mode: str = "offline",
                  project: str = "large-batch", init_timeout: float = 30):
@@ -78,6 +80,7 @@ class WandbSink(Sink):
 class TensorBoardSink(Sink):
     """TensorBoard event files in ``<run dir>/tensorboard`` (torch.utils.tensorboard). On resume the writer purges
     the steps the killed run logged past its checkpoint (``purge_step``), so each step appears once."""
+    records = {"tensorboard": "folder"}
 
     def __init__(self, run_dir, *, config, name, group, resume_step, run_id):
         super().__init__(run_dir, config=config, name=name, group=group, resume_step=resume_step, run_id=run_id)
@@ -114,6 +117,7 @@ class TensorBoardSink(Sink):
 class CsvSink(Sink):
     """``metrics.csv``: a view of metrics.jsonl, rewritten from it whenever a new column appears, so no row is lost.
     Built after metrics.jsonl is cut back to the resume step, so it starts from the kept rows."""
+    records = {"metrics.csv": "file"}
 
     def __init__(self, run_dir, *, config, name, group, resume_step, run_id):
         super().__init__(run_dir, config=config, name=name, group=group, resume_step=resume_step, run_id=run_id)
@@ -134,8 +138,12 @@ class CsvSink(Sink):
         rows = [json.loads(ln) for ln in source.read_text().splitlines() if ln.strip()] if source.exists() else []
         self.keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
         tmp = self.path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no debris: the sink is dropped with one warning
+            raise

@@ -487,10 +487,10 @@ def _unfinished_run(run_dir: Path) -> None:
 
 SMALL = ["data=synthetic", "batch=64", "threads=1", "logger=none", "data.train_size=512", "data.test_size=128"]
 UNREADABLE = [  # (how checkpoints/ is damaged, what the one line says); the first three are issue 41's
-    ("last.pt a link to itself", "which leads to no file"),
+    ("last.pt a link to itself", "which is not a file"),
     ("checkpoints a dangling link", "which is not a folder"),
-    ("checkpoints a plain file", "is not a folder"),
-    ("last.pt a dangling link", "which leads to no file"),
+    ("checkpoints a plain file", "checkpoints is not a folder"),
+    ("last.pt a dangling link", "which is not a file"),
     ("checkpoints a link to a file", "which is not a folder"),
     ("checkpoints a link to itself", "which is not a folder"),
     ("last.pt empty", "not a readable checkpoint"),
@@ -632,3 +632,41 @@ def test_an_empty_argument_is_named_as_empty(tmp_path, argument):
     """python train.py $S "" (an unset "$EXTRA") was told it "holds '=' or ','"."""
     r = checks([*SMALL, argument, f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and r.stderr.startswith("error: an argument is empty"), r.stderr
+
+
+RECORD_PATHS = [  # (what the run dir holds, the logger, what the one line says); the first four are issue 41's
+    (lambda d: (d / "train.log").symlink_to("/dev/full"), "none", "train.log is a link to /dev/full, which is not a"),
+    (lambda d: (d / "tensorboard").write_text("x"), "tensorboard", "tensorboard is not a folder"),
+    (lambda d: (d / "metrics.csv").mkdir(), "csv", "metrics.csv is not a file"),
+    (lambda d: (d / "checkpoints").write_text("x"), "none", "checkpoints is not a folder"),
+    (lambda d: (d / "wandb").write_text("x"), "wandb", "wandb is not a folder"),
+    (lambda d: (d / "metrics.csv").symlink_to(d / "gone.csv"), "csv", "metrics.csv is a link to"),
+    (lambda d: (d / ".hydra").write_text("x"), "none", ".hydra is not a folder"),
+    (lambda d: (d / "train.log").mkdir(), "none", "train.log is not a file"),
+]
+
+
+@pytest.mark.parametrize("damage, logger, said", RECORD_PATHS, ids=[s for _, _, s in RECORD_PATHS])
+def test_a_record_path_that_is_not_what_the_run_writes_is_refused(tmp_path, damage, logger, said):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    damage(run_dir)
+    r = checks([*SMALL, f"logger={logger}", "max_steps=2", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("resume", ["resume=null", "resume=auto"])
+def test_a_run_dir_that_links_nowhere_says_so(tmp_path, resume):
+    """hydra.run.dir a dangling link was told "cannot write there (File exists)"."""
+    (tmp_path / "run").symlink_to(tmp_path / "purged")
+    r = checks([*SMALL, "max_steps=2", resume, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and "which does not exist (a purged scratch folder?)" in r.stderr, r.stderr
+
+
+def test_a_csv_sink_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from engine.sinks import CsvSink
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        CsvSink(tmp_path, config={}, name="", group=None, resume_step=None, run_id=None)
+    assert not list(tmp_path.glob(".metrics.csv.tmp"))
