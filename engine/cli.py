@@ -24,7 +24,7 @@ from .checkpoint import load as load_checkpoint
 from .compose import CONF_DIR
 from .config import load_config
 from .datasets import check_data_available, check_model, train_size_of
-from .distributed import env_rank, env_world_size, resolve_device
+from .distributed import env_rank, env_world_size, resolve_device, torchrun_problem
 from .errors import ConfigError
 from .plan import make_plan
 
@@ -314,6 +314,20 @@ def _absolute_paths(overrides: list[str], chdir: bool) -> list[str]:
     return out
 
 
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings.mode's values
+
+
+def check_wandb_environment(sinks: dict) -> None:
+    """wandb reads WANDB_MODE from the environment over the sink's mode: a bad one was a pydantic dump at start,
+    and the run went on without wandb."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None or mode in WANDB_MODES:
+        return
+    if any(str(node.get("_target_", "")).endswith("WandbSink") for node in sinks.values()):
+        raise ConfigError(f"WANDB_MODE={mode} (from the environment) is not a mode of wandb: use one of "
+                          f"{', '.join(WANDB_MODES[:3])}, or unset it (logger.sinks.wandb.mode sets one run's)")
+
+
 EVAL_MAY_SET = ("root", "num_workers", "decode", "device_crop")  # where and how the images are read
 
 
@@ -339,6 +353,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
     cmd = read_command(argv, conf_dir)
     if cmd.info_only:
         return argv
+    if (stray := torchrun_problem()) is not None:  # before any other line: only a real rank 0 would print those
+        fail(stray)
     for d in cmd.config_dirs:
         if not d.is_dir():
             fail(f"--config-dir={d} is not a folder")
@@ -378,6 +394,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                     continue
                 resolve_device(cfg.device)
                 check_threads(cfg.threads)
+                check_wandb_environment(cfg.logger.sinks)
                 check_data_available(cfg.data)
                 resume = None
                 if run_dir is not None or cfg.resume not in (None, "auto"):

@@ -8,6 +8,7 @@ every global batch (see engine/loop.py), so the union of the ranks' data is exac
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -31,9 +32,34 @@ class Launch:
     master_port: int | None = None
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_problem(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why torchrun's variables in this environment cannot be a rank of a run (left over in a shell, typed by
+    hand), or None where they can (or are absent)."""
+    if "RANK" not in environ:
+        return None
+    given = " ".join(f"{k}={environ[k]}" for k in TORCHRUN_VARIABLES if k in environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        if key in environ and not environ[key].strip().isdigit():
+            return f"{key}={environ[key]} is not a whole number ({given})"
+    rank, world = int(environ["RANK"]), int(environ.get("WORLD_SIZE", "1"))
+    if world < 1 or rank >= world:
+        return f"RANK={rank} is not below WORLD_SIZE={world} ({given})"
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not environ.get(k)]
+    if missing:
+        return (f"{given} are set, as torchrun sets them, but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: left over in this shell? Unset them "
+                f"(unset {' '.join(k for k in TORCHRUN_VARIABLES if k in environ)}), or start the ranks with torchrun")
+    return None
+
+
 def launch(environ: Mapping[str, str] = os.environ) -> Launch:
     """torchrun's variables win (torchrun inside an sbatch script); then a multi-task srun step; else one process."""
     if "RANK" in environ:
+        if (problem := torchrun_problem(environ)) is not None:
+            raise ConfigError(problem)
         world = int(environ.get("WORLD_SIZE", "1"))
         return Launch("torchrun", int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", "0")),
                       int(environ.get("LOCAL_WORLD_SIZE", world)))
@@ -99,10 +125,10 @@ def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
 
 
 def env_rank() -> int:
-    """This process's rank from its launcher's variables (0 when alone). Never raises: error paths use it so that
-    only rank 0 speaks."""
+    """This process's rank from its launcher's variables (0 when alone, or when they cannot be a rank's: then this
+    process says why). Never raises: error paths use it so that only rank 0 speaks."""
     if "RANK" in os.environ:
-        return int(os.environ["RANK"])
+        return 0 if torchrun_problem() else int(os.environ["RANK"])
     return int(os.environ.get("SLURM_PROCID", "0")) if slurm.in_step() else 0
 
 
@@ -122,15 +148,37 @@ def init(device: torch.device) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), where.local_rank)
 
 
+RENDEZVOUS_TIMEOUT = None  # a timedelta; None: torch.distributed's own default (30 min for gloo, 10 for NCCL)
+WAIT_NOTICE_S = 5.0        # a rendezvous that takes longer says once what it waits for
+
+
 def _init_group(where: Launch) -> None:
     """gloo for CPU tensors, and NCCL for CUDA tensors where a GPU exists (one group serves both). torchrun's
-    rendezvous is env://; under Slurm every task knows the master and port from the job (engine/slurm.py)."""
+    rendezvous is env://; under Slurm every task knows the master and port from the job (engine/slurm.py). A rank
+    whose peers do not come says so after a few seconds, and gives up at torch's timeout with one line."""
+    import threading
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if where.launcher == "slurm":
-        dist.init_process_group(backend, init_method=f"tcp://{where.master_addr}:{where.master_port}",
-                                rank=where.rank, world_size=where.world_size)
-    else:
-        dist.init_process_group(backend)
+    address = (f"{where.master_addr}:{where.master_port}" if where.launcher == "slurm" else
+               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+    waiting = threading.Timer(WAIT_NOTICE_S, lambda: print(
+        f"rank {where.rank}: waiting at {address} for all {where.world_size} ranks to start (torch.distributed's "
+        f"timeout ends the wait)", file=sys.stderr, flush=True))
+    waiting.daemon = True
+    waiting.start()
+    timeout = {"timeout": RENDEZVOUS_TIMEOUT} if RENDEZVOUS_TIMEOUT is not None else {}
+    try:
+        if where.launcher == "slurm":
+            dist.init_process_group(backend, init_method=f"tcp://{address}", rank=where.rank,
+                                    world_size=where.world_size, **timeout)
+        else:
+            dist.init_process_group(backend, **timeout)
+    except dist.DistError as e:  # DistStoreError: the peers never came
+        raise ConfigError(f"rank {where.rank} of {where.world_size} gave up waiting at {address} for the other ranks "
+                       f"({type(e).__name__}): start every rank (torchrun --nproc_per_node=N), or unset "
+                       f"{' '.join(k for k in TORCHRUN_VARIABLES if k in os.environ) or 'the launcher variables'}"
+                       ) from None
+    finally:
+        waiting.cancel()
 
 
 def shared_run_dir(pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:

@@ -78,7 +78,8 @@ def test_different_task_counts_per_node_are_refused_in_one_line(tasks_per_node, 
       "SLURM_JOB_NODELIST": "n1", "SLURM_TASKS_PER_NODE": "2"}, "single"),              # the batch script itself
     ({**step_env(0, 1, "n1", "1")}, "single"),                                          # srun -n1
     ({**step_env(1, 2, "n1", "2")}, "slurm"),                                           # srun -n2
-    ({**step_env(1, 2, "n1", "2"), "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, "torchrun"),  # torchrun in srun
+    ({**step_env(1, 2, "n1", "2"), "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "n1",
+      "MASTER_PORT": "29500"}, "torchrun"),  # torchrun in srun
 ])
 def test_slurm_variables_count_only_in_a_step_of_several_tasks_without_torchrun(env, expected):
     assert launch(env).launcher == expected

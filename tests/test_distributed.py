@@ -143,6 +143,8 @@ def test_every_rank_forgets_an_improvement_once_it_is_saved(tmp_path):
     from engine.distributed import DistContext
     from engine.loop import save
     state = RunState(at=Progress(step=7), improved=True)
+    model = torch.nn.Linear(2, 2)
     run = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(enabled=True)), state=state,
-                          dist=DistContext(rank=1, world_size=2), device=torch.device("cpu"))
+                          dist=DistContext(rank=1, world_size=2), device=torch.device("cpu"), model=model,
+                          optimizer=torch.optim.SGD(model.parameters()), ema=None)
     assert save(run, epoch=0) and state.improved is False

@@ -68,8 +68,9 @@ def each_value_once(args: list[str]) -> list[list[str]]:
 @pytest.mark.parametrize("command", [c for c in CHECKED if train_args(shlex.split(c)) is not None])
 def test_a_documented_training_command_passes_the_preflight(command, monkeypatch, capsys):
     words = shlex.split(command)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", str(world_size(words)))
+    for key, value in {"RANK": "0", "WORLD_SIZE": str(world_size(words)), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500"}.items():  # as torchrun sets them
+        monkeypatch.setenv(key, value)
     for job in each_value_once(train_args(words)):
         try:
             preflight(job, check_files=False)

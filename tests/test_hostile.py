@@ -670,3 +670,49 @@ def test_a_csv_sink_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         CsvSink(tmp_path, config={}, name="", group=None, resume_step=None, run_id=None)
     assert not list(tmp_path.glob(".metrics.csv.tmp"))
+
+
+ENVIRONMENTS = [  # (stray variables, extra overrides, what the one line says); the first three are issue 41's
+    ({"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}, [], "but MASTER_ADDR and MASTER_PORT are not"),
+    ({"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}, ["optim.lr=-1"], "but MASTER_ADDR and MASTER_PORT are not"),
+    ({"WANDB_MODE": "bogus"}, ["logger=wandb"], "WANDB_MODE=bogus (from the environment) is not a mode of wandb"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, [], "RANK=abc is not a whole number"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, [], "RANK=2 is not below WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, [], "but MASTER_PORT is not"),
+]
+
+
+@pytest.mark.parametrize("env, extra, said", ENVIRONMENTS, ids=[s for _, _, s in ENVIRONMENTS])
+def test_stray_environment_variables_are_one_line_naming_them(tmp_path, monkeypatch, env, extra, said):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    r = checks([*SMALL, "max_steps=2", *extra, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "1"}, {"WANDB_MODE": "bogus"}])
+def test_harmless_variables_are_left_alone(tmp_path, monkeypatch, env):
+    """A one-rank torchrun's variables, and a bad WANDB_MODE where wandb is not used (logger=none)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert checks([*SMALL, "max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]).returncode == 0
+
+
+def test_a_rank_whose_peers_never_come_gives_up_with_one_line(tmp_path):
+    """WORLD_SIZE=2 RANK=0 with no second rank waited forever with no word: it says once that it waits, and gives up
+    at the rendezvous timeout (shortened here) with one error line."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    code = ("import datetime, torch\nfrom engine import distributed as d\n"
+            "d.RENDEZVOUS_TIMEOUT, d.WAIT_NOTICE_S = datetime.timedelta(seconds=3), 0.5\n"
+            "from engine.errors import ConfigError\ntry:\n    d.init(torch.device('cpu'))\n"
+            "except ConfigError as e:\n    print(f'error: {e}')\n")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert "rank 0: waiting at 127.0.0.1:" in r.stderr and r.stderr.count("waiting") == 1, r.stderr
+    assert r.stdout.startswith("error: rank 0 of 2 gave up waiting") and len(r.stdout.splitlines()) == 1, r.stdout
