@@ -56,6 +56,7 @@ from engine.diagnostics import noise_scale_for
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
 from engine.loop import (
+    EvaluationStopped,
     Run,
     StopFlag,
     check_headroom,
@@ -123,6 +124,8 @@ def train(cfg, run_dir: Path) -> dict:
         try:
             fit(run, warned=bool(EARLY_WARNING))
             finish_evaluation(run)
+        except EvaluationStopped as e:  # the final evaluation: its checkpoint is written; resume=auto evaluates
+            state.stopped_by = e.signal_name
         finally:
             progress.close()
             summary = write_summary(run, started)

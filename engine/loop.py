@@ -83,14 +83,18 @@ def fit(run: Run, warned: bool = False) -> RunState:
             end_of_epoch = plan.epoch_ended(started_at, state.at)
             if (end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step)
                     or plan.crossed(run.cfg.eval.every_epochs, started_at, state.at)):
-                run_eval(run)
+                with contextlib.suppress(EvaluationStopped):  # a signal: the checkpoint below, then the stop
+                    run_eval(run)
             ckpt = run.cfg.checkpoint
             epoch = int(plan.epoch_of(state.at))
+            # a signal reached this rank or another one: all ranks stop after the same step (a single process
+            # stops after the step the signal came in, evaluation included)
+            stopping = stats.stop or (not run.dist.enabled and stop.signal_name is not None)
             if (end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps
-                    or state.improved):
+                    or state.improved) and not stopping:
                 save(run, epoch)
-            if stats.stop:  # a signal reached this rank or another one: all ranks stop after the same step
-                preempt(run, "SIGUSR2" if stats.warned else stop.signal_name or "SIGTERM", epoch)
+            if stopping:
+                preempt(run, "SIGUSR2" if stop.warned else stop.signal_name or "SIGTERM", epoch)
                 break
     return state
 
@@ -388,6 +392,23 @@ def _inspecting(run: Run, step: int) -> bool:
     return bool(run.cfg.diagnostics.every) and (step + 1) % run.cfg.diagnostics.every == 0 and run.dist.is_main
 
 
+class EvaluationStopped(Exception):
+    """A signal came during an evaluation of a single-process run: it stops at the next batch (an evaluation of a
+    large test split can take minutes, and Slurm kills a job 30 s after its SIGTERM)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+_ACTIVE_FLAGS: list["StopFlag"] = []
+
+
+def stop_requested() -> str | None:
+    """The signal any active StopFlag has caught, or None."""
+    return next((f.signal_name for f in _ACTIVE_FLAGS if f.signal_name is not None), None)
+
+
 class StopFlag:
     """SIGTERM, SIGINT and SIGHUP (preemption, a requeue, Ctrl-C, a closed terminal) and SIGUSR2 (Slurm's warning of the time limit:
     ``--signal=USR2@N``, submitit's ``signal_delay_s``) ask the loop to checkpoint at the next step boundary that
@@ -402,6 +423,7 @@ class StopFlag:
         self.previous = {}
 
     def __enter__(self):
+        _ACTIVE_FLAGS.append(self)
         for sig in self.SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handler)
@@ -410,6 +432,7 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc):
+        _ACTIVE_FLAGS.remove(self)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -432,6 +455,9 @@ def evaluate(model, data, device, precision: str, dist: DistContext, channels_la
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in data.test_batches(dist.rank, dist.world_size, device):
+        if not dist.enabled and (name := stop_requested()) is not None:  # ranks would stop at different batches
+            model.train()
+            raise EvaluationStopped(name)
         with autocast(device, precision):
             logits = model(x.contiguous(memory_format=memory_format))
         totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")

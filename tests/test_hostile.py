@@ -299,25 +299,43 @@ def test_with_a_validation_split_the_progress_line_says_val(tmp_path, caplog):
     assert lines and all(" val acc " in m and " test acc " not in m for m in lines)
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
-def test_a_signal_during_the_final_evaluation_waits_for_the_summary(tmp_path, monkeypatch, signame):
-    """SIGTERM half a second after the last step, during the test split's evaluation, killed the run with no
-    summary.json. The signal now waits: the evaluation and summary are written, then the exit code says 128+N."""
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    summary, _ = run_train(tmp_path_factory.mktemp("whole"), [*TINY, "batch=64", "data.val_split=128", "max_steps=2"])
+    return summary
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2"])
+@pytest.mark.parametrize("evaluation", [1, 2], ids=["last step's validation", "test split"])
+def test_a_signal_during_the_final_evaluation_stops_it_and_a_resume_finishes_it(tmp_path, monkeypatch, uninterrupted,
+                                                                               signame, evaluation):
+    """A SIGTERM during a long final evaluation (7.5 min for a ViT on 20,000 images) was held for the whole of it,
+    and Slurm kills a job 30 s after its SIGTERM. The evaluation now stops at its next batch: the last step's
+    checkpoint and a summary saying so are written, exit 128+N, and resume=auto evaluates again to the numbers the
+    uninterrupted run has."""
     import signal
 
-    import train
-    evaluate_test_split = train.evaluate_test_split
+    from engine.data import TensorData
+    test_batches, calls = TensorData.test_batches, [0]
 
-    def signalled(run, test):
-        os.kill(os.getpid(), getattr(signal, signame))
-        evaluate_test_split(run, test)
+    def signalled(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == evaluation:
+            os.kill(os.getpid(), getattr(signal, signame))
+        yield from test_batches(self, *a, **k)
 
-    monkeypatch.setattr(train, "evaluate_test_split", signalled)
+    monkeypatch.setattr(TensorData, "test_batches", signalled)
+    run = [*TINY, "batch=64", "data.val_split=128", "max_steps=2"]
     with pytest.raises(SystemExit) as exit_:
-        run_train(tmp_path, [*TINY, "batch=64", "data.val_split=128", "max_steps=2"])
+        run_train(tmp_path, run)
     assert exit_.value.code == 128 + getattr(signal, signame)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["stopped_by"] is None and summary["test_acc"] is not None
+    stopped = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stopped["stopped_by"] == signame and stopped.get("test_acc") is None
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(TensorData, "test_batches", test_batches)
+    again, _ = run_train(tmp_path, [*run, "resume=auto"])
+    assert {k: again[k] for k in ("steps", "val_acc", "test_acc")} == {
+        k: uninterrupted[k] for k in ("steps", "val_acc", "test_acc")}
 
 
 @pytest.mark.parametrize("damage", ["deleted", "stopped", "torn"])
@@ -596,7 +614,7 @@ def test_a_signal_between_steps_saves_and_exits_128_plus_n(tmp_path, monkeypatch
     assert exit_.value.code == 128 + getattr(signal, signame)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    assert summary["stopped_by"] == signame and summary["steps"] == ckpt["step"] == 3  # the step it came in
+    assert summary["stopped_by"] == signame and summary["steps"] == ckpt["step"] == 2  # the step it came in
 
 
 def test_the_time_limit_warning_before_the_first_step_stops_after_it(tmp_path, monkeypatch):
