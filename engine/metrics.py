@@ -138,9 +138,24 @@ class RunLogger:
         if self.jsonl is None:
             return
         row = {k: _jsonable(v) for k, v in values.items()}
+        self._reopen_if_gone(step)
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
         self._each("log", step, row)
+
+    def _reopen_if_gone(self, step: int) -> None:
+        """metrics.jsonl deleted (or moved away) under a running run: writing on to the unlinked file would lose every
+        row without a word. One warning, and a new file from this step."""
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            here = os.path.samestat(os.fstat(self.jsonl.fileno()), os.stat(path))
+        except FileNotFoundError:
+            here = False
+        if not here:
+            self._warn(f"{path} was deleted or moved during the run; its earlier rows are not in the new "
+                       f"metrics.jsonl, which starts at step {step}")
+            self.jsonl.close()
+            self.jsonl = open(path, "a")
 
     def histogram(self, step: int, name: str, values) -> None:
         """Per-layer values as a histogram (metrics.jsonl gets their summary statistics instead)."""

@@ -734,3 +734,25 @@ def test_a_rank_whose_peers_never_come_gives_up_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert "rank 0: waiting at 127.0.0.1:" in r.stderr and r.stderr.count("waiting") == 1, r.stderr
     assert r.stdout.startswith("error: rank 0 of 2 gave up waiting") and len(r.stdout.splitlines()) == 1, r.stdout
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved away", "replaced by another file"])
+def test_a_metrics_file_removed_during_the_run_is_noticed_and_started_again(tmp_path, monkeypatch, caplog, how):
+    """metrics.jsonl deleted during a run: the run wrote on to the unlinked file, and its rows vanished without a
+    word. Now one warning at the next write, and a new metrics.jsonl from that step."""
+    from engine import loop
+    train_step, calls = loop.train_step, [0]
+    path = tmp_path / "run" / "metrics.jsonl"
+
+    def removing(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            {"deleted": path.unlink, "moved away": lambda: path.rename(tmp_path / "old.jsonl"),
+             "replaced by another file": lambda: (path.unlink(), path.write_text(""))}[how]()
+        return train_step(*a, **k)
+    monkeypatch.setattr(loop, "train_step", removing)
+    caplog.set_level("WARNING", logger="train")
+    run_train(tmp_path, [*SMALL, "max_steps=5", "logger.every_steps=1"])
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps[0] == 3 and steps[-1] == 5, steps
+    assert sum("was deleted or moved during the run" in m for m in caplog.messages) == 1, caplog.messages
