@@ -7,7 +7,6 @@ at any moment leaves either the previous complete ``last.pt`` or the new one, ne
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -22,6 +21,7 @@ from .clock import Progress
 from .datasets import check_model
 from .diagnostics import NoiseScale
 from .errors import ConfigError
+from .records import read_summary  # noqa: F401  (re-exported: the resume's reader)
 
 FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks)
 # a format-2 checkpoint is a constant-batch run, a format-3 one holds rank 0's generators: both load
@@ -31,7 +31,7 @@ FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random ge
 IDENTITY = ("global_batch", "batch_schedule", "seed", "optimizer", "model", "dataset", "data")
 # which images are trained on and evaluated: a resume that changed one would train on another set, or validate on
 # images it trained on (data.root may change: paths differ between machines)
-DATA_IDENTITY = ("train_size", "test_size", "val_split", "image_size", "channels", "num_classes")
+DATA_IDENTITY = ("train_size", "test_size", "val_split", "image_size", "channels")  # num_classes: the model's shape
 MEASURED = ("micro_batch", "world_size")
 RUN_FILES = ("checkpoints/last.pt", "summary.json", "metrics.jsonl")  # a folder with any of these holds a run
 
@@ -245,15 +245,6 @@ def changed_settings(ckpt: dict, cfg) -> list[str]:
             if k not in ignored and before.get(k) != now.get(k)]
 
 
-def read_summary(run_dir: Path) -> dict:
-    """A run's summary.json; {} where there is none or it is torn (a full disk, a kill while it was written)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
-
-
 def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
     """Why resuming this run dir has nothing to do (finished with its result written, or diverged), or None: a run
     that trained to its end but was stopped or killed before its summary.json was written is resumed at its last
@@ -370,17 +361,19 @@ def check_link(path: Path) -> None:
                           f"as it is: restore the checkpoint, or resume=PATH from another one")
 
 
-def load(path: Path) -> dict:
+def load(path: Path, setting: str | None = "resume") -> dict:
+    """A checkpoint train.py wrote; each refusal one line that names ``setting=path`` (or the path alone)."""
     check_link(path)
+    name = f"{setting}={path}" if setting else str(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise ConfigError(f"resume={path}: no such checkpoint file") from None
+        raise ConfigError(f"{name}: no such checkpoint file") from None
     except Exception as e:
-        raise ConfigError(f"resume={path}: not a readable checkpoint ({type(e).__name__}); use a checkpoints/last.pt "
+        raise ConfigError(f"{name}: not a readable checkpoint ({type(e).__name__}); use a checkpoints/last.pt "
                           f"written by train.py") from None
     missing = {"model", "optimizer", "step", "epoch"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
-        raise ConfigError(f"resume={path}: checkpoint lacks {sorted(missing)}; use a checkpoints/last.pt written by "
+        raise ConfigError(f"{name}: checkpoint lacks {sorted(missing)}; use a checkpoints/last.pt written by "
                           f"train.py")
     return ckpt

@@ -14,7 +14,7 @@ from hydra.utils import get_class
 
 from .checkpoint import RUN_FILES
 from .distributed import env_rank
-from .errors import RunError
+from .records import read_metrics, read_summary
 
 # The run's own lines (plan, progress, evaluations, warnings): Hydra's job logging sends them to the console and
 # to the run dir's train.log (conf/hydra/job_logging/run_log.yaml).
@@ -47,11 +47,7 @@ def record_job_failure(run_dir: Path, error: str, refused: bool = False, **detai
     if refused and any((run_dir / f).exists() for f in RUN_FILES):
         return {"error": error}
     path = run_dir / "summary.json"
-    try:
-        before = json.loads(path.read_text()) if path.exists() else {"diverged": False}
-    except (OSError, ValueError):
-        before = {"diverged": False}
-    summary = {**(before if isinstance(before, dict) else {}), "error": error, **details}
+    summary = {"diverged": False, **read_summary(run_dir), "error": error, **details}
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -98,21 +94,9 @@ class RunLogger:
                 self._warn(f"{key} could not start ({type(e).__name__}: {e}); logging goes on without it")
 
     def _rows_through(self, path: Path, step: int) -> list[str]:
-        """The lines of ``path`` up to ``step``. A torn last line (a kill or a full disk mid-write) is dropped with
-        a warning; a damaged line before it is one error naming it."""
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = []
-        for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                if number == len(lines):
-                    self._warn(f"{path}: its last line was cut off mid-write (a kill or a full disk); dropped")
-                    break
-                raise RunError(f"{path}: line {number} is not JSON; repair or delete that line, then resume") from None
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        return keep
+        """The rows of ``path`` up to ``step``, as lines. A torn last line (a kill or a full disk mid-write) is
+        dropped with a warning; a damaged line before it is one error naming it (engine/records.py)."""
+        return [json.dumps(row) for row in read_metrics(path, warn=self._warn) if row.get("step", 0) <= step]
 
     @property
     def run_id(self) -> str | None:

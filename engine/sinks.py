@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .metrics import say
+from .records import read_metrics
 
 
 class Sink:
@@ -134,8 +135,7 @@ class CsvSink(Sink):
             csv.DictWriter(f, fieldnames=self.keys).writerow(row)
 
     def _rewrite(self):
-        source = self.run_dir / "metrics.jsonl"
-        rows = [json.loads(ln) for ln in source.read_text().splitlines() if ln.strip()] if source.exists() else []
+        rows = read_metrics(self.run_dir / "metrics.jsonl", warn=lambda message: None)  # RunLogger warns
         self.keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
         tmp = self.path.with_name(".metrics.csv.tmp")
         try:

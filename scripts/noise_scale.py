@@ -37,7 +37,9 @@ from engine.checkpoint import load as load_checkpoint
 from engine.config import load_config
 from engine.datasets import load_data
 from engine.diagnostics import NoiseScale, sq_norm
+from engine.errors import ConfigError
 from engine.models import build_model
+from engine.records import RecordError
 
 FIELDS = ["run", "checkpoint", "step", "images", "b_simple", "b_simple_half1", "b_simple_half2", "b_simple_online",
           "grad_sq", "grad_sq_online", "trace", "trace_online",
@@ -146,6 +148,13 @@ def step_groups(step_images: int, micro_batch: int, micro_batches: int) -> int |
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        measure_runs(argv)
+    except (ConfigError, RecordError) as e:  # a damaged checkpoint or record: one line (rows measured are kept)
+        sys.exit(f"error: {e}")
+
+
+def measure_runs(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", type=Path, nargs="+")
     ap.add_argument("--micro-batch", type=int, default=128, help="images per micro-batch b (default 128)")
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     for run_dir, found in runs.items():
         data = None
         for path in found:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, setting=None)
             cfg = load_config(ckpt["config"])
             if data is None:
                 data = load_data(cfg.data)

@@ -10,17 +10,16 @@ value (mean +- std over seeds) and the optimizer steps taken.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from engine.records import RecordError, read_metrics, read_overrides
 
 
 def read_job(job: Path, metric: str):
-    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(job / "metrics.jsonl")
     evals = [(r["epoch"], r[metric]) for r in rows if metric in r and "epoch" in r]
     train = [(r["epoch"], r["batch"], r["lr"]) for r in rows if "batch" in r and "loss" in r]
     steps = max((r["step"] for r in rows), default=0)
@@ -28,6 +27,13 @@ def read_job(job: Path, metric: str):
 
 
 def main() -> None:
+    try:
+        plot_curves()
+    except RecordError as e:  # a record that cannot be read: one line naming the file (and line)
+        sys.exit(f"error: {e}")
+
+
+def plot_curves() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dirs", type=Path, nargs="+")
     ap.add_argument("--metric", default="val_acc")
@@ -41,9 +47,16 @@ def main() -> None:
         for job in jobs:
             if not (job / "metrics.jsonl").exists():
                 continue
-            overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+            overrides = read_overrides(job)
             key = " ".join(o for o in overrides if not o.startswith(("seed=", "recipe=")))
             series[key].append(read_job(job, args.metric))
+    if not series:  # nothing to draw is an error, not a blank figure
+        sys.exit(f"error: no job of {', '.join(map(str, args.sweep_dirs))} has a metrics.jsonl (killed before "
+                 f"its first step?)")
+    if not any(run[0] for runs in series.values() for run in runs):
+        sys.exit(f"error: no run logged --metric {args.metric} at an evaluation (it logs val_acc, val_loss, and "
+                 f"test_acc, test_loss with data.val_split)")
+    series = {k: [r for r in runs if r[0]] for k, runs in series.items() if any(r[0] for r in runs)}
     import matplotlib
     matplotlib.use("Agg")
     import textwrap

@@ -16,12 +16,13 @@ second half of training. Batch schedules that are fixed in advance can be previe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 import textwrap
 from pathlib import Path
+
+from engine.records import RecordError, read_metrics, read_summary
 
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
@@ -30,8 +31,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     if not metrics.is_file():
         sys.exit(f"error: {run_dir} has no metrics.jsonl (give a train.py run dir)")
     cols = {k: [] for k in ("epoch", "b_simple", "batch", "lr", "gain")}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(metrics):
         if "loss" not in row or "lr" not in row:
             continue  # evaluation rows
         v = row.get("noise_scale/b_simple")
@@ -40,8 +40,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
         cols["batch"].append(row.get("batch"))
         cols["lr"].append(row["lr"])
         cols["gain"].append(row.get("adascale_gain"))
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = read_summary(run_dir)  # {} where torn or missing: the label says batch None
     if all(math.isnan(v) for v in cols["b_simple"]):
         sys.exit(f"error: {run_dir} logged no noise scale: it needs accum_steps >= 2 (batch > micro_batch), "
                  f"diagnostics.noise_scale=true and precision other than fp16")
@@ -49,6 +48,13 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
 
 
 def main() -> None:
+    try:
+        plot_noise_scale()
+    except RecordError as e:  # a record that cannot be read: one line naming the file (and line)
+        sys.exit(f"error: {e}")
+
+
+def plot_noise_scale() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--out", required=True, help="output path without extension: writes OUT.png")

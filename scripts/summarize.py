@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import math
 import statistics
 import sys
@@ -29,10 +28,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import tradeoff  # scripts/tradeoff.py, beside this file
-import yaml
 from tradeoff import batch_label
 
 from engine.config import parse_batch
+from engine.records import RecordError, load_summary, read_overrides
 
 
 def load_jobs(sweep: Path) -> list[dict]:
@@ -40,27 +39,26 @@ def load_jobs(sweep: Path) -> list[dict]:
     for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_num(p.parent.parent)):
         job_dir = overrides_file.parent.parent
         try:
-            overrides = yaml.safe_load(overrides_file.read_text()) or []
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            overrides = None
-            print(f"warning: {overrides_file} is unreadable ({type(e).__name__}): job {job_dir.name} is listed "
-                  f"without its overrides", file=sys.stderr)
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            overrides = read_overrides(job_dir)
+        except RecordError as e:
             overrides = []
+            print(f"warning: {e.brief}: job {job_dir.name} is listed without its overrides", file=sys.stderr)
         jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": overrides, **read_summary(job_dir)})
     return jobs
 
 
 def read_summary(job_dir: Path) -> dict:
-    """The job's summary.json; a missing or unreadable one is the job's error (shown in the table, not a crash)."""
-    path = job_dir / "summary.json"
-    if not path.exists():
-        return {"running": True} if running(job_dir) else {"error": "no summary.json"}
+    """The job's summary.json (engine/records.py: NaN reads as None); a missing, unreadable or empty one is the job's
+    error (shown in the table, not a crash)."""
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return {"error": f"summary.json unreadable ({type(e).__name__})"}
-    return summary if isinstance(summary, dict) else {"error": "summary.json is not an object"}
+        summary = load_summary(job_dir)
+    except RecordError as e:
+        return {"error": e.brief}
+    if summary is None:
+        return {"running": True} if running(job_dir) else {"error": "no summary.json"}
+    if not summary:
+        return {"error": "summary.json holds no result"}
+    return summary
 
 
 def running(job_dir: Path) -> bool:
@@ -270,6 +268,13 @@ def plot(jobs: list[dict], out: Path, x_key: str, marks: dict[str, float] | None
 
 
 def main() -> None:
+    try:
+        summarize()
+    except RecordError as e:  # a record that cannot be read (a damaged line of a metrics.jsonl): one line
+        sys.exit(f"error: {e}")
+
+
+def summarize() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dirs", type=Path, nargs="+")
     ap.add_argument("--seeds-mean", action="store_true", help="average jobs that differ only in seed")
@@ -290,6 +295,9 @@ def main() -> None:
             j["sweep"] = f"{sweep.name}/" if len(args.sweep_dirs) > 1 else ""
         jobs += found
     x_key = args.x or varied_key(jobs)
+    keys = {o.lstrip("+~").split("=", 1)[0] for j in jobs for o in j["overrides"]}
+    if args.x and args.x != "batch" and args.x not in keys:  # nothing to plot is an error, not an empty figure
+        sys.exit(f"error: --x {args.x}: no job sets it (the jobs set: {', '.join(sorted(keys)) or 'nothing'})")
     try:
         noise_rows = tradeoff.read_noise_csv(args.noise_scale)
     except ValueError as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -19,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.records import read_metrics
+
 
 @functools.lru_cache(maxsize=None)
 def metrics_rows(job_dir: Path) -> tuple[dict, ...]:
     """The run's metrics.jsonl rows, read once per run however many targets and checkpoints ask."""
-    path = job_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return tuple(json.loads(line) for line in lines if line.strip())
+    return tuple(read_metrics(job_dir / "metrics.jsonl"))
 
 
 def eval_rows(job_dir: Path) -> list[tuple[int, float]]:

@@ -9,7 +9,6 @@ own summary.json and named with its reason; the command then exits 1 (train.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from omegaconf import OmegaConf, open_dict
 from submitit.core.utils import FailedJobError
 
 from engine.metrics import FAILED_JOBS, log, record_job_failure, say
+from engine.records import read_summary
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 
@@ -112,7 +112,7 @@ def outcome(job, job_dir: Path, overrides, state: str) -> JobReturn:
             lines = str(e).strip().splitlines()
             error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         else:
-            summary = _read_summary(job_dir)
+            summary = read_summary(job_dir)
             if "error" in summary and str(job_dir) not in FAILED_JOBS:  # train.py recorded it in the job
                 log.error(f"error in job {job_dir}: {summary['error']}")
                 FAILED_JOBS.append(str(job_dir))
@@ -148,14 +148,6 @@ def wait(jobs, poll_s: float = 2.0) -> dict[str, str]:
         if pending:
             time.sleep(poll_s)
     return seen
-
-
-def _read_summary(job_dir: Path) -> dict:
-    try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
 
 
 def _tail(path: Path) -> str:
