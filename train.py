@@ -183,8 +183,9 @@ def choose_micro_batch(plan: Plan, model, optimizer, data, cfg, device, dist) ->
         check_headroom(device)
 
     micro = largest_fitting_micro_batch(fits, plan.micro_common, say_main,
-                                        agree=lambda fitted: distributed.all_reduce_min(int(fitted), device) == 1)
-    plan = plan.with_micro_batch(micro)
+                                        agree=lambda fitted: distributed.all_reduce_min(int(fitted), device) == 1,
+                                        largest=plan.micro_largest)
+    plan = make_plan(cfg.model_copy(update={"micro_batch": micro}), plan.train_size, plan.world_size)  # its checks
     say_main(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
     return plan
 

@@ -323,12 +323,13 @@ def out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(s in str(e) for s in ("ALLOC_FAILED", "CUDA out of memory")))
 
 
-def largest_fitting_micro_batch(fits, per_rank: int, say=print, agree=lambda fitted: fitted) -> int:
-    """composer's ``device_train_microbatch_size='auto'``: try the largest divisor of ``per_rank`` and halve (to the
-    largest divisor at or below half) on out-of-memory until ``fits(size)`` returns. Under DDP every rank tries each
-    size and ``agree`` (an all-reduce) says whether all of them fitted: a rank that searched alone would hang the
-    others in their next collective."""
-    size = per_rank
+def largest_fitting_micro_batch(fits, per_rank: int, say=print, agree=lambda fitted: fitted,
+                                largest: int | None = None) -> int:
+    """composer's ``device_train_microbatch_size='auto'``: try the largest divisor of ``per_rank`` (at most
+    ``largest``, the plan's own limit) and halve (to the largest divisor at or below half) on out-of-memory until
+    ``fits(size)`` returns. Under DDP every rank tries each size and ``agree`` (an all-reduce) says whether all of
+    them fitted: a rank that searched alone would hang the others in their next collective."""
+    size = auto_micro_batch(per_rank, largest) if largest else per_rank
     while True:
         try:
             fits(size)

@@ -7,7 +7,6 @@ the plan prints is in plan_text.py; the optimizer's class and keywords in optimi
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -59,14 +58,11 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     max_steps: int | None = None
     probe_micro: int = 1    # micro-batches in the noise scale's small-batch gradient (adaptive: probe / micro)
-    micro_common: int = 0   # every per-rank batch of the run is a multiple of this: micro_batch divides it
+    micro_common: int = 0   # micro_batch=auto's candidates divide this (every per-rank batch; adaptive: its probe)
+    micro_largest: int = 0  # ... and are at most this (AdaScale: half the smallest per-rank batch)
     measures_noise: bool = False  # the gradient-noise estimate drives the batch or the LR
 
     start = Progress()
-
-    def with_micro_batch(self, micro: int) -> Plan:
-        """micro_batch=auto on CUDA: the same plan at the size that fits (a divisor of ``micro_common``)."""
-        return dataclasses.replace(self, micro_batch=micro, accum_steps=self.global_batch // self.world_size // micro)
 
     @property
     def fixed(self) -> bool:
@@ -206,6 +202,18 @@ def _micro_batch(cfg, batches: BatchSchedule, world_size: int) -> int:
     return micro
 
 
+def _auto_common(cfg, batches: BatchSchedule, world_size: int) -> int:
+    """What every micro-batch size divides: each per-rank batch, and under batch_schedule=adaptive its probe."""
+    common = math.gcd(*(b // world_size for b in batches.sizes()))
+    return math.gcd(common, cfg.batch_schedule.probe) if batches.measured else common
+
+
+def _auto_largest(cfg, batches: BatchSchedule, world_size: int) -> int:
+    """The largest micro-batch the run's rules allow: AdaScale measures its gain from 2+ micro-batches per step."""
+    smallest = min(batches.sizes()) // world_size
+    return max(smallest // 2, 1) if cfg.scaling.rule == "adascale" else smallest
+
+
 def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, optimizer_cls: type) -> int:
     """batch_schedule=adaptive and scaling=adascale act on the gradient-noise estimate: they need a small-batch
     gradient inside every step, and unscaled gradients. Returns the micro-batches in the small-batch gradient."""
@@ -316,7 +324,7 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
                 ref_batch=ref_batch, base_lr=o.lr, peak_lr=peak_lr, weight_decay=o.weight_decay,
                 optimizer_target=o.target, optimizer_cls=cls, optimizer_kwargs=kwargs, schedule=schedule,
                 clock=clock, batches=batches, notes=notes, max_steps=cfg.max_steps, probe_micro=probe_micro,
-                micro_common=math.gcd(*(b // world_size for b in batches.sizes())),
+                micro_common=_auto_common(cfg, batches, world_size), micro_largest=_auto_largest(cfg, batches, world_size),
                 measures_noise=batches.measured or clock.measured)
     check_constructor(plan)
     return plan

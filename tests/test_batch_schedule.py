@@ -395,3 +395,36 @@ def test_the_chosen_micro_batch_leaves_a_tenth_of_the_gpu_free(monkeypatch, tota
 def test_micro_batch_auto_on_cpu_is_the_null_rule(tmp_path):
     summary, _ = run_train(tmp_path, [*TINY, "batch=128", "micro_batch=auto", "max_steps=1"])
     assert summary["micro_batch"] == 128 and summary["accum_steps"] == 1
+
+
+AUTO_RULES = [  # (overrides, out of memory above, micro_batch, accum_steps): the search keeps the plan's rules
+    (["scaling=adascale"], None, 256, 2),            # AdaScale's gain needs 2+ micro-batches: at most half the batch
+    (["scaling=adascale"], 64, 64, 8),
+    ([], None, 512, 1),                               # no such rule: the whole per-rank batch when it fits
+    (["batch_schedule=adaptive", "batch_schedule.start=256", "batch_schedule.probe=96"], None, 32, 16),  # divides probe
+]
+
+
+@pytest.mark.parametrize("overrides, oom_above, micro, accum", AUTO_RULES)
+def test_micro_batch_auto_keeps_the_plans_rules(monkeypatch, overrides, oom_above, micro, accum):
+    """scaling=adascale micro_batch=auto searched from the whole per-rank batch: it fitted, accum was 1, no noise
+    was measured and the gain stayed 1.0 without a word. The search now starts at the plan's largest allowed size,
+    and the plan it returns is made again by make_plan, through the same checks."""
+    from types import SimpleNamespace
+
+    import train
+    from engine.distributed import DistContext
+    from engine.plan import make_plan
+    cfg = load_cfg(["data=synthetic", "data.train_size=2048", "logger=none", "batch=512", "micro_batch=auto",
+                    "warmup=none", "epochs=2", *overrides])
+    plan = make_plan(cfg, 2048, 1)
+
+    def trial(model, optimizer, image_shape, num_classes, device, precision, size, channels_last):
+        if oom_above and size > oom_above:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+    monkeypatch.setattr(train, "try_training_step", trial)
+    monkeypatch.setattr(train, "check_headroom", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    chosen = train.choose_micro_batch(plan, None, None, SimpleNamespace(image_shape=(1, 28, 28), num_classes=10), cfg,
+                                      torch.device("cpu"), DistContext())
+    assert (chosen.micro_batch, chosen.accum_steps) == (micro, accum)
