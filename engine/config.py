@@ -17,7 +17,16 @@ import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from omegaconf import OmegaConf
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from optim import BATCH_SCHEDULES, DECAYS, RULES, WARMUPS
 
@@ -64,10 +73,10 @@ class WarmupConfig(Group):
     epochs: Optional[NonNegFloat] = None           # length in epochs (fractions allowed) ...
     steps: Optional[NonNeg] = None                 # ... or in optimizer steps (wins when both are set)
     start_factor: Optional[Unit] = None            # linear: LR at the start as a fraction of the peak
-    start_at_ref_lr: Optional[bool] = None         # linear starts at / constant stays at the unscaled base LR
+    start_at_ref_lr: Optional[StrictBool] = None   # linear starts at / constant stays at the unscaled base LR
     factor: Optional[Annotated[float, Field(gt=0, le=1)]] = None  # constant: the flat fraction of the peak
     ratio: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None  # exponential: starts at peak/r
-    scale_with_batch: Optional[bool] = None        # lengthen the warmup by batch / ref_batch (MLPerf LARS)
+    scale_with_batch: Optional[StrictBool] = None  # lengthen the warmup by batch / ref_batch (MLPerf LARS)
 
 
 class ScheduleConfig(Group):
@@ -81,7 +90,7 @@ class ScheduleConfig(Group):
     pct_start: Optional[Annotated[float, Field(gt=0, lt=1)]] = None
     div_factor: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None
     final_div_factor: Optional[Annotated[float, Field(ge=1, allow_inf_nan=False)]] = None
-    cycle_momentum: Optional[bool] = None
+    cycle_momentum: Optional[StrictBool] = None
     base_momentum: Optional[UnitOpen] = None
     max_momentum: Optional[UnitOpen] = None
 
@@ -130,8 +139,8 @@ class BatchScheduleConfig(Group):
 class ModelConfig(Group):
     name: Option("model", MODELS)
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
-    zero_init_residual: Optional[bool] = None
-    sync_bn: Optional[bool] = None
+    zero_init_residual: Optional[StrictBool] = None
+    sync_bn: Optional[StrictBool] = None
     patch_size: Optional[Pos] = None               # ViT: null = 4 for images <= 64 px, else 16
     dropout: Optional[UnitOpen] = None
 
@@ -139,9 +148,9 @@ class ModelConfig(Group):
 class DataConfig(Group):
     name: Option("data", DATASETS)
     root: Optional[str] = None
-    augment: Optional[bool] = None                 # random crop with padding + flip, per batch on the device
+    augment: Optional[StrictBool] = None           # random crop with padding + flip, per batch on the device
     crop_padding: Optional[NonNeg] = None
-    hflip: Optional[bool] = None
+    hflip: Optional[StrictBool] = None
     num_workers: Optional[NonNeg] = None           # imagenet: DataLoader workers
     train_size: Optional[Pos] = None               # synthetic only
     test_size: Optional[Pos] = None
@@ -198,7 +207,7 @@ class LoggerConfig(Group):
 
 
 class CheckpointConfig(Group):
-    enabled: bool
+    enabled: StrictBool
     every_steps: Optional[Pos] = None              # null = at epoch ends only
     keep_steps: list[Pos]                          # kept beside last.pt as checkpoints/step-N.pt
     max_requeues: NonNeg = 3                       # the default also reads configs saved before this setting
@@ -210,14 +219,14 @@ class EvalConfig(Group):
 
 
 class EmaConfig(Group):
-    enabled: bool
+    enabled: StrictBool
     decay: Annotated[float, Field(gt=0, lt=1)]
     every_steps: Pos
 
 
 class DiagnosticsConfig(Group):
     every: NonNeg                                  # trust / update ratios every N steps; 0 = off
-    noise_scale: bool
+    noise_scale: StrictBool
     noise_ema: UnitOpen                            # AdaScale, adaptive batch: per step, of |G|^2 and tr(Sigma)
     noise_trace_ema: UnitOpen = 0.9                # noise_scale/b_simple: per micro-batch, of tr(Sigma)
 
@@ -245,14 +254,14 @@ class Config(Group):
     label_smoothing: UnitOpen
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["fp32", "bf16", "fp16"]
-    tf32: bool = True                              # the defaults also read configs saved before these settings
-    deterministic: bool = False
-    compile: bool
+    tf32: StrictBool = True                        # the defaults also read configs saved before these settings
+    deterministic: StrictBool = False
+    compile: StrictBool
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    channels_last: bool
+    channels_last: StrictBool
     grad_clip: Optional[PosFloat] = None
     resume: Optional[str] = None
-    eval_only: bool
+    eval_only: StrictBool
     threads: Optional[Pos] = None
 
     @field_validator("batch", mode="before")

@@ -68,6 +68,8 @@ REFUSED = [  # (overrides, what the one line must say)
     (["optim=adamw", "optim.betas=[0.9,x]"], "AdamW's betas takes a list of numbers"),
     (["optim=adamw", "+optim.amsgrad=2"], "optim.amsgrad=2 is invalid: AdamW's amsgrad takes true or false"),
     (["schedule=step", "schedule.milestone_epochs=[]"], "schedule.milestone_epochs=[] is invalid"),
+    (["deterministic=yes"], "deterministic='yes' is invalid: input should be a valid boolean"),  # as optim's bools
+    (["data.augment=1"], "data.augment=1 is invalid: input should be a valid boolean"),
 ]
 
 
