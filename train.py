@@ -193,7 +193,7 @@ def choose_micro_batch(plan: Plan, model, optimizer, data, cfg, device, dist) ->
 def evaluate_test_split(run: Run, test) -> None:
     """With data.val_split, val_* came from held-out training images; the test split is measured once, at the end."""
     result = evaluate(run.model, test.to(run.device), run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
-    run.state.test_eval = {"test_acc": result["val_acc"], "test_loss": result["val_loss"]}
+    run.state.test_eval = {k.replace("val_", "test_"): v for k, v in result.items()}  # test_acc, _loss, _top5
     if run.dist.is_main:
         run.logger.log(run.state.step, run.state.test_eval)
 

@@ -235,7 +235,8 @@ def run_eval(run: Run) -> None:
     split = "val" if run.cfg.data.val_split else "test"  # data.val_split: measured on held-out training images
     run.progress.write(f"epoch {run.plan.epoch_of(state.at):.4g} step {state.step}: train loss "
                        f"{state.train_loss:.4f} {split} acc {state.last_eval['val_acc']:.4f} {split} loss "
-                       f"{state.last_eval['val_loss']:.4f}")
+                       f"{state.last_eval['val_loss']:.4f}" + (f" {split} top-5 {state.last_eval['val_top5']:.4f}"
+                                                               if "val_top5" in state.last_eval else ""))
 
 
 def save(run: Run, epoch: int) -> bool:
@@ -451,9 +452,11 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model, data, device, precision: str, dist: DistContext, channels_last: bool = False) -> dict:
-    """Test loss and accuracy over the whole test split (each rank a strided share, summed across ranks)."""
+    """Loss, top-1 and (above 5 classes) top-5 accuracy over the whole evaluation split (each rank a strided share,
+    summed across ranks), as the ImageNet papers and torchvision's references report them."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 correct, count, top-5 correct
+    top5 = data.num_classes > 5
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in data.test_batches(dist.rank, dist.world_size, device):
         if not dist.enabled and (name := stop_requested()) is not None:  # ranks would stop at different batches
@@ -464,10 +467,12 @@ def evaluate(model, data, device, precision: str, dist: DistContext, channels_la
         totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)
+        if top5:
+            totals[3] += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
     all_reduce_sum(totals)
     model.train()
-    loss, correct, count = totals.tolist()
-    return {"val_loss": loss / count, "val_acc": correct / count}
+    loss, correct, count, correct5 = totals.tolist()
+    return {"val_loss": loss / count, "val_acc": correct / count} | ({"val_top5": correct5 / count} if top5 else {})
 
 
 def grad_norm(params) -> torch.Tensor:

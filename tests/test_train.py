@@ -159,3 +159,26 @@ def test_val_split_holds_out_training_images_and_reports_the_test_split_at_the_e
     assert {"test_acc", "test_loss", "val_acc"} <= set(summary)
     _, plain = run_train(tmp_path, [*TINY, "max_steps=3"], "plain")
     assert "test_acc" not in json.loads((plain / "summary.json").read_text())
+
+
+def test_top5_is_reported_beside_top1_against_a_hand_count(tmp_path):
+    """val_top5 and (with data.val_split) test_top5, above 5 classes: the share of images whose label is among the
+    5 largest logits, counted here by hand from the saved model on the held-out split (load_data holds it out)."""
+    from engine.compose import load_cfg
+    from engine.datasets import load_data
+    from engine.models import build_model
+    run = [*TINY, "batch=64", "max_steps=2", "data.num_classes=20", "data.val_split=128"]
+    summary, run_dir = run_train(tmp_path, run)
+    cfg = load_cfg(run)
+    data = load_data(cfg.data)
+    model = build_model(cfg.model, data.image_shape, data.num_classes)
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    model.eval()
+    mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        logits = model((data.test_x.float() / 255 - mean) / std)
+    hits = sum(int(y) in row.tolist() for row, y in zip(logits.topk(5, dim=1).indices, data.test_y, strict=True))
+    assert summary["val_top5"] == pytest.approx(hits / len(data.test_y), abs=1e-9)
+    assert summary["test_acc"] <= summary["test_top5"] and 0 <= summary["val_top5"] <= 1
+    two, _ = run_train(tmp_path, [*TINY, "batch=64", "max_steps=1", "data.num_classes=5"], name="five")
+    assert "val_top5" not in two  # 5 classes or fewer: top-5 is always 1
