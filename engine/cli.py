@@ -131,6 +131,15 @@ def _fixed(args: list[str]) -> list[str]:
     return [o.input_line for o in OverridesParser.create().parse_overrides(args) if not o.is_sweep_override()]
 
 
+def _library_hint(name: str) -> str:
+    """model=convnext_tiny: the library that has it, as the setting that builds it."""
+    from .models import LIBRARIES, library_models
+    for library in LIBRARIES:
+        if name in library_models(library):
+            return f" (it is a {library} model: model={library} model.name={name})"
+    return " (or any timm or torchvision model: model=timm model.name=NAME)"
+
+
 def _check_group_options(args: list[str], conf_dirs: list[Path]) -> None:
     for a in args:
         key, _, value = a.partition("=")
@@ -140,7 +149,8 @@ def _check_group_options(args: list[str], conf_dirs: list[Path]) -> None:
         options = group_options(key, *conf_dirs)
         for v in value.strip("[]").split(","):  # a sweep (a,b) or a list of options merged into one ([a,b])
             if v not in options and v != "null":
-                fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(options)}")
+                fail(f"{key}={v} is not an option of '{key}': choose one of {', '.join(options)}"
+                     + (_library_hint(v) if key == "model" else ""))
 
 
 def check_threads(threads: int | None) -> None:

@@ -137,12 +137,20 @@ class BatchScheduleConfig(Group):
 
 
 class ModelConfig(Group):
-    name: Option("model", MODELS)
+    name: str                                      # one of MODELS; with library, a name of that library
+    library: Optional[Literal["timm", "torchvision"]] = None  # model=timm|torchvision: any model of theirs
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
     zero_init_residual: Optional[StrictBool] = None
     sync_bn: Optional[StrictBool] = None
     patch_size: Optional[Pos] = None               # ViT: null = 4 for images <= 64 px, else 16
     dropout: Optional[UnitOpen] = None
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.library is None and self.name not in MODELS:
+            raise ValueError(f"model={self.name!r} is not an option: choose one of {', '.join(MODELS)}, or any model "
+                             f"of timm or torchvision by name (model=timm model.name=NAME)")
+        return self
 
 
 class DataConfig(Group):

@@ -19,7 +19,7 @@ from . import datasets_disk as disk
 from .data import TrainData, make_synthetic
 from .errors import ConfigError
 from .fashion_mnist import load_fashion_mnist
-from .models import build_model
+from .models import build_model, check_library_name
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,20 @@ def check_model(cfg_model, cfg_data) -> dict[str, tuple[int, ...]]:
     """The model's own arguments against the data's shape (a ViT patch that does not divide the image), built on
     the meta device: no memory, no data read. Returns the shape of each tensor of its state_dict."""
     shape, classes = DATASETS[cfg_data.name].shape(cfg_data)
-    with torch.device("meta"):
-        model = build_model(cfg_model, shape, classes)
+    if cfg_model.library is not None:
+        check_library_name(cfg_model.library, cfg_model.name)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg_model, shape, classes)
+            if cfg_model.library is not None:  # a model of a library: does it take this image size?
+                model.eval()(torch.empty(2, *shape))
+    except ConfigError:
+        raise
+    except Exception as e:
+        what = f"model={cfg_model.library} model.name={cfg_model.name}" if cfg_model.library else f"model={cfg_model.name}"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise ConfigError(f"{what} cannot take {shape[0]}-channel {shape[1]}x{shape[2]} images from data="
+                          f"{cfg_data.name} ({reason}): choose another model or data.image_size") from None
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

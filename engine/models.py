@@ -1,4 +1,5 @@
-"""Models: a small ResNet for 28x28 images (the default), torchvision ResNet-18/50 and ViTs.
+"""Models: a small ResNet for 28x28 images (the default), torchvision ResNet-18/50 and ViTs, and any classification
+model of timm or torchvision by name (model=timm|torchvision model.name=NAME, built without pretrained weights).
 
 ResNets get a CIFAR-size stem (3x3 stride-1 conv, no max-pool) for images <= 64 px, and the last BatchNorm gamma
 of every residual block set to 0 when ``zero_init_residual`` (Goyal et al. 2017, section 5.1).
@@ -88,8 +89,61 @@ def _vit(name):
     return build
 
 
+LIBRARIES = ("timm", "torchvision")  # model=timm|torchvision model.name=NAME: any classification model of either
+
+
+def library_models(library: str) -> list[str]:
+    """The names a library builds: timm's registry, or torchvision's classification models."""
+    if library == "timm":
+        import timm
+        return timm.list_models()
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_library_name(library: str, name: str) -> None:
+    names = library_models(library)
+    if name not in names:
+        import difflib
+        close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+        listed = "timm.list_models()" if library == "timm" else "torchvision.models.list_models(torchvision.models)"
+        raise ConfigError(f"model.name={name} is not a {library} model" + (
+            f": did you mean {', '.join(close)}?" if close else "") + f" ({listed} lists them)")
+
+
+def _timm_model(cfg_model, channels: int, size: int, num_classes: int) -> nn.Module:
+    """timm.create_model with pretrained=False; the image size where the model takes one (ViTs, Swin, ...)."""
+    import timm
+    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=channels)
+    try:
+        return timm.create_model(cfg_model.name, img_size=size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return timm.create_model(cfg_model.name, **kwargs)
+
+
+def _torchvision_model(cfg_model, channels: int, size: int, num_classes: int) -> nn.Module:
+    """torchvision.models.get_model with weights=None; its first convolution takes the data's channels."""
+    import torchvision
+    try:
+        model = torchvision.models.get_model(cfg_model.name, weights=None, num_classes=num_classes, image_size=size)
+    except TypeError as e:
+        if "image_size" not in str(e):
+            raise
+        model = torchvision.models.get_model(cfg_model.name, weights=None, num_classes=num_classes)
+    if channels != 3:
+        parent, key, conv = next((m, k, c) for m in model.modules() for k, c in m.named_children()
+                                 if isinstance(c, nn.Conv2d))
+        setattr(parent, key, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                       conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode))
+    return model
+
+
 # The model registry: adding a model is an entry here and a conf/model/NAME.yaml (a test keeps them equal).
 MODELS = {
+    "timm": _timm_model,
+    "torchvision": _torchvision_model,
     "resnet_small": lambda cfg, channels, size, num_classes: SmallResNet(channels, num_classes, cfg.width),
     "resnet18": lambda cfg, channels, size, num_classes: _torchvision_resnet(resnet18, channels, size, num_classes),
     "resnet50": lambda cfg, channels, size, num_classes: _torchvision_resnet(resnet50, channels, size, num_classes),
@@ -99,7 +153,7 @@ MODELS = {
 
 def build_model(cfg_model, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     channels, size, _ = image_shape
-    model = MODELS[cfg_model.name](cfg_model, channels, size, num_classes)
+    model = MODELS[cfg_model.library or cfg_model.name](cfg_model, channels, size, num_classes)
     if cfg_model.zero_init_residual:
         _zero_init_last_bn(model)
     return model

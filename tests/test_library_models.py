@@ -1,0 +1,49 @@
+"""Any timm or torchvision classification model by name (model=timm|torchvision model.name=NAME): built without
+pretrained weights for the data's channels, classes and image size, trained a step or two; a name or an image size
+that cannot work is one line before any run dir."""
+import math
+
+import pytest
+import torch
+
+from engine.compose import load_cfg
+from engine.models import build_model
+from tests.helpers import checks, run_train
+
+SMALL = ["logger=none", "threads=1", "batch=16", "max_steps=2", "warmup=none", "epochs=1"]
+
+TRAINS = [  # (model, channels, image size, data)
+    (["model=timm", "model.name=resnet10t"], 1, 28, "fashion_mnist"),
+    (["model=timm", "model.name=resnet10t"], 3, 32, "synthetic"),
+    (["model=torchvision", "model.name=mobilenet_v3_small"], 1, 28, "fashion_mnist"),
+    (["model=torchvision", "model.name=mobilenet_v3_small"], 3, 32, "synthetic"),
+    (["model=timm", "model.name=vit_tiny_patch16_224"], 3, 32, "synthetic"),  # a ViT at its own patch size
+]
+
+
+@pytest.mark.parametrize("model, channels, size, data", TRAINS, ids=[f"{m[1]}-{c}x{s}" for m, c, s, _ in TRAINS])
+def test_a_library_model_by_name_takes_the_datas_shape_and_trains(tmp_path, model, channels, size, data):
+    shape = ([] if data == "fashion_mnist" else
+             ["data.train_size=64", "data.test_size=32", f"data.channels={channels}", f"data.image_size={size}"])
+    overrides = [f"data={data}", *shape, *SMALL, *model]
+    cfg = load_cfg(overrides)
+    logits = build_model(cfg.model, (channels, size, size), 10).eval()(torch.zeros(2, channels, size, size))
+    assert logits.shape == (2, 10)
+    summary, _ = run_train(tmp_path, overrides + (["data.train_size=64"] if data == "synthetic" else []))
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"]) and not summary["diverged"]
+
+
+REFUSED = [  # (overrides, what the one line says)
+    (["model=timm", "model.name=convnxt_tiny"], "model.name=convnxt_tiny is not a timm model: did you mean convnext_tiny"),
+    (["model=torchvision", "model.name=resnet19"], "is not a torchvision model: did you mean resnet18"),
+    (["model=timm", "model.name=inception_v3"], "model=timm model.name=inception_v3 cannot take 1-channel 28x28"),
+    (["model=convnext_tiny"], "(it is a timm model: model=timm model.name=convnext_tiny)"),
+    (["model=mobilenet_v3_large"], "model=torchvision model.name=mobilenet_v3_large"),
+]
+
+
+@pytest.mark.parametrize("overrides, said", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_a_name_or_size_that_cannot_work_is_one_line(tmp_path, overrides, said):
+    r = checks(["data=synthetic", *SMALL, *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()
