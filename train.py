@@ -47,7 +47,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from engine import distributed, slurm
-from engine.checkpoint import RunState, already_done, changed_settings, read_summary, seed_rank, to_resume
+from engine.checkpoint import (
+    RunState,
+    already_done,
+    changed_settings,
+    export_weights,
+    read_summary,
+    seed_rank,
+    to_resume,
+)
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import fail, lock_run_dir, preflight
 from engine.config import load_config
@@ -145,7 +153,8 @@ def train(cfg, run_dir: Path) -> dict:
 
 def finish_evaluation(run: Run) -> None:
     """The final numbers of a run that trained to its end: the test split once (with data.val_split), and for a
-    run resumed at its last step (stopped, or killed, while its result was being written) the evaluation again."""
+    run resumed at its last step (stopped, or killed, while its result was being written) the evaluation again;
+    then its final weights as model.safetensors (and model_ema.safetensors)."""
     state = run.state
     if state.stopped_by is not None or state.diverged:
         return
@@ -153,6 +162,8 @@ def finish_evaluation(run: Run) -> None:
         state.last_eval = measure(run)
     if (test := load_test_split(run.cfg.data)) is not None:
         evaluate_test_split(run, test)
+    if run.dist.is_main:
+        export_weights(run.model, run.run_dir / "model.safetensors", run.ema)
 
 
 def requeue_warned_job(run: Run) -> None:

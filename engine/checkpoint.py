@@ -105,10 +105,11 @@ class RunState:
                      "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id,
                      "best_val_acc": self.best_val_acc, "ema": ema.state_dict() if ema is not None else None,
                      "config": cfg.model_dump(mode="json", by_alias=True)}, path)
-        if self.improved:  # best.pt: the same checkpoint, replaced atomically
+        if self.improved:  # best.pt: the same checkpoint, replaced atomically, and its weights for others
             tmp = path.with_name(f".best.pt.tmp-{os.getpid()}")
             shutil.copyfile(path, tmp)
             os.replace(tmp, path.with_name("best.pt"))
+            export_weights(raw, path.with_name("best.safetensors"), ema)
             self.improved = False
 
     def restore(self, ckpt: dict, *, model, optimizer, scaler, ema=None, rank: int = 0, seed: int = 0,
@@ -183,7 +184,8 @@ def record_paths(sinks: dict | None) -> dict[str, str]:
     """What a run writes in its folder, each a "file" or a "folder": its records, Hydra's log (train.py's job is
     named train) and each configured sink's own (``records`` in engine/sinks.py)."""
     from hydra.utils import get_class
-    paths = {"checkpoints": "folder", ".hydra": "folder", "train.log": "file", **{f: "file" for f in RUN_FILES}}
+    paths = {"checkpoints": "folder", ".hydra": "folder", "train.log": "file", "model.safetensors": "file",
+             "model_ema.safetensors": "file", **{f: "file" for f in RUN_FILES}}
     for node in (sinks or {}).values():
         try:
             paths |= getattr(get_class(node["_target_"]), "records", {})
@@ -334,6 +336,26 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
     own = (seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63
     torch.manual_seed(own)  # CPU and every CUDA generator of this process
     random.seed(own)
+
+
+def export_weights(model: torch.nn.Module, path: Path, ema=None) -> None:
+    """The weights alone as safetensors (the safetensors library), keys of the unwrapped model (no ``module.`` or
+    ``_orig_mod.``), so that timm, torchvision or any code loads them with ``strict=True``; the EMA's beside them
+    (``NAME_ema.safetensors``). Written atomically, as checkpoints are."""
+    from safetensors.torch import save_file
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    weights = [(path, model)] + ([(path.with_name(f"{path.stem}_ema{path.suffix}"), ema.module)] if ema is not None
+                                 else [])
+    for target, module in weights:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}  # no sharing
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp))
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def save_atomic(obj: dict, path: Path) -> None:

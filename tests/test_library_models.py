@@ -47,3 +47,27 @@ def test_a_name_or_size_that_cannot_work_is_one_line(tmp_path, overrides, said):
     r = checks(["data=synthetic", *SMALL, *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("library, name", [("timm", "resnet10t"), ("torchvision", "mobilenet_v3_small")])
+def test_the_weights_load_strictly_into_the_library_and_give_the_same_logits(tmp_path, library, name):
+    """model.safetensors (the safetensors library) holds the unwrapped model's keys: a fresh model of the library
+    loads it with strict=True and computes what the checkpoint's model computes; the EMA's and best.pt's beside."""
+    from safetensors.torch import load_file
+    overrides = ["data=synthetic", "data.train_size=64", "data.test_size=32", "data.channels=3", "data.image_size=32",
+                 *SMALL, f"model={library}", f"model.name={name}", "ema.enabled=true", "ema.every_steps=1"]
+    _, run_dir = run_train(tmp_path, overrides)
+    if library == "timm":
+        import timm
+        fresh = timm.create_model(name, pretrained=False, num_classes=10)
+    else:
+        import torchvision
+        fresh = torchvision.models.get_model(name, weights=None, num_classes=10)
+    fresh.load_state_dict(load_file(run_dir / "model.safetensors"), strict=True)
+    ours = build_model(load_cfg(overrides).model, (3, 32, 32), 10)
+    ours.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
+    fresh.load_state_dict(load_file(run_dir / "model_ema.safetensors"), strict=True)
+    fresh.load_state_dict(load_file(run_dir / "checkpoints" / "best.safetensors"), strict=True)
