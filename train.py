@@ -224,6 +224,7 @@ def announce(run: Run, resume) -> None:
     say(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
         f"device {run.device}, {cfg.precision}{numerics}" + (", deterministic" if cfg.deterministic else ""))
     say(run.plan.describe())
+    say(param_groups_line(run.optimizer))
     if run.ema is not None:
         say(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
             f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
@@ -231,6 +232,20 @@ def announce(run: Run, resume) -> None:
         say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume.path})")
         if changed := changed_settings(resume.ckpt, cfg):
             say(f"      changed since that checkpoint: {', '.join(changed)}")
+
+
+def param_groups_line(optimizer) -> str:
+    """What the param groups hold: weight decay (and LARS/LAMB's trust ratio) on weights, none on biases, norms and
+    the model's own no_weight_decay() names."""
+    def count(groups) -> str:
+        params = [p for g in groups for p in g["params"]]
+        return f"{plural(len(params), 'tensor')} ({sum(p.numel() for p in params):,} elements)"
+    decayed = [g for g in optimizer.param_groups if g.get("weight_decay", 0) > 0]
+    others = [g for g in optimizer.param_groups if g not in decayed]
+    return (f"      param groups: weight decay {decayed[0]['weight_decay']:g} on {count(decayed)}, none on "
+            f"{count(others)} (biases, norms, no_weight_decay())" if decayed and others else
+            f"      param groups: one, {count(optimizer.param_groups)}, weight decay "
+            f"{optimizer.param_groups[0].get('weight_decay', 0):g}")
 
 
 def report(run: Run, summary: dict) -> None:

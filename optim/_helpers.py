@@ -7,17 +7,20 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split a model's trainable tensors into two param groups, decided by shape, not by name.
+    """Split a model's trainable tensors into two param groups, decided by shape, and by the names the model itself
+    exempts.
 
-    Tensors with ndim <= 1 (biases, BatchNorm/LayerNorm gains and shifts, ViT's cls token is 3-D so it stays)
-    get ``weight_decay=0.0`` and ``adapt=False`` (no layer-wise trust ratio), as in Goyal et al. 2017 (no decay on
-    BN/bias) and the LARS/LAMB reference implementations. Every other tensor gets ``weight_decay`` and
-    ``adapt=True``. Empty groups are left out, so the result can be passed to any torch optimizer.
+    Tensors with ndim <= 1 (biases, BatchNorm/LayerNorm gains and shifts) and those the model names in its own
+    ``no_weight_decay()`` (timm's convention: a ViT's ``pos_embed`` and ``cls_token``) get ``weight_decay=0.0`` and
+    ``adapt=False`` (no layer-wise trust ratio), as in Goyal et al. 2017 (no decay on BN/bias) and the LARS/LAMB
+    reference implementations. Every other tensor gets ``weight_decay`` and ``adapt=True``. Empty groups are left
+    out, so the result can be passed to any torch optimizer.
     """
+    exempt = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     adapted, plain = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if p.ndim <= 1 else adapted).append(p)
+            (plain if p.ndim <= 1 or name in exempt else adapted).append(p)
     groups = [
         {"params": adapted, "weight_decay": weight_decay, "adapt": True},
         {"params": plain, "weight_decay": 0.0, "adapt": False},

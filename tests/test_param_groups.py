@@ -44,3 +44,17 @@ def test_frozen_parameters_are_left_out():
     model.bias.requires_grad_(False)
     groups = param_groups(model, 0.1)
     assert len(groups) == 1 and groups[0]["params"] == [model.weight]
+
+
+def test_a_models_own_no_weight_decay_names_are_exempt_as_timm_does():
+    """timm's ViT names pos_embed and cls_token in no_weight_decay() (3-D, so the shape rule alone decayed them):
+    they join the biases and norms, with no decay and no trust ratio; everything else is decayed."""
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32)
+    exempt = model.no_weight_decay()
+    assert {"pos_embed", "cls_token"} <= set(exempt)
+    decayed, plain = param_groups(model, 0.05)
+    expected_plain = {n for n, p in model.named_parameters() if p.ndim <= 1 or n in exempt}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in plain["params"]} == expected_plain
+    assert (plain["weight_decay"], plain["adapt"], decayed["weight_decay"], decayed["adapt"]) == (0.0, False, 0.05, True)
