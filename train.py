@@ -241,7 +241,7 @@ def param_groups_line(optimizer) -> str:
         params = [p for g in groups for p in g["params"]]
         return f"{plural(len(params), 'tensor')} ({sum(p.numel() for p in params):,} elements)"
     decayed = [g for g in optimizer.param_groups if g.get("weight_decay", 0) > 0]
-    others = [g for g in optimizer.param_groups if g not in decayed]
+    others = [g for g in optimizer.param_groups if not g.get("weight_decay", 0) > 0]
     return (f"      param groups: weight decay {decayed[0]['weight_decay']:g} on {count(decayed)}, none on "
             f"{count(others)} (biases, norms, no_weight_decay())" if decayed and others else
             f"      param groups: one, {count(optimizer.param_groups)}, weight decay "
