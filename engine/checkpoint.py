@@ -20,8 +20,9 @@ import torch
 from .clock import Progress
 from .datasets import check_model
 from .diagnostics import NoiseScale
+from .distributed import unwrap
 from .errors import ConfigError
-from .records import read_summary  # noqa: F401  (re-exported: the resume's reader)
+from .records import read_summary
 
 FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks)
 # a format-2 checkpoint is a constant-batch run, a format-3 one holds rank 0's generators: both load
@@ -96,8 +97,7 @@ class RunState:
     def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None,
              rng: list | None = None) -> None:
         """Rank 0 writes; ``rng`` is every rank's generators (gather_rng), rank 0's alone by default."""
-        raw = getattr(model, "module", model)
-        raw = getattr(raw, "_orig_mod", raw)
+        raw = unwrap(model)
         save_atomic({"format": FORMAT, "identity": identity(cfg, plan), "model": raw.state_dict(),
                      "batch_state": {"batch": self.batch, "tau": self.tau, "gain": self.gain},
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
@@ -343,9 +343,7 @@ def export_weights(model: torch.nn.Module, path: Path, ema=None) -> None:
     ``_orig_mod.``), so that timm, torchvision or any code loads them with ``strict=True``; the EMA's beside them
     (``NAME_ema.safetensors``). Written atomically, as checkpoints are."""
     from safetensors.torch import save_file
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    weights = [(path, model)] + ([(path.with_name(f"{path.stem}_ema{path.suffix}"), ema.module)] if ema is not None
+    weights = [(path, unwrap(model))] + ([(path.with_name(f"{path.stem}_ema{path.suffix}"), ema.module)] if ema is not None
                                  else [])
     for target, module in weights:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}  # no sharing

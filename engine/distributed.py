@@ -200,6 +200,13 @@ def wrap_ddp(model: torch.nn.Module, static_graph: bool) -> torch.nn.parallel.Di
     return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, static_graph=static_graph)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP's and torch.compile's wrappers: its state_dict keys carry no ``module.`` or
+    ``_orig_mod.``."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def static_graph_valid(accum_steps: int, batch_varies: bool) -> bool:
     """A static graph needs every step's backward to synchronise: a first step that accumulates under ``no_sync``
     fails an internal assert in DDP's reducer (torch 2.14, tests/test_gpu_settings.py), so only steps of one

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .distributed import unwrap
+
 
 def make_ema(model: torch.nn.Module, cfg, plan) -> AveragedModel | None:
     if not cfg.ema.enabled:
@@ -29,5 +31,4 @@ def update_ema(ema: AveragedModel | None, model: torch.nn.Module, step: int, cfg
         return
     if (step if position is None else position) <= plan.warmup_steps:
         ema.n_averaged.zero_()  # the next update copies the weights: no averaging across the warmup
-    raw = getattr(model, "module", model)
-    ema.update_parameters(getattr(raw, "_orig_mod", raw))
+    ema.update_parameters(unwrap(model))

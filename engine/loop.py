@@ -32,7 +32,7 @@ from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
 from .config import Config
 from .data import TrainData
-from .distributed import DistContext, all_gather_objects, all_reduce_min, all_reduce_sum, barrier
+from .distributed import DistContext, all_gather_objects, all_reduce_min, all_reduce_sum, barrier, unwrap
 from .ema import update_ema
 from .errors import RunError
 from .metrics import Progress, RunLogger
@@ -246,9 +246,9 @@ def save(run: Run, epoch: int) -> bool:
     bad = nonfinite_tensor(run)
     if all_reduce_min(int(bad is None), run.device) == 0:  # every rank skips together: the save is a collective
         run.state.improved = False
-        run.progress.write(f"checkpoint at step {run.state.step} not written: "
-                           f"{bad or 'another rank' + chr(39) + 's state'} holds inf or NaN; checkpoints/last.pt "
-                           f"keeps the last finite state, to resume from with a smaller LR")
+        where = bad or "another rank's state"
+        run.progress.write(f"checkpoint at step {run.state.step} not written: {where} holds inf or NaN; "
+                           f"checkpoints/last.pt keeps the last finite state, to resume from with a smaller LR")
         return False
     rng = gather_rng(run.device)  # every rank takes part; rank 0 writes them all
     if run.device.type == "cuda":
@@ -271,7 +271,7 @@ def save(run: Run, epoch: int) -> bool:
 def nonfinite_tensor(run: Run) -> str | None:
     """The first tensor of what a checkpoint holds (weights, buffers such as BatchNorm's running statistics, which
     a diverging forward pass fills with inf, optimizer and EMA state) that is not finite, or None; one host read."""
-    named = [(f"model {k}", v) for k, v in _unwrap(run.model).state_dict().items()]
+    named = [(f"model {k}", v) for k, v in unwrap(run.model).state_dict().items()]
     named += [(f"optimizer state {k}", v) for state in run.optimizer.state.values() for k, v in state.items()
               if isinstance(v, torch.Tensor)]
     if run.ema is not None:
@@ -280,11 +280,6 @@ def nonfinite_tensor(run: Run) -> str | None:
     if not named or bool(torch.stack([torch.isfinite(v).all() for _, v in named]).all()):
         return None
     return next(k for k, v in named if not bool(torch.isfinite(v).all()))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def gather_rng(device) -> list[dict]:
@@ -412,9 +407,9 @@ def stop_requested() -> str | None:
 
 
 class StopFlag:
-    """SIGTERM, SIGINT and SIGHUP (preemption, a requeue, Ctrl-C, a closed terminal) and SIGUSR2 (Slurm's warning of the time limit:
-    ``--signal=USR2@N``, submitit's ``signal_delay_s``) ask the loop to checkpoint at the next step boundary that
-    every rank agrees on, and exit; a warned job then requeues itself (train.py). A repeated signal (torchrun's agent
+    """SIGTERM, SIGINT and SIGHUP (preemption, a requeue, Ctrl-C, a closed terminal) and SIGUSR2 (Slurm's warning
+    of the time limit: ``--signal=USR2@N``, submitit's ``signal_delay_s``) ask the loop to checkpoint at the next
+    step boundary that every rank agrees on, and exit; a warned job then requeues itself (train.py). A repeated signal (torchrun's agent
     passes Slurm's SIGTERM on once more; Slurm signals again when it requeues) is absorbed: the checkpoint is written
     in full and every rank reaches the barrier after it."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)  # SIGHUP: a closed terminal or ssh
