@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SIL
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(tmp_path_factory):
+    """The local Slurm, up; the one job that must wait out a minute for its time limit is submitted first, so that
+    its minute passes beside the other tests (test_a_job_killed_at_its_time_limit_is_named_and_recorded)."""
     if os.geteuid() != 0:
         pytest.skip("a local Slurm needs root (scripts/slurm/local_cluster.sh installs and starts its daemons)")
     started = time.time()
@@ -34,7 +37,16 @@ def cluster():
                        timeout=300)
     assert r.returncode == 0, f"the local Slurm did not start:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
     print(f"\nlocal Slurm up in {time.time() - started:.1f} s")
-    return True
+    sweep = tmp_path_factory.mktemp("time-limit") / "sweep"
+    # --time=1 (minute) and no requeue left; the job sleeps out most of it before train.py starts, so that it
+    # holds a Slurm CPU (the node offers twice its cores) but little of the machine
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=1",
+         "hydra.launcher.signal_delay_s=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+         'hydra.launcher.setup=["sleep 40"]', *RUN, "max_steps=100000", "epochs=10000", f"hydra.sweep.dir={sweep}"],
+        cwd=sweep.parent, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield SimpleNamespace(time_limited=launcher, time_limited_sweep=sweep)
+    launcher.kill()
 
 
 def reference(tmp_path_factory, overrides, name):
@@ -201,22 +213,6 @@ def test_submitit_job_requeued_resumes_by_itself(cluster, tmp_path, tmp_path_fac
 
 # --- failures are visible ----------------------------------------------------------------------------------------
 
-def test_a_job_killed_at_its_time_limit_is_named_and_recorded(cluster, tmp_path):
-    """--time=1 and no requeue left: Slurm ends the job (TIMEOUT); the launching command exits 1, names the job's
-    folder and why, and writes it into the job's summary.json."""
-    sweep = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_slurm",
-                        "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=0", "hydra.launcher.cpus_per_task=1",
-                        "hydra.launcher.mem_gb=2", *RUN, "max_steps=100000", "epochs=10000",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    (job_dir,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    summary = json.loads((job_dir / "summary.json").read_text())
-    assert summary["slurm_state"] == "TIMEOUT" and "time limit" in summary["error"]
-    assert f"error in job {job_dir}: Slurm killed it at its time limit" in r.stdout + r.stderr
-    assert "job(s) of the sweep failed" in r.stderr
-
-
 def test_a_job_that_fails_outside_train_py_is_named(cluster, tmp_path):
     """The job's batch script fails before train.py starts (here: a setup line that exits 3)."""
     sweep = tmp_path / "sweep"
@@ -229,3 +225,17 @@ def test_a_job_that_fails_outside_train_py_is_named(cluster, tmp_path):
     summary = json.loads((job_dir / "summary.json").read_text())
     assert summary["slurm_state"] == "FAILED" and "before its result was written" in summary["error"]
     assert f"error in job {job_dir}" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_job_killed_at_its_time_limit_is_named_and_recorded(cluster):
+    """Slurm ends the job at its time limit (TIMEOUT), train.py running; the launching command exits 1, names the
+    job's folder and why, and writes it into the job's summary.json. Last in this file: the job was submitted by
+    the fixture and has had its minute."""
+    out, err = cluster.time_limited.communicate(timeout=300)
+    assert cluster.time_limited.returncode == 1, out[-2000:] + err[-3000:]
+    (job_dir,) = [p for p in cluster.time_limited_sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["slurm_state"] == "TIMEOUT" and "time limit" in summary["error"]
+    assert f"error in job {job_dir}: Slurm killed it at its time limit" in out + err
+    assert "job(s) of the sweep failed" in err
+    assert "plan: global batch" in (job_dir / "train.log").read_text()  # train.py was running when it came

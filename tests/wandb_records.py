@@ -45,11 +45,14 @@ def finished_records(path: Path, wait_s: float = 60) -> list:
 
 
 def runs(run_dir: Path) -> list[dict]:
-    """One dict per offline wandb run in run_dir/wandb: its id, group, name, config, history steps, exit code."""
+    """One dict per offline wandb run in run_dir/wandb: its id, group, name, config, history steps, exit code.
+    Only the newest may still be written; an earlier one (its process has ended) is read as it is: a run killed by
+    a signal has no exit record, and waiting for one would only cost the time-out."""
     out = []
-    for f in sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb")):
+    files = sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb"))
+    for f in files:
         info = {"history_steps": [], "exit_code": None, "preempting": False, "config": {}}
-        for r in finished_records(f):
+        for r in (finished_records(f) if f == files[-1] else records(f)):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 info.update(run_id=r.run.run_id, group=r.run.run_group, name=r.run.display_name)
