@@ -33,7 +33,7 @@ EMA_RUN = [*TINY, "batch=64", "ema.enabled=true", "ema.every_steps=1", "ema.deca
 
 def test_ema_with_accumulation_equals_one_big_batch(tmp_path):
     """Without batch statistics (ViT: LayerNorm only), as tests/test_train.py does for the weights."""
-    common = [*EMA_RUN, "model=vit_tiny", "max_steps=3", "data.augment=true"]
+    common = [*EMA_RUN, "model=vit_tiny", "data.image_size=14", "model.patch_size=7", "max_steps=3", "data.augment=true"]
     _, one = run_train(tmp_path, [*common, "micro_batch=64"], "one")
     _, acc = run_train(tmp_path, [*common, "micro_batch=16"], "acc")
     a = torch.load(one / "checkpoints" / "last.pt", weights_only=False)["ema"]

@@ -22,7 +22,8 @@ RUN = ["data=synthetic", "data.train_size=4096", "data.test_size=128", "logger=n
        "epochs=7", "warmup.steps=5", "threads=1", "checkpoint.every_steps=5", "diagnostics.every=0",
        "logger.every_steps=1"]
 TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=none", "batch=64", "micro_batch=16",
-        "max_steps=3", "epochs=2", "warmup.steps=2", "threads=1", "model=vit_tiny", "optim=lars"]
+        "max_steps=3", "epochs=2", "warmup.steps=2", "threads=1", "model=vit_tiny", "data.image_size=14",
+        "model.patch_size=7", "optim=lars"]  # 4 tokens
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 

@@ -140,7 +140,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, capl
     The one-rank runs run in-process; the two ranks under torchrun."""
     caplog.set_level("INFO", logger="train")
     common = ["data=synthetic", "data.train_size=256", "data.test_size=64", "logger=none", "epochs=2",
-              "warmup.steps=1", "model=vit_tiny", "data.image_size=16", "batch=64", "micro_batch=16",
+              "warmup.steps=1", "model=vit_tiny", "data.image_size=14", "model.patch_size=7", "batch=64", "micro_batch=16",
               "threads=1", "optim=lars", "checkpoint.every_steps=1"]
     run_train(tmp_path, [*common, "max_steps=4"], "whole")
     part = tmp_path / "part"

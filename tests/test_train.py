@@ -43,7 +43,7 @@ def test_wandb_offline_run_lives_in_the_run_dir(tmp_path):
 @pytest.mark.parametrize("optim", ["sgd", "lars", "lamb"])
 def test_accumulation_equals_one_big_batch(tmp_path, optim):
     """Without batch statistics (ViT: LayerNorm only) 1 x 64 and 4 x 16 give the same update, up to rounding."""
-    common = TINY + ["model=vit_tiny", "model.patch_size=7", "batch=64", "max_steps=3", f"optim={optim}", "data.augment=true",
+    common = TINY + ["model=vit_tiny", "data.image_size=14", "model.patch_size=7", "batch=64", "max_steps=3", f"optim={optim}", "data.augment=true",
                      "data.crop_padding=2"]
     _, one = run_train(tmp_path, common + ["micro_batch=64"], "one")
     _, acc = run_train(tmp_path, common + ["micro_batch=16"], "acc")
