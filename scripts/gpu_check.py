@@ -1,6 +1,6 @@
 """The GPU check's measurements, one table (scripts/gpu_check.sh runs this, each part under its own time limit).
 
-    python scripts/gpu_check.py --part optim|loop|decode [--out FILE] [--dry-run]
+    python scripts/gpu_check.py --part optim|loop|decode[,...] [--out FILE] [--dry-run]
 
 optim:  one optimizer step on ResNet-50's tensors: LARS against torch's fused SGD, LAMB against fused AdamW (wall ms,
         host syncs per step; goal <= 1.5x).
@@ -287,15 +287,19 @@ PARTS = {"optim": part_optim, "loop": part_loop, "decode": part_decode}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=sorted(PARTS), required=True)
+    ap.add_argument("--part", required=True, help=f"one or several of {', '.join(PARTS)}, comma-separated")
     ap.add_argument("--out", type=Path, default=None, help="append each row to this file as it is measured")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny sizes")
     args = ap.parse_args()
+    parts = args.part.split(",")
+    if unknown := [p for p in parts if p not in PARTS]:
+        ap.error(f"--part {unknown[0]} is not a part: choose from {', '.join(PARTS)}")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU is visible; --dry-run runs the check on the CPU at tiny sizes")
     device = torch.device("cpu" if args.dry_run else "cuda")
     torch.manual_seed(0)
-    PARTS[args.part](Table(args.out), device, args.dry_run)
+    for part in parts:
+        PARTS[part](Table(args.out), device, args.dry_run)
 
 
 if __name__ == "__main__":

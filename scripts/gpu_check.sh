@@ -12,13 +12,15 @@
 # and decode rows, then the default run and the LARS 32k run, timed start to exit with their test accuracy. Rows go
 # to FILE as they are measured, so a part that times out keeps what it had; each part's log goes to FILE's name
 # less .md, plus -logs/.
-# --dry-run: every part through the same code on the CPU at tiny sizes (tests/test_gpu_settings.py runs it).
+# --dry-run: every part through the same code on the CPU at tiny sizes (tests/test_gpu_settings.py runs it), the three
+# measurement parts in one process (their time limits matter only on the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=$(command -v python || command -v python3)
 OUT=gpu_check.md
 DRY=()
 TRAIN_DRY=()
+MEASURE=(optim loop decode)  # scripts/gpu_check.py's parts, one process each
 CARRY=.gpu
 WHEELS=(hydra-core==1.3.8 omegaconf==2.3.1 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0
         typing-inspection==0.4.2 typing-extensions==4.15.0 submitit==1.5.4 hydra-submitit-launcher==1.2.0)
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
       DRY=(--dry-run)
       TRAIN_DRY=(device=cpu data=synthetic data.train_size=512 data.test_size=128 batch=256 max_steps=2 threads=1)
       for k in "${!LIMIT[@]}"; do LIMIT[$k]=240; done
+      MEASURE=(optim,loop,decode)
       shift ;;
     --download)
       set -e
@@ -60,8 +63,9 @@ row() { echo "| $1 | $2 | $3 | $4 | $5 |" >> "$OUT"; }
 stopped() { row "$1" "stopped (exit $2$([ "$2" -eq 124 ] && echo ': time limit'))" "" "" "${3:-}"; }
 
 { echo "| part | what | value | unit | note |"; echo "|---|---|---|---|---|"; } > "$OUT"
-row machine "$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')")" \
-  "" "" "torch $("$PY" -c "import torch; print(torch.__version__)"), $(nproc) CPU cores"
+IFS='|' read -r DEVICE TORCH < <("$PY" -c "import torch
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU', torch.__version__, sep='|')")
+row machine "$DEVICE" "" "" "torch $TORCH, $(nproc) CPU cores"
 # 1. the cuda-marked tests, four at a time (the compile test alone takes most of a minute)
 XDIST=(); [ ${#DRY[@]} -eq 0 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 timeout "${LIMIT[tests]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" -m cuda \
@@ -70,11 +74,11 @@ rc=$?
 result=$(grep -E "passed|failed|skipped|error" "$LOGS/tests.log" | tail -1)
 row "cuda tests" "pytest -m cuda tests/test_cuda.py" "" "" "${result//|//}$([ $rc -eq 124 ] && echo ' (time limit)')"
 # 2. gpu_check.py's measurements
-for part in optim loop decode; do
-  timeout "${LIMIT[$part]}" "$PY" scripts/gpu_check.py --part "$part" --out "$OUT" "${DRY[@]}" \
-    > "$LOGS/$part.log" 2>&1
+for part in "${MEASURE[@]}"; do
+  timeout "${LIMIT[${part%%,*}]}" "$PY" scripts/gpu_check.py --part "$part" --out "$OUT" "${DRY[@]}" \
+    > "$LOGS/${part//,/+}.log" 2>&1
   rc=$?
-  [ $rc -eq 0 ] || stopped "$part" $rc "$(tail -1 "$LOGS/$part.log" | tr '|' '/')"
+  [ $rc -eq 0 ] || stopped "$part" $rc "$(tail -1 "$LOGS/${part//,/+}.log" | tr '|' '/')"
 done
 # 3-4. whole runs of train.py, start to exit: wall time, test accuracy and steady images/s from summary.json
 train_run() {

@@ -17,8 +17,9 @@ from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker holds the cluster
 
-# ~100 steps of ~0.1 s: long enough to be interrupted after the first checkpoint, short enough for CI
-RUN = ["data=synthetic", "data.train_size=4096", "data.test_size=128", "logger=none", "batch=256", "max_steps=100",
+# 60 steps of ~0.1 s: interrupted at step 7 (past the first checkpoint) with 5 s to go; short enough for CI
+STEPS = 60
+RUN = ["data=synthetic", "data.train_size=4096", "data.test_size=128", "logger=none", "batch=256", f"max_steps={STEPS}",
        "epochs=7", "warmup.steps=5", "threads=1", "checkpoint.every_steps=5", "diagnostics.every=0",
        "logger.every_steps=1"]
 TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=none", "batch=64", "micro_batch=16",
@@ -176,13 +177,13 @@ def test_interrupted_sbatch_job_resumes_by_itself(cluster, tmp_path, tmp_path_fa
         assert f"SIGUSR2: requeued job {job} (1 of at most 3)" in log
     assert "resuming from step" in log
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["steps"], summary["world_size"], summary["stopped_by"]) == (100, tasks, None)
-    assert logged_steps(run_dir) == list(range(1, 101))  # each step once
+    assert (summary["steps"], summary["world_size"], summary["stopped_by"]) == (STEPS, tasks, None)
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # each step once
     # two attempts, one wandb run (the first attempt's own history is lost: Slurm's SIGTERM reaches wandb's
     # service process too, which exits without flushing; metrics.jsonl above holds every step)
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and len({p.name.rsplit("-", 1)[1] for p in attempts}) == 1
-    assert wandb_runs(run_dir)[-1]["history_steps"][-1] == 100
+    assert wandb_runs(run_dir)[-1]["history_steps"][-1] == STEPS
     assert_weights(weights(run_dir), ref, exact=tasks == 1)
 
 
@@ -207,8 +208,8 @@ def test_submitit_job_requeued_resumes_by_itself(cluster, tmp_path, tmp_path_fac
     finally:
         launcher.kill()
     assert launcher.returncode == 0, out[-2000:] + err[-3000:]
-    assert json.loads((job_dir / "summary.json").read_text())["steps"] == 100
-    assert logged_steps(job_dir) == list(range(1, 101))
+    assert json.loads((job_dir / "summary.json").read_text())["steps"] == STEPS
+    assert logged_steps(job_dir) == list(range(1, STEPS + 1))
     assert_weights(weights(job_dir), ref, exact=True)
 
 
