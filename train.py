@@ -78,6 +78,7 @@ from engine.metrics import FAILED_JOBS, Progress, RunLogger, log, record_job_fai
 from engine.models import build_model
 from engine.plan import Plan, make_plan
 from engine.plan_text import plural
+from engine.warm_start import Match, warm_start
 
 
 def train(cfg, run_dir: Path) -> dict:
@@ -105,6 +106,7 @@ def train(cfg, run_dir: Path) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
+    warm = warm_start(model, cfg.model) if cfg.model.init is not None and resume is None else None
     optimizer = plan.build_optimizer(model)
     seed_rank(cfg.seed, dist.rank)  # after the model: every rank builds the same one, then draws its own dropout
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -127,7 +129,7 @@ def train(cfg, run_dir: Path) -> dict:
     progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
     run = Run(train_model, optimizer, scaler, data.to(device), plan, cfg, device, dist, logger, progress, state,
               run_dir, ema)
-    announce(run, resume)
+    announce(run, resume, warm)
     with StopFlag() as late:  # a signal after the last step waits until the result is written
         try:
             fit(run, warned=bool(EARLY_WARNING))
@@ -216,7 +218,7 @@ def build_model_on(cfg, data, device, sync_bn: bool = False) -> torch.nn.Module:
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
 
 
-def announce(run: Run, resume) -> None:
+def announce(run: Run, resume, warm: Match | None = None) -> None:
     if not run.dist.is_main:
         return
     data, cfg = run.data, run.cfg
@@ -225,6 +227,8 @@ def announce(run: Run, resume) -> None:
         f"device {run.device}, {cfg.precision}{numerics}" + (", deterministic" if cfg.deterministic else ""))
     say(run.plan.describe())
     say(param_groups_line(run.optimizer))
+    if warm is not None:
+        say(warm.describe(cfg.model.init))
     if run.ema is not None:
         say(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
             f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
@@ -232,6 +236,8 @@ def announce(run: Run, resume) -> None:
         say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume.path})")
         if changed := changed_settings(resume.ckpt, cfg):
             say(f"      changed since that checkpoint: {', '.join(changed)}")
+        if cfg.model.init is not None:
+            say(f"      model.init={cfg.model.init} is not loaded: a resume keeps its own weights")
 
 
 def param_groups_line(optimizer) -> str:

@@ -27,6 +27,7 @@ from .datasets import check_data_available, check_model, train_size_of
 from .distributed import env_rank, env_world_size, resolve_device, torchrun_problem
 from .errors import ConfigError
 from .plan import make_plan
+from .warm_start import check_init
 
 MAX_CHECKED_JOBS = 256
 
@@ -399,7 +400,7 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 cfg = load_config(compose(cmd.config_name, overrides=[*job, *_search_path(cmd)]))
                 cfg.resume = slurm.resume_mode(cfg.resume)
                 plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
-                check_model(cfg.model, cfg.data)
+                model_shapes = check_model(cfg.model, cfg.data)
                 if not check_files:
                     continue
                 resolve_device(cfg.device)
@@ -409,6 +410,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 resume = None
                 if run_dir is not None or cfg.resume not in (None, "auto"):
                     resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
+                if resume is None and not cfg.eval_only:  # a resume keeps its own weights
+                    check_init(cfg.model, model_shapes)
                 if cfg.eval_only:
                     check_eval_only_settings(cfg, job)
                 if run_dir is not None and env_rank() == 0:

@@ -144,6 +144,9 @@ class ModelConfig(Group):
     sync_bn: Optional[StrictBool] = None
     patch_size: Optional[Pos] = None               # ViT: null = 4 for images <= 64 px, else 16
     dropout: Optional[UnitOpen] = None
+    init: Optional[str] = None                     # warm start from these weights (engine/warm_start.py)
+    init_ema: StrictBool = False                   # from a checkpoint of ours: its EMA weights
+    init_skip: list[str] = []                      # key patterns left initialised (fnmatch)
 
     @model_validator(mode="after")
     def _known(self):
