@@ -11,4 +11,6 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -vE "is ignored: it is neither|Running pip as the 'root' user" >&2 || true
 python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -vE "Running pip as the 'root' user" >&2 || true
-python -c "import torch, torchvision, hydra, wandb" || { echo "setup: Python requirements failed to install" >&2; exit 1; }
+# found, not imported: importing torchvision alone takes seconds
+python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'hydra', 'wandb', 'timm')))" \
+  || { echo "setup: Python requirements failed to install" >&2; exit 1; }
