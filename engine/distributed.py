@@ -214,6 +214,26 @@ def static_graph_valid(accum_steps: int, batch_varies: bool) -> bool:
     return accum_steps == 1 and not batch_varies
 
 
+def average_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Every rank's BatchNorm running statistics replaced by their mean over the ranks, as timm does before each
+    evaluation (--dist-bn reduce). Under DDP each rank's statistics follow its own images (DDP broadcasts rank 0's
+    buffers before each forward pass), so evaluating or saving rank 0's alone would describe a model no process
+    trained. SyncBatchNorm's are the same on every rank already. One collective for all of them."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    buffers = [b for m in unwrap(model).modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+               and m.track_running_stats and m.running_mean is not None for b in (m.running_mean, m.running_var)]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    with torch.no_grad():
+        for b, mean in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(mean.view_as(b))
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

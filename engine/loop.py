@@ -32,7 +32,15 @@ from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
 from .config import Config
 from .data import TrainData
-from .distributed import DistContext, all_gather_objects, all_reduce_min, all_reduce_sum, barrier, unwrap
+from .distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_min,
+    all_reduce_sum,
+    average_batch_norm_statistics,
+    barrier,
+    unwrap,
+)
 from .ema import update_ema
 from .errors import RunError
 from .metrics import Progress, RunLogger
@@ -213,7 +221,9 @@ def log_layers(run: Run, before: list[torch.Tensor]) -> None:
 
 
 def measure(run: Run) -> dict:
-    """val_loss and val_acc of the model (and _ema of its average) on the evaluation split."""
+    """val_loss and val_acc of the model (and _ema of its average) on the evaluation split, with the BatchNorm
+    statistics averaged over the ranks first."""
+    average_batch_norm_statistics(run.model)
     model = getattr(run.model, "_orig_mod", run.model)
     result = evaluate(model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
     if run.ema is not None:
@@ -243,6 +253,7 @@ def save(run: Run, epoch: int) -> bool:
     """Checkpoint (rank 0; every rank holds the same weights). Returns whether a checkpoint was written."""
     if not run.cfg.checkpoint.enabled:
         return False
+    average_batch_norm_statistics(run.model)  # what is saved describes every rank's images, as evaluation does
     bad = nonfinite_tensor(run)
     if all_reduce_min(int(bad is None), run.device) == 0:  # every rank skips together: the save is a collective
         run.state.improved = False

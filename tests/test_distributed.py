@@ -149,3 +149,47 @@ def test_every_rank_forgets_an_improvement_once_it_is_saved(tmp_path):
                           dist=DistContext(rank=1, world_size=2), device=torch.device("cpu"), model=model,
                           optimizer=torch.optim.SGD(model.parameters()), ema=None)
     assert save(run, epoch=0) and state.improved is False
+
+
+def _bn_statistics_of_rank(rank: int, port: int, out: str) -> None:
+    """One gloo rank: a small ResNet (BatchNorm) and a SyncBatchNorm, statistics of its own, then averaged."""
+    import torch.distributed as dist
+
+    from engine.distributed import average_batch_norm_statistics
+    from engine.models import SmallResNet
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SmallResNet(1, 10, 4), torch.nn.SyncBatchNorm(3))
+    torch.manual_seed(1 + rank)  # each rank's statistics its own
+    for name, buffer in model.named_buffers():
+        if "running" in name:
+            buffer.uniform_(0.5, 2.0)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = torch.nn.Module()  # as DDP holds it (DDP itself refuses SyncBatchNorm on the CPU)
+    wrapped.module = model
+    average_batch_norm_statistics(wrapped)
+    torch.save({"own": own, "averaged": model.state_dict()}, f"{out}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_holds_the_mean_of_the_ranks_batch_norm_statistics(tmp_path):
+    """timm's --dist-bn reduce: after engine.distributed.average_batch_norm_statistics (run before each evaluation
+    and checkpoint), both gloo ranks hold the same running statistics, the mean of their own; SyncBatchNorm's and
+    every other tensor are left alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bn_statistics_of_rank, args=(port, str(tmp_path / "rank")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in (0, 1)]
+    averaged = [k for k in ranks[0]["own"] if "running" in k and not k.startswith("1.")]
+    assert len(averaged) == 2 * 9  # mean and var of the ResNet's 9 BatchNorms
+    for k in ranks[0]["own"]:
+        a, b = ranks[0]["averaged"][k], ranks[1]["averaged"][k]
+        if k in averaged:
+            torch.testing.assert_close(a, (ranks[0]["own"][k] + ranks[1]["own"][k]) / 2, rtol=0, atol=1e-7)
+            assert torch.equal(a, b), k
+        else:  # weights, num_batches_tracked, SyncBatchNorm's statistics
+            assert torch.equal(a, ranks[0]["own"][k]) and torch.equal(b, ranks[1]["own"][k]), k

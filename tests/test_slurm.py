@@ -67,7 +67,7 @@ def weights(run_dir: Path) -> dict:
 
 def assert_weights(a: dict, b: dict, exact: bool) -> None:
     """Bit for bit, or (several ranks) within 1e-4 for the trained weights; BatchNorm's running statistics are
-    rank 0's own under DDP (it broadcasts them), where one process averages over all its micro-batches."""
+    the mean of the ranks' own under DDP, where one process follows all its micro-batches in turn."""
     assert a.keys() == b.keys()
     for k in a:
         if not exact and k.endswith(("running_mean", "running_var", "num_batches_tracked")):
