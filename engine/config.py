@@ -137,7 +137,11 @@ class BatchScheduleConfig(Group):
 
 
 class ModelConfig(Group):
-    name: str                                      # one of MODELS; with library, a name of that library
+    """A model of MODELS by name, of timm or torchvision by name (``library``), or any class by ``_target_``: then
+    the keys that are not settings here (``model_extra``) go to its constructor."""
+    model_config = ConfigDict(extra="allow", strict=False, populate_by_name=True)
+    name: Optional[str] = None                     # one of MODELS; with library, a name of that library
+    target: Optional[str] = Field(None, alias="_target_", min_length=1)  # a class (or function) by import path
     library: Optional[Literal["timm", "torchvision"]] = None  # model=timm|torchvision: any model of theirs
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
     zero_init_residual: Optional[StrictBool] = None
@@ -148,8 +152,22 @@ class ModelConfig(Group):
     init_ema: StrictBool = False                   # from a checkpoint of ours: its EMA weights
     init_skip: list[str] = []                      # key patterns left initialised (fnmatch)
 
+    @property
+    def kwargs(self) -> dict:
+        """A model by _target_: its constructor's keywords, the file's own keys and the shape settings it sets."""
+        shape = {k: getattr(self, k) for k in ("width", "patch_size", "dropout") if getattr(self, k) is not None}
+        return shape | dict(self.model_extra or {})
+
     @model_validator(mode="after")
     def _known(self):
+        if self.target is not None:
+            self.name = self.name or self.target.rsplit(".", 1)[-1]
+            return self
+        if self.model_extra:
+            raise ValueError(f"model.{next(iter(self.model_extra))} is not a setting of model={self.name} (only a "
+                             f"model by _target_ takes keywords of its own)")
+        if self.name is None:
+            raise ValueError("model.name is missing: name one of the models, or give model._target_")
         if self.library is None and self.name not in MODELS:
             raise ValueError(f"model={self.name!r} is not an option: choose one of {', '.join(MODELS)}, or any model "
                              f"of timm or torchvision by name (model=timm model.name=NAME)")

@@ -105,12 +105,17 @@ def check_model(cfg_model, cfg_data) -> dict[str, tuple[int, ...]]:
     try:
         with torch.device("meta"):
             model = build_model(cfg_model, shape, classes)
-            if cfg_model.library is not None:  # a model of a library: does it take this image size?
-                model.eval()(torch.empty(2, *shape))
+            if cfg_model.library is not None or cfg_model.target is not None:  # does it take this image size?
+                outputs = model.eval()(torch.empty(2, *shape)).shape[-1]
+                if outputs != classes:
+                    raise ConfigError(f"model._target_={cfg_model.target} gives {outputs} outputs for the "
+                                      f"{classes} classes of data={cfg_data.name}: its constructor takes no "
+                                      f"num_classes (give the class count as one of its keywords in the file)")
     except ConfigError:
         raise
     except Exception as e:
-        what = f"model={cfg_model.library} model.name={cfg_model.name}" if cfg_model.library else f"model={cfg_model.name}"
+        what = (f"model._target_={cfg_model.target}" if cfg_model.target else
+                f"model={cfg_model.library} model.name={cfg_model.name}" if cfg_model.library else f"model={cfg_model.name}")
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise ConfigError(f"{what} cannot take {shape[0]}-channel {shape[1]}x{shape[2]} images from data="
                           f"{cfg_data.name} ({reason}): choose another model or data.image_size") from None

@@ -7,6 +7,9 @@ ViTs: DeiT-Tiny/Small widths (192/384, 12 layers, 3/6 heads) with patch 4 for sm
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -151,8 +154,40 @@ MODELS = {
 }
 
 
+# What a class by _target_ is told about the data, under the names libraries give it (torchvision's, timm's)
+DATA_KEYWORDS = {"num_classes": ("num_classes",), "channels": ("in_channels", "in_chans"),
+                 "size": ("image_size", "img_size")}
+
+
+def target_class(target: str):
+    """The class (or factory function) ``model._target_`` names, imported."""
+    module, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"model._target_={target} cannot be imported ({type(e).__name__}: {e}): give an import "
+                          f"path, module.Class, of a module on the Python path") from None
+
+
+def _target_model(cfg_model, channels: int, size: int, num_classes: int) -> nn.Module:
+    """``model._target_``'s class with the file's own keywords, plus the class count, channels and image size under
+    whichever of DATA_KEYWORDS' names its signature takes (the class count also through ``**kwargs``, as
+    torchvision's factories take it)."""
+    cls = target_class(cfg_model.target)
+    params = inspect.signature(cls).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    data = {"num_classes": num_classes, "channels": channels, "size": size}
+    given = {"num_classes": num_classes} if open_ended else {}
+    for what, names in DATA_KEYWORDS.items():
+        if (name := next((n for n in names if n in params), None)) is not None:
+            given[name] = data[what]
+    return cls(**given, **cfg_model.kwargs)
+
+
 def build_model(cfg_model, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     channels, size, _ = image_shape
+    if cfg_model.target is not None:
+        return _target_model(cfg_model, channels, size, num_classes)
     model = MODELS[cfg_model.library or cfg_model.name](cfg_model, channels, size, num_classes)
     if cfg_model.zero_init_residual:
         _zero_init_last_bn(model)

@@ -47,12 +47,13 @@ def add_decay(repo):
 
 
 def add_model(repo):
-    _edit(repo / "engine" / "models.py", "MODELS = {\n",
-          'MODELS = {\n    "mlp": lambda cfg, channels, size, num_classes: nn.Sequential(\n'
-          '        nn.Flatten(), nn.Linear(channels * size * size, cfg.width), nn.ReLU(), '
-          'nn.Linear(cfg.width, num_classes)),\n')
-    _yaml_like(repo, "model", "resnet_small", "mlp")
-    return ["model=mlp", "model.zero_init_residual=false"]
+    (repo / "my_models.py").write_text(
+        "from torch import nn\n\n\nclass MLP(nn.Sequential):\n"
+        "    def __init__(self, in_channels, image_size, num_classes, hidden):\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden), nn.ReLU(),\n"
+        "                         nn.Linear(hidden, num_classes))\n")
+    (repo / "conf" / "model" / "mlp.yaml").write_text("_target_: my_models.MLP\nhidden: 32\n")
+    return ["model=mlp"]
 
 
 def add_dataset(repo):

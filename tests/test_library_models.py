@@ -2,6 +2,7 @@
 pretrained weights for the data's channels, classes and image size, trained a step or two; a name or an image size
 that cannot work is one line before any run dir."""
 import math
+import re
 
 import pytest
 import torch
@@ -77,3 +78,40 @@ def test_the_weights_load_strictly_into_the_library_and_give_the_same_logits(tmp
         torch.testing.assert_close(fresh.eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
     fresh.load_state_dict(load_file(run_dir / "model_ema.safetensors"), strict=True)
     fresh.load_state_dict(load_file(run_dir / "checkpoints" / "best.safetensors"), strict=True)
+
+
+def target_model(**keys):
+    from engine.config import ModelConfig
+    return ModelConfig.model_validate(keys)
+
+
+@pytest.mark.parametrize("keys, shape", [
+    ({"_target_": "timm.models.vision_transformer.VisionTransformer", "patch_size": 7, "embed_dim": 32, "depth": 1,
+      "num_heads": 2}, (1, 28, 28)),                                     # img_size, in_chans, num_classes by name
+    ({"_target_": "torchvision.models.squeezenet1_1"}, (3, 64, 64)),   # num_classes through **kwargs
+], ids=["timm class", "torchvision factory"])
+def test_a_model_by_target_takes_the_datas_shape_and_its_files_keywords(keys, shape):
+    from engine.datasets import check_model
+    cfg = target_model(**keys)
+    assert cfg.name == keys["_target_"].rsplit(".", 1)[-1]
+    assert build_model(cfg, shape, 7).eval()(torch.zeros(2, *shape)).shape == (2, 7)
+    data = load_cfg(["data=synthetic", f"data.channels={shape[0]}", f"data.image_size={shape[1]}",
+                     "data.num_classes=7"]).data
+    assert check_model(cfg, data)  # the preflight's meta-device build takes it too
+
+
+@pytest.mark.parametrize("keys, said", [
+    ({"_target_": "no_such_module.Net"}, "model._target_=no_such_module.Net cannot be imported"),
+    ({"_target_": "torchvision.models.squeezenet1_1", "depth": 3}, "cannot take 1-channel 28x28 images"),
+    ({"_target_": "torch.nn.Flatten"}, "gives 784 outputs for the 10 classes"),
+], ids=["import", "keyword", "no class count"])
+def test_a_model_by_target_that_cannot_work_is_one_line(keys, said):
+    from engine.datasets import check_model
+    from engine.errors import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        check_model(target_model(**keys), load_cfg([]).data)
+
+
+def test_a_registry_model_takes_no_keywords_of_its_own():
+    with pytest.raises(ValueError, match="model.hidden is not a setting of model=resnet_small"):
+        target_model(name="resnet_small", hidden=3)
