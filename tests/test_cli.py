@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from engine import cli
 from tests.helpers import ROOT, checks, python
 
 
@@ -190,3 +191,25 @@ def test_summarize_reports_a_job_without_a_readable_summary(tmp_path, content, e
         (job / "summary.json").write_text(content)
     (row,) = summarize.load_jobs(tmp_path)
     assert row["error"] == error and summarize.ended(row) == f"failed: {error}"
+
+
+@pytest.mark.parametrize("line", [
+    "-m recipe=fmnist_accuracy_vs_batch optim=sgd,lars batch=128,8k seed=0,1",
+    "-m optim=sgd scaling.ref_batch=512,1024 ema.enabled=true,false +x=1",
+    "-m model=timm,resnet_small logger=[csv,tensorboard] warmup.epochs=null model.init_skip=[a] optim.lr='0.1',0.2",
+    "-m batch_schedule=ramp,constant model.name=resnet18,resnet50",
+], ids=["recipe grid", "values, adds", "groups, lists, quotes", "group and value"])
+def test_a_sweeps_jobs_compose_as_hydra_composes_each(line):
+    """engine.cli.job_composer shares one composition among jobs that differ in plain values: each job's config
+    equals Hydra's compose() of that job alone."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from engine.compose import CONF_DIR
+    cmd = cli.read_command(shlex.split(line), CONF_DIR)
+    jobs = cli._jobs(cmd.overrides)
+    compose_job = cli.job_composer(cmd)
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        for job in jobs:
+            assert compose_job(job) == compose("config", overrides=job), job
