@@ -7,7 +7,6 @@ ViTs: DeiT-Tiny/Small widths (192/384, 12 layers, 3/6 heads) with patch 4 for sm
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from torch import nn
@@ -160,13 +159,15 @@ DATA_KEYWORDS = {"num_classes": ("num_classes",), "channels": ("in_channels", "i
 
 
 def target_class(target: str):
-    """The class (or factory function) ``model._target_`` names, imported."""
-    module, _, attr = target.rpartition(".")
+    """The class (or factory function) ``model._target_`` names, imported (Hydra's get_object, as the optimizers'
+    and loggers' ``_target_`` are)."""
+    from hydra.utils import get_object
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"model._target_={target} cannot be imported ({type(e).__name__}: {e}): give an import "
-                          f"path, module.Class, of a module on the Python path") from None
+        return get_object(target)
+    except Exception as e:
+        reason = " ".join(str(e.__cause__ or e).split())[:200]  # the import's own error, not Hydra's wrapper
+        raise ConfigError(f"model._target_={target} cannot be imported ({reason}): give an import path, "
+                          f"module.Class, of a module on the Python path") from None
 
 
 def _target_model(cfg_model, channels: int, size: int, num_classes: int) -> nn.Module:
