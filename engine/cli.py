@@ -399,6 +399,34 @@ def check_eval_only_settings(cfg, overrides: list[str]) -> None:
                  f"{cfg.resume}); the command's {section}.{key}={now[key]} would be recorded but not used: drop it")
 
 
+def check_job(cfg, job: list[str], run_dir: str | None, check_files: bool) -> None:
+    """One job's config and plan; with ``check_files``, its machine, data, resume and warm start too. A single run
+    that is already finished exits 0 here, untouched."""
+    cfg.resume = slurm.resume_mode(cfg.resume)
+    plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
+    model_shapes = check_model(cfg.model, cfg.data)
+    if not check_files:
+        return
+    resolve_device(cfg.device)
+    check_threads(cfg.threads)
+    check_wandb_environment(cfg.logger.sinks)
+    check_data_available(cfg.data)
+    resume = None
+    if run_dir is not None or cfg.resume not in (None, "auto"):
+        resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
+    if resume is None and not cfg.eval_only:  # a resume keeps its own weights
+        check_init(cfg.model, model_shapes)
+    if cfg.eval_only:
+        check_eval_only_settings(cfg, job)
+    if run_dir is not None and env_rank() == 0:
+        lock_run_dir(Path(run_dir))
+    if run_dir and (resume or cfg.resume == "auto") and (
+            done := already_done(Path(run_dir), resume and resume.ckpt, plan)):
+        if env_rank() == 0:
+            print(done, flush=True)
+        sys.exit(0)  # a finished run stays exactly as it was
+
+
 def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> list[str]:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
     with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither).
@@ -441,30 +469,8 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
     with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
         for job in jobs:
             try:
-                cfg = load_config(first_cfg if job == first_job else compose_job(job))
-                cfg.resume = slurm.resume_mode(cfg.resume)
-                plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
-                model_shapes = check_model(cfg.model, cfg.data)
-                if not check_files:
-                    continue
-                resolve_device(cfg.device)
-                check_threads(cfg.threads)
-                check_wandb_environment(cfg.logger.sinks)
-                check_data_available(cfg.data)
-                resume = None
-                if run_dir is not None or cfg.resume not in (None, "auto"):
-                    resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
-                if resume is None and not cfg.eval_only:  # a resume keeps its own weights
-                    check_init(cfg.model, model_shapes)
-                if cfg.eval_only:
-                    check_eval_only_settings(cfg, job)
-                if run_dir is not None and env_rank() == 0:
-                    lock_run_dir(Path(run_dir))
-                if run_dir and (resume or cfg.resume == "auto") and (
-                        done := already_done(Path(run_dir), resume and resume.ckpt, plan)):
-                    if env_rank() == 0:
-                        print(done, flush=True)
-                    sys.exit(0)  # a finished run stays exactly as it was
+                check_job(load_config(first_cfg if job == first_job else compose_job(job)), job, run_dir,
+                          check_files)
             except ConfigError as e:
                 fail(str(e) + (f" [job: {' '.join(job)}]" if len(jobs) > 1 else ""))
             except Exception as e:
