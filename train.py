@@ -59,7 +59,7 @@ from engine.checkpoint import (
 from engine.checkpoint import load as load_checkpoint
 from engine.cli import fail, lock_run_dir, preflight
 from engine.config import load_config
-from engine.datasets import load_data, load_test_split
+from engine.datasets import eval_split, load_data
 from engine.diagnostics import noise_scale_for
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
@@ -161,9 +161,11 @@ def finish_evaluation(run: Run) -> None:
     if state.stopped_by is not None or state.diverged:
         return
     if not state.last_eval:
-        state.last_eval = measure(run)
-    if (test := load_test_split(run.cfg.data)) is not None:
-        evaluate_test_split(run, test)
+        state.last_eval = measure(run, run.data, eval_split(run.cfg.data))
+    if run.data.test_split is not None:  # read once, here: val_* selected, test_* reports
+        state.test_eval = measure(run, run.data.test_split.to(run.device), "test")
+        if run.dist.is_main:
+            run.logger.log(state.step, state.test_eval)
     if run.dist.is_main:
         export_weights(run.model, run.run_dir / "model.safetensors", run.ema)
 
@@ -201,14 +203,6 @@ def choose_micro_batch(plan: Plan, model, optimizer, data, cfg, device, dist) ->
     plan = make_plan(cfg.model_copy(update={"micro_batch": micro}), plan.train_size, plan.world_size)  # its checks
     say_main(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
     return plan
-
-
-def evaluate_test_split(run: Run, test) -> None:
-    """With data.val_split, val_* came from held-out training images; the test split is measured once, at the end."""
-    result = evaluate(run.model, test.to(run.device), run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
-    run.state.test_eval = {k.replace("val_", "test_"): v for k, v in result.items()}  # test_acc, _loss, _top5
-    if run.dist.is_main:
-        run.logger.log(run.state.step, run.state.test_eval)
 
 
 def build_model_on(cfg, data, device, sync_bn: bool = False) -> torch.nn.Module:
@@ -264,8 +258,8 @@ def report(run: Run, summary: dict) -> None:
     elif state.diverged:
         status = f"DIVERGED at step {state.step}"
     else:
-        status = (f"final test accuracy {summary['test_acc']:.4f} (validation {summary['val_acc']:.4f})"
-                  if "test_acc" in summary else f"final test accuracy {summary['val_acc']:.4f}")
+        status = f"final test accuracy {summary['test_acc']:.4f}" + (
+            f" (validation {summary['val_acc']:.4f})" if summary["val_acc"] is not None else "")
     say(f"{status} ({plural(summary['steps'], 'step')}, {summary['wall_s']:.0f} s, "
         f"{summary['images_per_s']:.0f} images/s) -> {run.run_dir}")
 
@@ -284,17 +278,17 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
     model = build_model_on(stored, data, device)
     model.load_state_dict(ckpt["model"])
     data = data.to(device)
-    summary = {**evaluate(model, data, device, cfg.precision, dist, cfg.channels_last), "checkpoint": str(path),
-               "steps": ckpt["step"], "global_batch": ckpt["identity"]["global_batch"]}
+    models = {"": model}
     if ckpt.get("ema") is not None:
-        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
-        ema.load_state_dict(ckpt["ema"])
-        ema_eval = evaluate(ema, data, device, cfg.precision, dist, cfg.channels_last)
-        summary.update({f"{k}_ema": v for k, v in ema_eval.items()})
+        models["_ema"] = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+        models["_ema"].load_state_dict(ckpt["ema"])
+    summary = {f"test_{k}{suffix}": v for suffix, m in models.items()
+               for k, v in evaluate(m, data, device, cfg.precision, dist, cfg.channels_last).items()}
+    summary |= {"checkpoint": str(path), "steps": ckpt["step"], "global_batch": ckpt["identity"]["global_batch"]}
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        say(f"evaluated {path} (step {ckpt['step']}): test accuracy {summary['val_acc']:.4f}"
-            + (f", EMA {summary['val_acc_ema']:.4f}" if "val_acc_ema" in summary else "") + f" -> {run_dir}")
+        say(f"evaluated {path} (step {ckpt['step']}): test accuracy {summary['test_acc']:.4f}"
+            + (f", EMA {summary['test_acc_ema']:.4f}" if "test_acc_ema" in summary else "") + f" -> {run_dir}")
     return summary
 
 

@@ -449,6 +449,10 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         jobs = _jobs(cmd.overrides)
         first_job = jobs[0] if jobs else _fixed(cmd.overrides)
         folders, first_cfg = hydra_folders(cmd, first_job)
+        if cmd.multirun and "optuna" in folders.sweeper.lower() and not OmegaConf.select(first_cfg, "data.val_split"):
+            raise ConfigError("an optuna search maximizes val_acc, and data.val_split=0 holds no images out of training "
+                              "for it: set data.val_split to a count of images (selecting on the test split would "
+                              "make its number optimistic)")
         if check_files:
             check_folders(cmd, folders)
     except ConfigError as e:

@@ -186,7 +186,7 @@ class DataConfig(Group):
     image_size: Optional[Annotated[int, Field(ge=4)]] = None
     channels: Optional[Pos] = None
     num_classes: Optional[Annotated[int, Field(ge=2)]] = None
-    val_split: NonNeg                              # training images held out for val_*; 0 = the test split
+    val_split: NonNeg                              # training images held out for val_*; 0 = evaluate on test_*
     repeated_aug: Optional[NonNeg] = None         # imagenet: DeiT's repeated augmentation, N copies per image; 0 = off
     auto_augment: Optional[Literal["ra", "ta_wide"]] = None  # imagenet: RandAugment / TrivialAugmentWide per image
     decode: Optional[Literal["workers", "device"]] = None  # imagenet: JPEG decoding in the workers or batched on device

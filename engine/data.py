@@ -52,6 +52,7 @@ class TensorData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str = ""
+    test_split: "TensorData | None" = None  # with a held-out validation split: the untouched data, for test_*
 
     @property
     def train_size(self) -> int:
@@ -64,19 +65,16 @@ class TensorData:
     def to(self, device) -> "TensorData":
         """Move everything to ``device`` once (uint8: 47 MB for Fashion-MNIST), so batches are index ops there."""
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
-        return TensorData(**move, num_classes=self.num_classes, mean=self.mean, std=self.std, source=self.source)
+        return TensorData(**move, num_classes=self.num_classes, mean=self.mean, std=self.std, source=self.source,
+                          test_split=self.test_split)  # the test split moves at the end, when it is read
 
     def split_validation(self, n: int) -> "TensorData":
-        """The same data with ``n`` training images held out as the evaluation split (in place of the test split).
-        The held-out images are fixed (a seed of their own), so every run, seed and batch validates on the same
-        ones; the test split stays for the final ``test_*`` numbers."""
-        if not 0 < n < self.train_size:
-            raise ConfigError(f"data.val_split={n} must be below the training set's {self.train_size} images")
-        order = torch.randperm(self.train_size, generator=torch.Generator().manual_seed(2_718_281))
-        val, train = order[:n].sort().values, order[n:].sort().values
+        """The same data with ``n`` training images held out as the evaluation split (``held_out``); the test split
+        stays aside, as ``test_split``, for the final ``test_*`` numbers."""
+        train, val = held_out(self.train_size, n)
         return TensorData(self.train_x[train], self.train_y[train], self.train_x[val], self.train_y[val],
                           num_classes=self.num_classes, mean=self.mean, std=self.std,
-                          source=f"{self.source}, {n} training images held out for validation")
+                          source=f"{self.source}, {n} training images held out for validation", test_split=self)
 
     def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment: "Augment | None",
                             device, mix: "Mix | None" = None):
@@ -125,6 +123,20 @@ class TensorData:
         for part in idx.split(chunk):
             x = normalize(self.test_x[part].to(device, non_blocking=True), self.mean, self.std)
             yield x, self.test_y[part].to(device, non_blocking=True)
+
+
+def check_val_split(n: int, train_size: int) -> None:
+    if n and n >= train_size:
+        raise ConfigError(f"data.val_split={n} must be below the training set's {train_size} images (a smaller count, "
+                          f"or 0 to evaluate on the test split)")
+
+
+def held_out(train_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) with ``n`` of ``train_size`` images held out. The held-out images are
+    fixed (a seed of their own), so every run, seed and batch validates on the same ones."""
+    check_val_split(n, train_size)
+    order = torch.randperm(train_size, generator=torch.Generator().manual_seed(2_718_281))
+    return order[n:].sort().values, order[:n].sort().values
 
 
 # --- synthetic ------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from . import datasets_disk as disk
-from .data import TrainData, make_synthetic
+from .data import TrainData, check_val_split, make_synthetic
 from .errors import ConfigError
 from .fashion_mnist import load_fashion_mnist
 from .models import build_model, check_library_name
@@ -68,31 +68,27 @@ DATASETS = {
 
 
 def load_data(cfg_data) -> TrainData:
-    """The dataset as configured: with ``data.val_split`` images held out of training for validation."""
+    """The dataset as configured: with ``data.val_split`` images held out of training for validation, and the
+    untouched data kept aside as ``test_split``, read once at the end."""
     data = DATASETS[cfg_data.name].load(cfg_data)
     return data.split_validation(cfg_data.val_split) if cfg_data.val_split else data
 
 
-def load_test_split(cfg_data) -> TrainData | None:
-    """The untouched test split, when ``data.val_split`` moved evaluation during training to held-out images."""
-    return DATASETS[cfg_data.name].load(cfg_data) if cfg_data.val_split else None
+def eval_split(cfg_data) -> str:
+    """What evaluation during training reads: ``val`` (images held out of training, for selection) or ``test``."""
+    return "val" if cfg_data.val_split else "test"
 
 
 def check_data_available(cfg_data) -> None:
     """Cheap presence check (no training read) so a missing dataset is reported before any run dir exists."""
-    dataset = DATASETS[cfg_data.name]
-    if cfg_data.val_split and not dataset.in_memory:
-        raise ConfigError(f"data.val_split is for the in-memory datasets; for {cfg_data.name}, point data.root at "
-                          f"folders whose val/ is your held-out split")
-    dataset.check(cfg_data)
+    DATASETS[cfg_data.name].check(cfg_data)
 
 
 def train_size_of(cfg_data) -> int:
     """Training-set size without loading the data (held-out validation images excluded), for the plan and the
     schedule preview."""
     size = DATASETS[cfg_data.name].train_size(cfg_data)
-    if cfg_data.val_split and cfg_data.val_split >= size:
-        raise ConfigError(f"data.val_split={cfg_data.val_split} must be below the training set's {size} images")
+    check_val_split(cfg_data.val_split, size)
     return size - (cfg_data.val_split or 0)
 
 

@@ -8,13 +8,14 @@ DataLoader workers with torchvision.io and the standard recipe transforms (trans
 """
 from __future__ import annotations
 
+import copy
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
-from .data import DOWNLOAD_CACHE, TensorData
+from .data import DOWNLOAD_CACHE, TensorData, held_out
 from .errors import ConfigError, RunError
 from .sampling import epoch_order, global_batches
 from .transforms import normalize, resized_crops, to_device
@@ -246,10 +247,24 @@ class ImageFolderData:
         self.train_size = len(self.train)
         self.source = root
         self.test_y = val.targets
+        self.test_split = None  # with split_validation: this data as it was, val/ for the final test_*
         self._train_batches, self._train_loader, self._val_loader = _Batches(), None, None
 
     def to(self, device):
         return self
+
+    def split_validation(self, n: int) -> "ImageFolderData":
+        """The same folders with ``n`` images of train/ held out (``held_out``, as for the in-memory datasets) and
+        evaluated as val/ is, resized and centre-cropped; val/ stays aside as ``test_split``."""
+        train, val = held_out(self.train_size, n)
+        held = copy.copy(self)
+        held.train, held.val = copy.copy(self.train), copy.copy(self.val)
+        held.train.samples = [self.train.samples[i] for i in train.tolist()]
+        held.val.samples = [self.train.samples[i] for i in val.tolist()]
+        held.train_size, held.test_y = len(held.train), [label for _, label in held.val.samples]
+        held.source, held.test_split = f"{self.source}, {n} images of train/ held out for validation", self
+        held._train_batches, held._train_loader, held._val_loader = _Batches(), None, None
+        return held
 
     def _loader(self, dataset, batches: "_Batches") -> torch.utils.data.DataLoader:
         """One loader per split for the whole run: its workers persist across epochs, and each epoch only swaps

@@ -32,6 +32,7 @@ from . import diagnostics as diag
 from .checkpoint import RunState, rng_state
 from .config import Config
 from .data import TrainData
+from .datasets import eval_split
 from .distributed import (
     DistContext,
     all_gather_objects,
@@ -220,33 +221,31 @@ def log_layers(run: Run, before: list[torch.Tensor]) -> None:
         run.logger.per_layer(run.state.step, "trust_ratio", diag.trust_ratios_by_name(run.model, run.optimizer))
 
 
-def measure(run: Run) -> dict:
-    """val_loss and val_acc of the model (and _ema of its average) on the evaluation split, with the BatchNorm
-    statistics averaged over the ranks first."""
+def measure(run: Run, data, split: str) -> dict:
+    """SPLIT_loss, SPLIT_acc and SPLIT_top5 of the model (and SPLIT_acc_ema... of its average) on ``data``'s
+    evaluation images, with the BatchNorm statistics averaged over the ranks first. Evaluation runs the model
+    uncompiled: through torch.compile, eval mode and the last partial batch would each compile another graph."""
     average_batch_norm_statistics(run.model)
-    model = getattr(run.model, "_orig_mod", run.model)
-    result = evaluate(model, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
-    if run.ema is not None:
-        ema_eval = evaluate(run.ema, run.data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last)
-        result.update({f"{k}_ema": v for k, v in ema_eval.items()})
-    return result
+    models = {"": getattr(run.model, "_orig_mod", run.model)} | ({"_ema": run.ema} if run.ema is not None else {})
+    return {f"{split}_{k}{suffix}": v for suffix, model in models.items()
+            for k, v in evaluate(model, data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last).items()}
 
 
 def run_eval(run: Run) -> None:
-    """Evaluation runs the model uncompiled: through torch.compile, eval mode and the last partial batch would each
-    compile another graph."""
-    state = run.state
-    state.last_eval = measure(run)
+    """Evaluation during training: on the held-out validation images (``val_*``), which select ``best.pt``; with
+    ``data.val_split=0`` on the test split (``test_*``), and nothing is selected on it."""
+    state, split = run.state, eval_split(run.cfg.data)
+    state.last_eval = measure(run, run.data, split)
     state.last_eval_step = state.step
-    if state.last_eval["val_acc"] > state.best_val_acc and math.isfinite(state.last_eval["val_loss"]):
-        state.best_val_acc, state.improved = state.last_eval["val_acc"], True
+    acc = state.last_eval[f"{split}_acc"]
+    if split == "val" and acc > state.best_val_acc and math.isfinite(state.last_eval["val_loss"]):
+        state.best_val_acc, state.improved = acc, True
     if run.dist.is_main:
         run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.at)})
-    split = "val" if run.cfg.data.val_split else "test"  # data.val_split: measured on held-out training images
+    top5 = state.last_eval.get(f"{split}_top5")
     run.progress.write(f"epoch {run.plan.epoch_of(state.at):.4g} step {state.step}: train loss "
-                       f"{state.train_loss:.4f} {split} acc {state.last_eval['val_acc']:.4f} {split} loss "
-                       f"{state.last_eval['val_loss']:.4f}" + (f" {split} top-5 {state.last_eval['val_top5']:.4f}"
-                                                               if "val_top5" in state.last_eval else ""))
+                       f"{state.train_loss:.4f} {split} acc {acc:.4f} {split} loss {state.last_eval[f'{split}_loss']:.4f}"
+                       + (f" {split} top-5 {top5:.4f}" if top5 is not None else ""))
 
 
 def save(run: Run, epoch: int) -> bool:
@@ -478,7 +477,7 @@ def evaluate(model, data, device, precision: str, dist: DistContext, channels_la
     all_reduce_sum(totals)
     model.train()
     loss, correct, count, correct5 = totals.tolist()
-    return {"val_loss": loss / count, "val_acc": correct / count} | ({"val_top5": correct5 / count} if top5 else {})
+    return {"loss": loss / count, "acc": correct / count} | ({"top5": correct5 / count} if top5 else {})
 
 
 def grad_norm(params) -> torch.Tensor:

@@ -92,7 +92,7 @@ train_run() {
   if [ $rc -ne 0 ]; then stopped "train" $rc "python train.py $*: $(tail -1 "$LOGS/$name.log" | tr '|' '/')"; return; fi
   row "train" "python train.py logger=none $*" "$wall" "s" "$("$PY" -c "import json, sys
 s = json.load(open(sys.argv[1]))
-print(f\"test acc {s['val_acc']:.4f}, {s['steps']} steps, steady {s['images_per_s']:,.0f} images/s\")" "$dir/summary.json")"
+print(f\"test acc {s['test_acc']:.4f}, {s['steps']} steps, steady {s['images_per_s']:,.0f} images/s\")" "$dir/summary.json")"
 }
 train_run default
 train_run lars optim=lars batch=32k

@@ -2,7 +2,7 @@
 seed), the mean over seeds with a band from min to max, against epochs (images seen / training-set size), so runs
 at different or changing batch sizes line up; panels below show the LR and the global batch each step used.
 
-    python scripts/plot_curves.py multirun/bs/ramp multirun/bs/ramp2 --out recipes/plots/batch_ramp [--metric val_acc]
+    python scripts/plot_curves.py multirun/bs/ramp multirun/bs/ramp2 --out recipes/plots/batch_ramp [--metric test_loss]
 
 Reads each job's metrics.jsonl (the authoritative record) and .hydra/overrides.yaml; prints, per setting, the final
 value (mean +- std over seeds) and the optimizer steps taken.
@@ -18,12 +18,16 @@ from pathlib import Path
 from engine.records import RecordError, read_metrics, read_overrides
 
 
-def read_job(job: Path, metric: str):
+def read_job(job: Path, metric: str | None):
+    """(epoch, value) of each evaluation, (epoch, batch, lr) of each logged step, the steps, and the metric: by
+    default the accuracy evaluated during training, val_acc, or test_acc where data.val_split=0 had it read the test
+    split."""
     rows = read_metrics(job / "metrics.jsonl")
+    metric = metric or ("val_acc" if any("val_acc" in r for r in rows) else "test_acc")
     evals = [(r["epoch"], r[metric]) for r in rows if metric in r and "epoch" in r]
     train = [(r["epoch"], r["batch"], r["lr"]) for r in rows if "batch" in r and "loss" in r]
     steps = max((r["step"] for r in rows), default=0)
-    return evals, train, steps
+    return evals, train, steps, metric
 
 
 def main() -> None:
@@ -36,7 +40,8 @@ def main() -> None:
 def plot_curves() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dirs", type=Path, nargs="+")
-    ap.add_argument("--metric", default="val_acc")
+    ap.add_argument("--metric", help="a value logged at each evaluation (default: val_acc, or test_acc in runs "
+                    "with data.val_split=0)")
     ap.add_argument("--out", required=True, help="output path without extension: writes OUT.png")
     args = ap.parse_args()
     series = defaultdict(list)
@@ -54,8 +59,8 @@ def plot_curves() -> None:
         sys.exit(f"error: no job of {', '.join(map(str, args.sweep_dirs))} has a metrics.jsonl (killed before "
                  f"its first step?)")
     if not any(run[0] for runs in series.values() for run in runs):
-        sys.exit(f"error: no run logged --metric {args.metric} at an evaluation (it logs val_acc, val_loss, and "
-                 f"test_acc, test_loss with data.val_split)")
+        sys.exit(f"error: no run logged --metric {args.metric} at an evaluation (a run logs val_acc, val_loss, "
+                 f"val_top5 with data.val_split, else test_acc, test_loss, test_top5)")
     series = {k: [r for r in runs if r[0]] for k, runs in series.items() if any(r[0] for r in runs)}
     import matplotlib
     matplotlib.use("Agg")
@@ -80,9 +85,9 @@ def plot_curves() -> None:
             ax_lr.step([t[0] for t in train], [t[2] for t in train], where="post", color=line.get_color())
         finals = [r[0][-1][1] for r in runs if r[0]]
         spread = f" +- {statistics.stdev(finals):.4f}" if len(finals) > 1 else ""
-        print(f"{key}: final {args.metric} {statistics.mean(finals):.4f}{spread} over {len(finals)} seeds, "
+        print(f"{key}: final {runs[0][3]} {statistics.mean(finals):.4f}{spread} over {len(finals)} seeds, "
               f"{statistics.mean(r[2] for r in runs):.0f} steps")
-    ax.set_ylabel(args.metric)
+    ax.set_ylabel(" / ".join(sorted({r[3] for runs in series.values() for r in runs})))
     ax.grid(alpha=0.3)
     ax.set_title(" ".join(sorted(shared)), fontsize=8)
     ax_b.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))

@@ -153,23 +153,23 @@ def ended(job: dict) -> str:
 def table(jobs: list[dict], seeds_mean: bool) -> str:
     common = shared_overrides(jobs)
     lines = [f"Shared by every job: {' '.join(sorted(common))}\n" if common else "",
-             "| job | overrides | val_acc | val_loss | peak LR | steps | images | images/s | B_simple | wall_s | ended |",
+             "| job | overrides | val_acc | test_acc | peak LR | steps | images | images/s | B_simple | wall_s | ended |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     if not seeds_mean:
         for j in jobs:
             rest = " ".join(o for o in j["overrides"] if o not in common) or "(defaults)"
             lines.append(f"| {j['sweep']}{j['dir'].split('_', 1)[0]} | {rest} | {fmt(j.get('val_acc'))} | "
-                         f"{fmt(j.get('val_loss'))} | {fmt(j.get('peak_lr'))} | {fmt(j.get('steps'))} | "
+                         f"{fmt(j.get('test_acc'))} | {fmt(j.get('peak_lr'))} | {fmt(j.get('steps'))} | "
                          f"{fmt(j.get('images'))} | {fmt(j.get('images_per_s'), 3)} | "
                          f"{fmt(j.get('noise_scale_b_simple'), 3)} | {fmt(j.get('wall_s'), 3)} | {ended(j)} |")
         return "\n".join(ln for ln in lines if ln)
-    lines[1:] = ["| seeds | overrides | val_acc mean +- std | every seed | peak LR | steps | images | ended |",
+    lines[1:] = ["| seeds | overrides | test_acc mean +- std | every seed | peak LR | steps | images | ended |",
                  "|---|---|---|---|---|---|---|---|"]
     groups = defaultdict(list)
     for j in jobs:
         groups[series_key(j, drop=("seed",), common=common)].append(j)
     for key, js in groups.items():
-        accs = [j["val_acc"] for j in js if isinstance(j.get("val_acc"), float) and not j.get("diverged")]
+        accs = [a for j in js if (a := accuracy(j)) is not None]
         acc = (f"{statistics.mean(accs):.4f} +- {statistics.stdev(accs):.4f}" if len(accs) > 1
                else fmt(accs[0]) if accs else "-")
         each = ", ".join(f"{a:.4f}" for a in accs)
@@ -180,14 +180,20 @@ def table(jobs: list[dict], seeds_mean: bool) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
+def accuracy(job: dict) -> float | None:
+    """The test accuracy a job that trained to its end reports: test_acc (val_acc in a record without one)."""
+    acc = job.get("test_acc", job.get("val_acc"))
+    return acc if isinstance(acc, float) and not job.get("diverged") and not job.get("error") else None
+
+
 def knees(jobs: list[dict], within: float = 0.01) -> list[str]:
     """Per line (the overrides other than batch and seed): the largest batch whose mean accuracy over seeds is within
     ``within`` (1 point) of the line's best, where the accuracy-vs-batch curve stops being flat."""
     common = shared_overrides(jobs)
     means = defaultdict(lambda: defaultdict(list))
     for j in jobs:
-        if isinstance(j.get("val_acc"), float) and not j.get("diverged") and (b := batch_of(j)):
-            means[series_key(j, common=common)][b].append(j["val_acc"])
+        if (a := accuracy(j)) is not None and (b := batch_of(j)):
+            means[series_key(j, common=common)][b].append(a)
     lines = []
     for key, by_batch in sorted(means.items()):
         acc = {b: statistics.mean(v) for b, v in by_batch.items()}
@@ -231,10 +237,10 @@ def plot(jobs: list[dict], out: Path, x_key: str, marks: dict[str, float] | None
         key = series_key(j, drop=(x_key, "seed"), common=common)
         if j.get("running"):
             continue
-        if j.get("error") or j.get("diverged") or not isinstance(j.get("val_acc"), float):
+        if (a := accuracy(j)) is None:
             failed.append((x, key))
             continue
-        series[key][x].append(j["val_acc"])
+        series[key][x].append(a)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     xs_all = sorted({x for points in series.values() for x in points} | {x for x, _ in failed}, key=str)
     numeric = all(isinstance(x, (int, float)) for x in xs_all)

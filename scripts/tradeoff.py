@@ -28,9 +28,11 @@ def metrics_rows(job_dir: Path) -> tuple[dict, ...]:
 
 
 def eval_rows(job_dir: Path) -> list[tuple[int, float]]:
-    """(step, val_acc) of every evaluation the run logged, in step order."""
+    """(step, accuracy) of every evaluation during training, in step order: val_acc, or test_acc where
+    data.val_split=0 had the evaluations read the test split."""
     rows = metrics_rows(job_dir)
-    return sorted((r["step"], r["val_acc"]) for r in rows if isinstance(r.get("val_acc"), (int, float)))
+    key = "val_acc" if any("val_acc" in r for r in rows) else "test_acc"
+    return sorted((r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)))
 
 
 def steps_to(evals: list[tuple[int, float]], target: float) -> float | None:

@@ -37,6 +37,8 @@ BAD_INPUT = [
     (["data.root=/nonexistent"], "holds no Fashion-MNIST"),
     (["resume=/nonexistent/last.pt"], "no such checkpoint"),
     (["--multirun", "batch=256,12q"], "[job: batch=12q]"),
+    (["--multirun", "hparams_search=lr_optuna", "data=synthetic"], "an optuna search maximizes val_acc, and "
+     "data.val_split=0 holds no images out"),
     (["optim=sgd,lars"], "optim=sgd,lars lists several values, which only a sweep runs: add -m"),
     (["optim.lr=(0.1"], "optim.lr=(0.1: Hydra's grammar reads this value only in quotes"),
     (["logger.group=ü"], "write \"logger.group='ü'\""),
@@ -85,7 +87,7 @@ def test_lr_schedule_preview_has_one_row_per_optimizer_step(tmp_path):
     import lr_schedule  # scripts/, in-process (conftest.py)
     lr_schedule.main(["optim=lars", "batch=4k", "epochs=20", "warmup.epochs=2", "--out", str(out)])
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
-    steps_per_epoch = 60_000 // 4096
+    steps_per_epoch = 55_000 // 4096  # data.val_split holds 5,000 of 60,000 out
     assert len(rows) == 20 * steps_per_epoch
     assert [int(r["step"]) for r in rows] == list(range(len(rows)))
     lrs = [float(r["lr"]) for r in rows]
@@ -133,7 +135,7 @@ def test_multirun_grid_survives_a_diverging_job_and_summarizes(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["plot_curves.py", str(sweep), "--out", str(tmp_path / "curves")])
     plot_curves.main()
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    assert len([ln for ln in capsys.readouterr().out.splitlines() if "final val_acc" in ln]) == 4  # one per setting
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if "final test_acc" in ln]) == 4  # synthetic: test split
 
 
 def test_optuna_lr_search_runs_trials_reports_the_best_and_continues(tmp_path, monkeypatch):
@@ -143,7 +145,7 @@ def test_optuna_lr_search_runs_trials_reports_the_best_and_continues(tmp_path, m
     import optuna
     sweep = tmp_path / "optuna"
     command = ["train.py", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1", "data=synthetic",
-               "data.train_size=512", "data.test_size=128", "logger=none", "epochs=1", "warmup=none",
+               "data.train_size=640", "data.test_size=128", "data.val_split=128", "logger=none", "epochs=1", "warmup=none",
                f"hydra.sweep.dir={sweep}"]
     for _ in range(2):
         r = run(command, timeout=300)

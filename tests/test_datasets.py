@@ -14,7 +14,7 @@ from engine.datasets import check_data_available, load_data
 from engine.errors import ConfigError
 from engine.fashion_mnist import load_fashion_mnist, read_idx
 from engine.transforms import Augment
-from tests.helpers import ROOT, TINY, checks, run_train
+from tests.helpers import ROOT, TINY, checks, load_cfg, run_train
 
 
 def write_cifar(root, name="cifar10", n_train=40, n_test=20, bad_label=False):
@@ -61,9 +61,10 @@ def test_cifar_bad_labels_and_missing_folder(tmp_path):
 def test_cifar_trains_a_step(tmp_path, model):
     write_cifar(tmp_path / "data", n_train=80)
     summary, _ = run_train(tmp_path, [o for o in TINY if not o.startswith("data")] + [
-        "data=cifar10", f"data.root={tmp_path / 'data'}", f"model={model}", "batch=16", "max_steps=1",
-        "micro_batch=8"])
+        "data=cifar10", f"data.root={tmp_path / 'data'}", "data.val_split=16", f"model={model}", "batch=16",
+        "max_steps=1", "micro_batch=8"])
     assert summary["steps"] == 1 and summary["global_batch"] == 16
+    assert 0 <= summary["val_acc"] <= 1 and 0 <= summary["test_acc"] <= 1
 
 
 def write_imagenet(root, classes=("n01", "n02"), per_class=3, size=40):
@@ -83,7 +84,24 @@ def test_imagenet_folders_train_a_step(tmp_path):
         "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=1", "model=resnet18", "batch=6",
         "micro_batch=3", "epochs=2", "warmup=none"])  # one worker, kept across both epochs
     assert summary["steps"] == 2 and summary["micro_batch"] == 3 and summary["accum_steps"] == 2
-    assert summary["epochs"] == 2 and 0 <= summary["val_acc"] <= 1
+    assert summary["epochs"] == 2 and 0 <= summary["test_acc"] <= 1 and summary["val_acc"] is None  # val/: test
+
+
+def test_imagenet_val_split_holds_images_of_train_out_and_keeps_val_for_the_test(tmp_path):
+    """data.val_split on the folders: the same fixed held-out draw as the in-memory data (data.held_out), evaluated
+    with val/'s resize and centre crop; val/ itself is the test split."""
+    from engine.data import held_out
+    write_imagenet(tmp_path / "imagenet", per_class=4)
+    cfg = load_cfg(["data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.val_split=3", "data.num_workers=0"])
+    data = load_data(cfg.data)
+    whole = data.test_split
+    train, val = held_out(8, 3)
+    assert data.train.samples == [whole.train.samples[i] for i in train.tolist()] and data.train_size == 5
+    assert data.val.samples == [whole.train.samples[i] for i in val.tolist()] and len(data.test_y) == 3
+    assert data.val.transform is whole.val.transform and data.train.transform is whole.train.transform
+    assert all("/val/" in path for path, _ in whole.val.samples) and whole.test_split is None
+    x, _ = next(data.test_batches(0, 1, torch.device("cpu")))
+    assert x.shape == (3, 3, 224, 224)  # resized and centre-cropped as val/ is
 
 
 def test_imagenet_missing_split_is_named(tmp_path):

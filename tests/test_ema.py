@@ -44,14 +44,17 @@ def test_ema_with_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_ema_resumes_bit_for_bit_and_is_recorded(tmp_path):
-    whole, whole_dir = run_train(tmp_path, [*EMA_RUN, "max_steps=6", "eval.every_steps=2"], "whole")
-    run_train(tmp_path, [*EMA_RUN, "max_steps=3", "eval.every_steps=2"], "part")
-    resumed, part_dir = run_train(tmp_path, [*EMA_RUN, "max_steps=6", "eval.every_steps=2", "resume=auto"], "part")
+    """With a validation split: val_acc_ema at each evaluation, test_acc_ema at the end, best.pt at the best val_acc."""
+    run = [*EMA_RUN, "data.val_split=128", "eval.every_steps=2"]
+    whole, whole_dir = run_train(tmp_path, [*run, "max_steps=6"], "whole")
+    run_train(tmp_path, [*run, "max_steps=3"], "part")
+    resumed, part_dir = run_train(tmp_path, [*run, "max_steps=6", "resume=auto"], "part")
     a = torch.load(whole_dir / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(part_dir / "checkpoints" / "last.pt", weights_only=False)
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     assert whole["val_acc_ema"] == resumed["val_acc_ema"] is not None
+    assert whole["test_acc_ema"] == resumed["test_acc_ema"] is not None
     rows = [json.loads(x) for x in (whole_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_acc" in r]
     assert all("val_acc_ema" in r for r in evals)
@@ -73,7 +76,7 @@ def test_eval_only_evaluates_a_checkpoint_with_its_own_settings(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     evaluated = json.loads((out / "summary.json").read_text())
-    assert evaluated["val_acc"] == summary["val_acc"] and evaluated["val_acc_ema"] == summary["val_acc_ema"]
+    assert evaluated["test_acc"] == summary["test_acc"] and evaluated["test_acc_ema"] == summary["test_acc_ema"]
     assert evaluated["steps"] == 4 and not (out / "checkpoints").exists()
     r = checks([*TINY, "eval_only=true", f"hydra.run.dir={tmp_path / 'none'}"])
     assert r.returncode == 2 and r.stderr.strip() == ("error: eval_only=true needs resume=PATH, the checkpoint to "

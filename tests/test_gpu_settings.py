@@ -186,8 +186,7 @@ def test_evaluation_runs_the_uncompiled_model(monkeypatch):
     """Through torch.compile, switching to eval mode and the last partial batch each compile another graph."""
     from types import SimpleNamespace
     seen = []
-    monkeypatch.setattr(loop, "evaluate", lambda model, *a, **k: seen.append(model) or {"val_acc": 0.5,
-                                                                                      "val_loss": 1.0})
+    monkeypatch.setattr(loop, "evaluate", lambda model, *a, **k: seen.append(model) or {"acc": 0.5, "loss": 1.0})
     plain = torch.nn.Linear(2, 2)
     run = SimpleNamespace(model=torch.compile(plain), data=None, device=torch.device("cpu"), ema=None,
                           cfg=SimpleNamespace(precision="fp32", channels_last=False, data=SimpleNamespace(val_split=0)), dist=SimpleNamespace(is_main=False),

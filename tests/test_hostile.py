@@ -468,8 +468,9 @@ def _idx_set(root: Path, train: int, test: int) -> Path:
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["batch=256"], "batch=256 is larger than the training set (100 images)"),
-    (["batch=32", "epochs=1", "warmup.epochs=1"], "is as long as the run or longer"),
+    ([], "data.val_split=5000 must be below the training set's 100 images (a smaller count, or 0 to evaluate"),
+    (["data.val_split=0", "batch=256"], "batch=256 is larger than the training set (100 images)"),
+    (["data.val_split=20", "batch=32", "epochs=1", "warmup.epochs=1"], "is as long as the run or longer"),
     (["data.val_split=100"], "data.val_split=100 must be below the training set's 100 images"),
 ])
 def test_a_small_idx_set_is_planned_for_its_own_size(tmp_path, overrides, message):
@@ -486,15 +487,17 @@ def test_a_diverging_run_keeps_its_last_finite_checkpoint(tmp_path):
     """LR 1e4: BatchNorm's running variance overflows in a forward pass before the loss does; nothing non-finite is
     saved, so last.pt and best.pt hold the last finite state, which a resume with a smaller LR starts from."""
     summary, run_dir = run_train(tmp_path, ["data=synthetic", "batch=64", "threads=1", "logger=none",
-                                            "data.train_size=512", "data.test_size=128", "max_steps=30",
-                                            "optim.lr=1e4", "checkpoint.every_steps=1", "eval.every_steps=1"])
+                                            "data.train_size=640", "data.test_size=128", "data.val_split=128",
+                                            "max_steps=30", "optim.lr=1e4", "checkpoint.every_steps=1",
+                                            "eval.every_steps=1"])
     assert summary["diverged"]
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(run_dir / "checkpoints" / name, weights_only=False)
         assert ckpt["step"] < summary["steps"]
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), name
     resumed, _ = run_train(tmp_path, ["data=synthetic", "batch=64", "threads=1", "logger=none",
-                                      "data.train_size=512", "data.test_size=128", "max_steps=30", "optim.lr=0.1",
+                                      "data.train_size=640", "data.test_size=128", "data.val_split=128",
+                                      "max_steps=30", "optim.lr=0.1",
                                       "checkpoint.every_steps=1", f"resume={run_dir / 'checkpoints' / 'last.pt'}"],
                            name="retry")
     assert not resumed["diverged"] and resumed["steps"] == 30

@@ -61,7 +61,8 @@ def test_the_weights_load_strictly_into_the_library_and_give_the_same_logits(tmp
     """model.safetensors (the safetensors library) holds the unwrapped model's keys: a fresh model of the library
     loads it with strict=True and computes what the checkpoint's model computes; the EMA's and best.pt's beside."""
     from safetensors.torch import load_file
-    overrides = ["data=synthetic", "data.train_size=64", "data.test_size=32", "data.channels=3", "data.image_size=32",
+    overrides = ["data=synthetic", "data.train_size=80", "data.test_size=32", "data.val_split=16", "data.channels=3",
+                 "data.image_size=32",
                  *SMALL, f"model={library}", f"model.name={name}", "ema.enabled=true", "ema.every_steps=1"]
     _, run_dir = run_train(tmp_path, overrides)
     if library == "timm":

@@ -194,13 +194,13 @@ def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):  # launcher tests 
     # adam_sde rescales betas and eps, not only the LR
     (["optim=adamw", "scaling=adam_sde", "batch=2k"], ["betas (0.9, 0.999) -> (0.2, 0.992), eps 1e-08 -> 3.54e-09"]),
     # 32k on Fashion-MNIST drops 45 % of each epoch
-    (["batch=32k"], ["27,232 of 60,000 images (45%) are left out", "0.55 passes' worth", "1 step/epoch"]),
+    (["batch=32k"], ["22,232 of 55,000 images (40%) are left out", "0.60 passes' worth", "1 step/epoch"]),
     # a recipe whose lr is already the global LR
     (["recipe=mlperf_lars_resnet50_16k"], ["LARS: global LR 25 (no scaling)"]),
     # the first step is never at LR 0
-    (["warmup=cosine"], ["LR 9.012e-06 at step 0 -> peak 0.2 at step 234 (cosine warmup)"]),
+    (["warmup=cosine"], ["LR 1.078e-05 at step 0 -> peak 0.2 at step 214 (cosine warmup)"]),
     # a changing batch: nothing is dropped (the stream runs on across epochs), and its longer lines wrap
-    (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k"], ["in exactly 86 steps"]),
+    (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k"], ["in exactly 74 steps"]),
     (["batch_schedule=step", "batch_schedule.start=64", "schedule=step"], ["batch steps (Smith et al.): 64 x"]),
     (["batch=4k", "batch_schedule=adaptive", "scaling=adascale"], ["adaptive batch: clamp("]),
     # what did not happen is not said: AdaScale at a constant batch, a budget max_steps cuts short
@@ -215,7 +215,7 @@ def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
     text = make_plan(cfg, train_size_of(cfg.data)).describe()
     for piece in expected:
         assert piece in text, text
-    assert "lr 25 @" not in text and "1 steps" not in text
+    assert "lr 25 @" not in text and not re.search(r"(?<![\d,])1 steps", text)
     assert ("the batch changes" in text) == (cfg.batch_schedule.name != "constant")
     assert "in exactly" not in text or not cfg.max_steps
     assert "left out" not in text or cfg.batch_schedule.name == "constant"

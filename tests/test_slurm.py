@@ -122,7 +122,7 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
 
 def logged_steps(run_dir: Path) -> list[int]:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if "loss" in r and "val_acc" not in r]
+    return [r["step"] for r in rows if "loss" in r and "test_acc" not in r]
 
 
 # --- one DDP run ------------------------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ def test_outputs_and_their_keys(tmp_path):
     assert SUMMARY_KEYS <= set(summary)
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk) and on_disk["diverged"] is False
-    assert 0.0 <= on_disk["val_acc"] <= 1.0
+    assert 0.0 <= on_disk["test_acc"] <= 1.0 and on_disk["val_acc"] is None  # synthetic: no validation split
     assert (on_disk["global_batch"], on_disk["micro_batch"], on_disk["accum_steps"], on_disk["steps"]) == (128, 64, 2, 8)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("step" in r for r in rows)
-    assert any("lr" in r and "loss" in r for r in rows) and any("val_acc" in r for r in rows)
+    assert any("lr" in r and "loss" in r for r in rows) and any("test_acc" in r for r in rows)
     assert (run_dir / "metrics.csv").read_text().startswith("step,")
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert {"model", "optimizer", "step", "epoch", "format", "identity"} <= set(ckpt) and ckpt["step"] == 8
@@ -32,7 +32,7 @@ def test_outputs_and_their_keys(tmp_path):
 
 def test_synthetic_task_is_learnt(tmp_path):
     summary, _ = run_train(tmp_path, TINY + ["batch=64", "epochs=4", "optim.lr=0.4"])
-    assert summary["val_acc"] > 0.5  # chance is 0.1
+    assert summary["test_acc"] > 0.5  # chance is 0.1
 
 
 def test_wandb_offline_run_lives_in_the_run_dir(tmp_path):
@@ -139,7 +139,7 @@ def test_eval_every_steps_and_kept_checkpoints(tmp_path):
     summary, run_dir = run_train(tmp_path, TINY + ["batch=32", "max_steps=7", "eval.every_steps=3",
                                                    "checkpoint.keep_steps=[2,6]"])
     evals = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "val_acc" in json.loads(x)]
+             if "test_acc" in json.loads(x)]
     assert evals == [3, 6, 7]
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
     assert kept == ["step-2.pt", "step-6.pt"]
@@ -156,9 +156,33 @@ def test_val_split_holds_out_training_images_and_reports_the_test_split_at_the_e
     assert not held & {tuple(x.flatten().tolist()) for x in data.train_x}
     assert torch.equal(load_data(cfg.data).test_y, data.test_y)  # the same held-out images every time
     summary, run_dir = run_train(tmp_path, [*TINY, "data.val_split=128", "batch=64", "max_steps=3"])
-    assert {"test_acc", "test_loss", "val_acc"} <= set(summary)
-    _, plain = run_train(tmp_path, [*TINY, "max_steps=3"], "plain")
-    assert "test_acc" not in json.loads((plain / "summary.json").read_text())
+    assert {"test_acc", "test_loss", "val_acc", "val_loss"} <= set(summary)
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+    plain, plain_dir = run_train(tmp_path, [*TINY, "max_steps=3"], "plain")  # data.val_split=0: nothing selected
+    assert plain["val_acc"] is None and plain["test_acc"] is not None
+    assert not (plain_dir / "checkpoints" / "best.pt").exists()
+    assert not any("val_acc" in r for r in map(json.loads, (plain_dir / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_the_test_split_is_read_once_after_the_last_step(tmp_path, monkeypatch):
+    """With a validation split, evaluations during training read the held-out images (the data whose test_split is
+    kept aside), and the test split is read once, after every training step."""
+    from engine.data import TensorData
+    events, test_batches, one_step = [], TensorData.test_batches, TensorData.one_step_micro_batches
+
+    def reading(self, *a, **k):
+        events.append("val" if self.test_split is not None else "test")
+        return test_batches(self, *a, **k)
+
+    def training(self, *a, **k):
+        events.append("step")
+        return one_step(self, *a, **k)
+
+    monkeypatch.setattr(TensorData, "test_batches", reading)
+    monkeypatch.setattr(TensorData, "one_step_micro_batches", training)
+    summary, _ = run_train(tmp_path, [*TINY, "data.val_split=128", "batch=64", "max_steps=4", "eval.every_steps=1"])
+    assert events.count("step") == 4 and events.count("val") == 4 and events[-1] == "test"
+    assert events.count("test") == 1 and summary["test_acc"] is not None
 
 
 def test_top5_is_reported_beside_top1_against_a_hand_count(tmp_path):
@@ -181,4 +205,4 @@ def test_top5_is_reported_beside_top1_against_a_hand_count(tmp_path):
     assert summary["val_top5"] == pytest.approx(hits / len(data.test_y), abs=1e-9)
     assert summary["test_acc"] <= summary["test_top5"] and 0 <= summary["val_top5"] <= 1
     two, _ = run_train(tmp_path, [*TINY, "batch=64", "max_steps=1", "data.num_classes=5"], name="five")
-    assert "val_top5" not in two  # 5 classes or fewer: top-5 is always 1
+    assert "test_top5" not in two  # 5 classes or fewer: top-5 is always 1
