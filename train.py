@@ -217,7 +217,9 @@ def announce(run: Run, resume, warm: Match | None = None) -> None:
         return
     data, cfg = run.data, run.cfg
     numerics = f", tf32 {'on' if cfg.tf32 else 'off'}" if run.device.type == "cuda" else ""
-    say(f"data: {data.source} ({data.train_size} train / {len(data.test_y)} test, {data.image_shape}), "
+    splits = (f"{len(data.test_y)} val / {len(data.test_split.test_y)} test" if data.test_split is not None
+              else f"{len(data.test_y)} test")
+    say(f"data: {data.source} ({data.train_size} train / {splits}, {data.image_shape}), "
         f"device {run.device}, {cfg.precision}{numerics}" + (", deterministic" if cfg.deterministic else ""))
     say(run.plan.describe())
     say(param_groups_line(run.optimizer))

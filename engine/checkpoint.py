@@ -22,7 +22,7 @@ from .datasets import check_model
 from .diagnostics import NoiseScale
 from .distributed import unwrap
 from .errors import ConfigError
-from .records import read_summary
+from .records import RESUME_MAY_CHANGE, read_summary
 
 FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks)
 # a format-2 checkpoint is a constant-batch run, a format-3 one holds rank 0's generators: both load
@@ -309,7 +309,7 @@ def check_resumable(ckpt: dict, cfg, path, plan=None) -> None:
                                   f"batch_schedule=adaptive, scaling=adascale and data.repeated_aug the run depends "
                                   f"on the micro-batches and ranks, so a resume keeps both")
             raise ConfigError(f"resume={path}: {setting} was {then} in the checkpoint and is {now} now; a resume "
-                              f"keeps {', '.join(IDENTITY)} (micro_batch, ranks, threads, logger and max_steps may "
+                              f"keeps {', '.join(IDENTITY)} ({', '.join(RESUME_MAY_CHANGE)} and the ranks may "
                               f"change): start a new run dir to change it")
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,9 +30,8 @@ from .datasets import check_data_available, check_model, train_size_of
 from .distributed import env_rank, env_world_size, resolve_device, torchrun_problem
 from .errors import ConfigError
 from .plan import make_plan
+from .records import RESUME_MAY_CHANGE, forget_job_folders, job_identity
 from .warm_start import check_init
-
-MAX_CHECKED_JOBS = 256
 
 
 def fail(message: str) -> None:
@@ -104,8 +104,7 @@ def _jobs(args: list[str]) -> list[list[str]] | None:
                 return None  # range/interval sweeps (optuna): each job is checked when it starts
         else:
             choices.append([o.input_line])
-    jobs = list(itertools.islice(itertools.product(*choices), MAX_CHECKED_JOBS))
-    return [list(j) for j in jobs]
+    return [list(j) for j in itertools.product(*choices)]
 
 
 def check_grammar(overrides: list[str]) -> None:
@@ -318,14 +317,22 @@ _UNSET = object()
 
 def job_composer(cmd: Command):
     """compose() of each job of a sweep, as Hydra makes it, at the cost of one composition per distinct choice of
-    config groups: jobs that differ in plain values only (batch=8k seed=1) get a copy of their groups' composition
-    with those values set, as Hydra sets them after merging the groups (0.14 s a job composed in full; a grid of
-    thousands is checked in seconds). Anything else (a +, ~ or @ override, a group, a list, a value that replaces
-    a node or names a key that does not exist) is composed in full, so Hydra's own errors stay as they are.
-    tests/test_cli.py checks the two against each other."""
+    config groups: jobs that differ in plain values only (batch=8k seed=1) get their groups' composition with those
+    values set, as Hydra sets them after merging the groups (0.14 s a job composed in full). A value no interpolation
+    reads is set in a copy of the resolved config (a plain dict, 0.1 ms: a grid of 10,000 is checked in seconds);
+    one that some ``${...}`` reads is set in a copy of the composition, then resolved. Anything else (a +, ~ or @
+    override, a group, a list, a value that replaces a node or names a key that does not exist) is composed in full,
+    so Hydra's own errors stay as they are. tests/test_cli.py checks the two against each other."""
     parser, shared = OverridesParser.create(), {}
 
-    def compose_job(job: list[str]) -> DictConfig:
+    def composed(groups: tuple[str, ...]) -> tuple[DictConfig, dict, str]:
+        if groups not in shared:
+            cfg = compose(cmd.config_name, overrides=[*groups, *_search_path(cmd)])
+            raw = OmegaConf.to_container(cfg, resolve=False)
+            shared[groups] = cfg, OmegaConf.to_container(cfg, resolve=True), " ".join(_interpolations(raw))
+        return shared[groups]
+
+    def compose_job(job: list[str]) -> DictConfig | dict:
         groups, values = [], []
         for o in parser.parse_overrides(job):
             value = o.value() if o.type == OverrideType.CHANGE and o.package is None else _UNSET
@@ -334,9 +341,19 @@ def job_composer(cmd: Command):
                 values.append((o.key_or_group, value))
             else:
                 groups.append(o.input_line)
-        if tuple(groups) not in shared:
-            shared[tuple(groups)] = compose(cmd.config_name, overrides=[*groups, *_search_path(cmd)])
-        cfg = copy.deepcopy(shared[tuple(groups)])
+        cfg, resolved, read = composed(tuple(groups))
+        if not any(key in read for key, _ in values):
+            out = copy.deepcopy(resolved)
+            for key, value in values:
+                *path, leaf = key.split(".")
+                node = out
+                for part in path:
+                    node = node.get(part) if isinstance(node, dict) else None
+                if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], (dict, list)):
+                    return compose(cmd.config_name, overrides=[*job, *_search_path(cmd)])
+                node[leaf] = value
+            return out
+        cfg = copy.deepcopy(cfg)
         for key, value in values:
             now = OmegaConf.select(cfg, key, default=_UNSET, throw_on_missing=False,
                                    throw_on_resolution_failure=False)
@@ -346,6 +363,15 @@ def job_composer(cmd: Command):
         return cfg
 
     return compose_job
+
+
+def _interpolations(node) -> list[str]:
+    """Every ``${...}`` string of a config (unresolved): what a value override may change besides its own key."""
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _interpolations(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _interpolations(v)]
+    return [node] if isinstance(node, str) and "${" in node else []
 
 
 def _search_path(cmd: Command) -> list[str]:
@@ -399,23 +425,35 @@ def check_eval_only_settings(cfg, overrides: list[str]) -> None:
                  f"{cfg.resume}); the command's {section}.{key}={now[key]} would be recorded but not used: drop it")
 
 
+_DONE: dict[tuple, object] = {}  # once()'s results, for one preflight
+
+
+def once(check, *settings):
+    """``check(*settings)``, once per distinct value of ``settings`` (config sections) in a preflight: a sweep's jobs
+    share their model and data, and building the model on the meta device is most of a job's check."""
+    key = (check.__code__, *(s.model_dump_json() for s in settings))
+    if key not in _DONE:
+        _DONE[key] = check(*settings)
+    return _DONE[key]
+
+
 def check_job(cfg, job: list[str], run_dir: str | None, check_files: bool) -> None:
     """One job's config and plan; with ``check_files``, its machine, data, resume and warm start too. A single run
     that is already finished exits 0 here, untouched."""
     cfg.resume = slurm.resume_mode(cfg.resume)
     plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
-    model_shapes = check_model(cfg.model, cfg.data)
+    model_shapes = once(check_model, cfg.model, cfg.data)
     if not check_files:
         return
     resolve_device(cfg.device)
     check_threads(cfg.threads)
     check_wandb_environment(cfg.logger.sinks)
-    check_data_available(cfg.data)
+    once(check_data_available, cfg.data)
     resume = None
     if run_dir is not None or cfg.resume not in (None, "auto"):
         resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
     if resume is None and not cfg.eval_only:  # a resume keeps its own weights
-        check_init(cfg.model, model_shapes)
+        once(lambda model, data: check_init(model, model_shapes), cfg.model, cfg.data)
     if cfg.eval_only:
         check_eval_only_settings(cfg, job)
     if run_dir is not None and env_rank() == 0:
@@ -427,11 +465,24 @@ def check_job(cfg, job: list[str], run_dir: str | None, check_files: bool) -> No
         sys.exit(0)  # a finished run stays exactly as it was
 
 
+def check_distinct(jobs: list[list[str]]) -> None:
+    """Two jobs of a sweep that are one run (``job_identity``: they differ only in settings a resume may change, or
+    not at all, as ``seed=0,0``) would share a folder: refused."""
+    first: dict[tuple[str, ...], int] = {}
+    for num, job in enumerate(jobs):
+        if (same := first.setdefault(job_identity(job), num)) != num:
+            fail(f"jobs {same} and {num} of this sweep are one run ({' '.join(job_identity(job)) or 'the defaults'}): "
+                 f"they differ at most in {', '.join(RESUME_MAY_CHANGE)}, which a resume may change, so they would "
+                 f"share one folder (compare them in sweeps of their own: hydra.sweep.dir=...)")
+
+
 def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_DIR) -> list[str]:
     """Compose and check every job's config as Hydra will, and the run plan (batch split, warmup length);
     with ``check_files``, also that the dataset and a resume checkpoint exist (the preview needs neither).
     Returns the command line to hand to Hydra: its run (or sweep) folder resolved, as checked and locked here."""
     cmd = read_command(argv, conf_dir)
+    _DONE.clear()  # files may have changed since an earlier preflight of this process
+    forget_job_folders()
     if cmd.info_only:
         return argv
     if (stray := torchrun_problem()) is not None:  # before any other line: only a real rank 0 would print those
@@ -469,9 +520,11 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
         return handed_on
     if overrides != cmd.overrides:  # hydra.job.chdir made a path absolute
         jobs = _jobs(overrides)
-    compose_job = job_composer(cmd)
+    check_distinct(jobs)
+    compose_job, progress = job_composer(cmd), CheckProgress(len(jobs))
     with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None):
         for job in jobs:
+            progress.tick()
             try:
                 check_job(load_config(first_cfg if job == first_job else compose_job(job)), job, run_dir,
                           check_files)
@@ -479,4 +532,24 @@ def preflight(argv: list[str], check_files: bool = True, conf_dir: Path = CONF_D
                 fail(str(e) + (f" [job: {' '.join(job)}]" if len(jobs) > 1 else ""))
             except Exception as e:
                 fail(_unknown_key(e, job) or condense(e))
+    progress.done()
     return handed_on
+
+
+class CheckProgress:
+    """A sweep of thousands of jobs is checked in seconds, every job before any starts: a line every 5 s says how far
+    (rank 0, on stdout; a refusal stays one line on stderr)."""
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.every_s, self.count = total, every_s, 0
+        self.started = self.last = time.monotonic()
+
+    def tick(self) -> None:
+        self.count += 1
+        if time.monotonic() - self.last >= self.every_s and env_rank() == 0:
+            self.last = time.monotonic()
+            print(f"checking the sweep's jobs: {self.count - 1:,} of {self.total:,} passed", flush=True)
+
+    def done(self) -> None:
+        if self.last != self.started and env_rank() == 0:
+            print(f"checked all {self.total:,} jobs in {time.monotonic() - self.started:.0f} s", flush=True)

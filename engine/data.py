@@ -74,7 +74,7 @@ class TensorData:
         train, val = held_out(self.train_size, n)
         return TensorData(self.train_x[train], self.train_y[train], self.train_x[val], self.train_y[val],
                           num_classes=self.num_classes, mean=self.mean, std=self.std,
-                          source=f"{self.source}, {n} training images held out for validation", test_split=self)
+                          source=f"{self.source}, {n} training images held out", test_split=self)
 
     def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment: "Augment | None",
                             device, mix: "Mix | None" = None):

@@ -262,7 +262,7 @@ class ImageFolderData:
         held.train.samples = [self.train.samples[i] for i in train.tolist()]
         held.val.samples = [self.train.samples[i] for i in val.tolist()]
         held.train_size, held.test_y = len(held.train), [label for _, label in held.val.samples]
-        held.source, held.test_split = f"{self.source}, {n} images of train/ held out for validation", self
+        held.source, held.test_split = f"{self.source}, {n} images of train/ held out", self
         held._train_batches, held._train_loader, held._val_loader = _Batches(), None, None
         return held
 

@@ -94,3 +94,39 @@ def read_overrides(run_dir: Path) -> list[str]:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise RecordError(f"{path} is not a list of overrides (key=value strings); repair it, or move the job away")
     return overrides
+
+
+# Settings a resume may change (engine/checkpoint.py refuses the others): a sweep job is found again without them
+RESUME_MAY_CHANGE = ("micro_batch", "threads", "logger", "max_steps")
+
+
+def job_identity(overrides: list[str]) -> tuple[str, ...]:
+    """What makes a sweep job this run: its overrides less ``resume``, the launcher's (``hydra.*``) and the settings a
+    resume may change (``RESUME_MAY_CHANGE``, a group's keys with it), sorted. ``seed=1`` and ``seed=1 resume=auto
+    max_steps=200`` are one job; ``resume=auto`` finds its folder by this, and scripts/summarize.py groups by it."""
+    def key(o: str) -> str:
+        return o.lstrip("+~").split("=", 1)[0]
+    return tuple(sorted(o for o in overrides if key(o) != "resume" and not key(o).startswith("hydra.")
+                        and key(o).split(".")[0] not in RESUME_MAY_CHANGE and key(o) not in RESUME_MAY_CHANGE))
+
+
+_FOLDERS: dict[str, dict[tuple[str, ...], str]] = {}  # per sweep folder: identity -> its job's folder
+
+
+def forget_job_folders() -> None:
+    """A new command reads the sweep folders again (the preflight calls this: one process may run several)."""
+    _FOLDERS.clear()
+
+
+def job_folder(sweep_dir: str, num: int, name: str, overrides: list[str]) -> str:
+    """A sweep job's folder: the one in ``sweep_dir`` that holds a run of the same ``job_identity`` (resume=auto
+    continues it there, or finds it finished), else ``NUM_NAME``. The sweep folder is read once per process."""
+    if sweep_dir not in _FOLDERS:
+        found = {}
+        for record in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml")):
+            try:
+                found.setdefault(job_identity(read_overrides(record.parent.parent)), record.parent.parent.name)
+            except RecordError:
+                continue  # an unreadable record names no job; the job it was gets a new folder
+        _FOLDERS[sweep_dir] = found
+    return _FOLDERS[sweep_dir].get(job_identity(list(overrides)), f"{num}_{name}")

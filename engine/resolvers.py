@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .distributed import env_rank
+from .records import job_folder
 
 
 def resume_subdir(output_dir: str) -> str | None:
@@ -61,5 +62,5 @@ def continued_seed(seed: int, storage: str | None, study_name: str | None) -> in
 
 
 for _name, _fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name), ("made_dir", made_dir),
-                   ("continued_seed", continued_seed)):
+                   ("continued_seed", continued_seed), ("job_folder", job_folder)):
     OmegaConf.register_new_resolver(_name, _fn, replace=True)

@@ -31,7 +31,7 @@ import tradeoff  # scripts/tradeoff.py, beside this file
 from tradeoff import batch_label
 
 from engine.config import parse_batch
-from engine.records import RecordError, load_summary, read_overrides
+from engine.records import RecordError, job_identity, load_summary, read_overrides
 
 
 def load_jobs(sweep: Path) -> list[dict]:
@@ -43,7 +43,9 @@ def load_jobs(sweep: Path) -> list[dict]:
         except RecordError as e:
             overrides = []
             print(f"warning: {e.brief}: job {job_dir.name} is listed without its overrides", file=sys.stderr)
-        jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": overrides, **read_summary(job_dir)})
+        # one setting however it was started: seed=1 and seed=1 resume=auto max_steps=200 are one job
+        jobs.append({"dir": job_dir.name, "path": str(job_dir), "overrides": list(job_identity(overrides)),
+                     **read_summary(job_dir)})
     return jobs
 
 
