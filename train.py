@@ -316,9 +316,12 @@ def write_summary(run: Run, started: float) -> dict:
     return summary
 
 
-# conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name; Hydra checks it against the plugin's schema of that
-# name, as wanted, and warns that it does so
-warnings.filterwarnings("ignore", message=r"\s*.hydra/launcher/submitit_slurm. is validated against ConfigStore schema")
+# conf/hydra/launcher/submitit_slurm.yaml and ray.yaml take the plugins' names; Hydra checks each against the
+# plugin's schema of that name, as wanted, and warns that it does so
+warnings.filterwarnings("ignore", message=r"\s*.hydra/launcher/(submitit_slurm|ray). is validated against ConfigStore "
+                                          r"schema")
+
+
 def single_run_name(run_dir: Path) -> str:
     """What the command line changed, and the run dir's name (a time, or the user's own name for it)."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]

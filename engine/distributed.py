@@ -89,12 +89,21 @@ class DistContext:
 
 
 def cuda_index(where: Launch, visible: int) -> int:
-    """The GPU this rank trains on. One task per GPU: a task that sees all of its node's GPUs takes cuda:local_rank;
-    one that Slurm bound to its own GPU (--gpus-per-task=1) sees one and takes cuda:0. Under Slurm any other count is
-    refused (tasks would share a GPU or leave some idle); torchrun may use fewer processes than GPUs."""
-    if visible == 1 or where.world_size == 1:
+    """The GPU this rank trains on. One process alone takes cuda:0 of what it sees (under Ray, the GPU Ray gave its
+    job). One task per GPU: a task that sees all of its node's GPUs takes cuda:local_rank; one that Slurm bound to
+    its own GPU (--gpus-per-task=1) sees one and takes cuda:0. Under Slurm any other count is refused (tasks would
+    share a GPU or leave some idle); torchrun may use fewer processes than GPUs, never more."""
+    if where.world_size == 1:
         return 0
-    if visible == where.local_world_size or (where.launcher == "torchrun" and where.local_rank < visible):
+    if where.launcher == "torchrun":
+        if where.local_world_size <= visible:
+            return where.local_rank
+        raise ConfigError(f"{where.local_world_size} ranks on this node but {visible} GPU(s) visible: they would "
+                          f"share a GPU; start at most {visible} (torchrun --nproc-per-node), or give the job more "
+                          f"GPUs (hydra.launcher.ray.remote.num_gpus, --gpus-per-node)")
+    if visible == 1:
+        return 0
+    if visible == where.local_world_size:
         return where.local_rank
     raise ConfigError(f"{where.local_world_size} tasks per node but each task sees {visible} GPUs: run one task "
                       f"per GPU (--ntasks-per-node=GPUS_PER_NODE), or bind one GPU per task (--gpus-per-task=1)")

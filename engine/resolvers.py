@@ -61,6 +61,13 @@ def continued_seed(seed: int, storage: str | None, study_name: str | None) -> in
     return int(seed) + trials_so_far(storage, study_name)
 
 
+def gpus_here() -> int:
+    """1 where this machine sees a GPU, else 0: a Ray job's default num_gpus (conf/hydra/launcher/ray.yaml)."""
+    import torch
+    return int(torch.cuda.is_available())
+
+
 for _name, _fn in (("resume_subdir", resume_subdir), ("safe_name", safe_name), ("made_dir", made_dir),
-                   ("continued_seed", continued_seed), ("job_folder", job_folder)):
+                   ("continued_seed", continued_seed), ("job_folder", job_folder),
+                   ("gpus_here", gpus_here)):
     OmegaConf.register_new_resolver(_name, _fn, replace=True)

@@ -10,7 +10,8 @@ from engine import cli
 from engine.compose import CONF_DIR as CONF
 from engine.compose import TINY, compose_cfg, load_cfg
 
-__all__ = ["CONF", "ENV", "ROOT", "TINY", "checks", "compose_cfg", "load_cfg", "python", "run_train"]
+__all__ = ["CONF", "ENV", "ROOT", "TINY", "checks", "compose_cfg", "load_cfg", "python", "run_train",
+           "sweep_in_process"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -46,3 +47,14 @@ def run_train(tmp_path: Path, overrides=(), name="run"):
     run_dir = tmp_path / name
     run_dir.mkdir(parents=True, exist_ok=True)
     return train.train(compose_cfg(list(overrides)), run_dir), run_dir
+
+
+def sweep_in_process(args: list[str], monkeypatch) -> None:
+    """``python train.py -m ARGS`` in this process (its imports done once): the preflight, then Hydra's launcher."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), "-m", *args])
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        while cli._LOCKS:  # a job's folder stays locked for the life of its process: not this one's
+            cli._LOCKS.pop().close()

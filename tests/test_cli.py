@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from engine import cli
-from tests.helpers import ROOT, checks, python
+from tests.helpers import ROOT, checks, python, sweep_in_process
 
 
 def run(args, cwd=ROOT, timeout=120):
@@ -229,17 +229,6 @@ def test_a_sweeps_jobs_compose_as_hydra_composes_each(line):
                     compose_job(job)
                 continue
             assert resolved(compose_job(job)) == hydras, job
-
-
-def sweep_in_process(args: list[str], monkeypatch) -> None:
-    """``python train.py -m ARGS`` in this process (its imports done once): the preflight, then Hydra's launcher."""
-    import runpy
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), "-m", *args])
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    finally:
-        while cli._LOCKS:  # a job's folder stays locked for the life of its process: not this one's
-            cli._LOCKS.pop().close()
 
 
 def test_resume_auto_finds_each_jobs_run_by_its_settings(tmp_path, monkeypatch, capsys):

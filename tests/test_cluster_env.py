@@ -109,11 +109,13 @@ def test_a_slurm_job_names_its_run_dir_by_its_id_and_knows_it_was_requeued(env, 
     ("slurm", 1, 8, 4, None),     # 8 tasks, 4 GPUs: refused
     ("torchrun", 1, 2, 8, 1),     # torchrun may use fewer processes than GPUs
     ("torchrun", 5, 8, 8, 5),
+    ("torchrun", 0, 2, 1, None),  # 2 ranks on the one GPU a Ray job was given: refused, rank 0 too
+    ("torchrun", 1, 2, 1, None),
 ])
 def test_which_gpu_a_rank_takes(launcher, local_rank, local_world, visible, expected):
     where = Launch(launcher, rank=local_rank, world_size=16, local_rank=local_rank, local_world_size=local_world)
     if expected is None:
-        with pytest.raises(ConfigError, match="tasks per node but each task sees"):
+        with pytest.raises(ConfigError, match="tasks per node but each task sees|they would share a GPU"):
             cuda_index(where, visible)
     else:
         assert cuda_index(where, visible) == expected
@@ -121,6 +123,15 @@ def test_which_gpu_a_rank_takes(launcher, local_rank, local_world, visible, expe
 
 def test_one_process_with_a_gpu_takes_the_first():
     assert cuda_index(Launch(), 8) == 0
+
+
+def test_a_ray_job_given_gpu_k_trains_on_cuda_0_of_what_it_sees(monkeypatch):
+    """Ray gives a task GPU k by CUDA_VISIBLE_DEVICES=k; the job then sees one device and takes cuda:0, so the
+    sweep's jobs never share one. (torch's device count is what CUDA reports under that variable.)"""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.resolve_device("auto", launch({"CUDA_VISIBLE_DEVICES": "3"})) == torch.device("cuda", 0)
 
 
 # --- a killed job, described by the launching command -------------------------------------------------------------

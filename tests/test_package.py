@@ -35,7 +35,7 @@ def test_the_wheel_lists_the_dependencies_and_holds_the_lock(tmp_path):
     declared = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
     runtime = {r.name.lower(): r for r in declared if r.marker is None}
     assert set(runtime) == RUNTIME
-    assert {"slurm", "optuna", "dev"} <= set(metadata.get_all("Provides-Extra"))
+    assert {"slurm", "optuna", "ray", "dev"} <= set(metadata.get_all("Provides-Extra"))
     pins = locked()
     for req in declared:  # the lock satisfies every declared range: -c requirements.txt resolves
         assert req.specifier.contains(pins[req.name.lower()]), (str(req), pins[req.name.lower()])
