@@ -74,7 +74,7 @@ from engine.loop import (
     measure,
     try_training_step,
 )
-from engine.metrics import FAILED_JOBS, Progress, RunLogger, log, record_job_failure, say
+from engine.metrics import FAILED_JOBS, ProgressBar, RunLogger, log, record_job_failure, say
 from engine.models import build_model
 from engine.plan import Plan, make_plan
 from engine.plan_text import plural
@@ -126,7 +126,7 @@ def train(cfg, run_dir: Path) -> dict:
                        name=cfg.logger.run_name or run_dir.name,
                        run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
     state.wandb_id = logger.run_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
-    progress = Progress(plan.run_steps, initial=state.step, enabled=dist.is_main)
+    progress = ProgressBar(plan.run_steps, initial=state.step, enabled=dist.is_main)
     run = Run(train_model, optimizer, scaler, data.to(device), plan, cfg, device, dist, logger, progress, state,
               run_dir, ema)
     announce(run, resume, warm)

@@ -44,7 +44,7 @@ from .distributed import (
 )
 from .ema import update_ema
 from .errors import RunError
-from .metrics import Progress, RunLogger
+from .metrics import ProgressBar, RunLogger
 from .plan import Plan, auto_micro_batch
 from .steps import training_steps
 
@@ -61,7 +61,7 @@ class Run:
     device: torch.device
     dist: DistContext
     logger: RunLogger
-    progress: Progress
+    progress: ProgressBar
     state: RunState
     run_dir: Path
     ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when ema.enabled

@@ -1,4 +1,4 @@
-"""The run's own lines (say, log, Progress) and its numbers: metrics.jsonl always (rank 0), plus the sinks of
+"""The run's own lines (say, log, ProgressBar) and its numbers: metrics.jsonl always (rank 0), plus the sinks of
 engine/sinks.py that conf/logger/ names. Logging never kills training: a sink that fails is dropped with one warning.
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ class RunLogger:
         self.sinks = {}
 
 
-class Progress:
+class ProgressBar:
     """A tqdm bar on a terminal; plain periodic lines when stdout is not one (CI logs, multirun)."""
 
     def __init__(self, total: int, initial: int = 0, every: int = 50, enabled: bool = True):

@@ -34,7 +34,7 @@ BAD_INPUT = [
     (["batch=0"], "batch=0 is not a valid global batch"),
     (["micro_batch=3x"], "micro_batch='3x' is invalid: input should be a valid integer or input should be 'auto'"),
     (["micro_batch=100"], "micro_batch must divide 256"),
-    (["warmup.epochs=10"], "as long as the run or longer"),
+    (["warmup.epochs=15"], "as long as the run or longer"),
     (["precision=fp64"], "input should be 'fp32', 'bf16' or 'fp16'"),
     (["device=cuda"], "no CUDA GPU"),
     (["data.root=/nonexistent"], "holds no Fashion-MNIST"),

@@ -89,14 +89,14 @@ def test_default_plan_numbers():
     p = plan_for([])
     assert (p.global_batch, p.micro_batch, p.accum_steps, p.world_size) == (256, 256, 1, 1)
     assert p.steps_per_epoch == 60_000 // 256 == 234
-    assert p.total_steps == 10 * 234 and p.warmup_steps == 234
+    assert p.total_steps == 15 * 234 and p.warmup_steps == 234
     assert p.base_lr == 0.2 and p.peak_lr == pytest.approx(0.2)
 
 
 def test_lars_32k_plan_numbers():
     p = plan_for(["optim=lars", "batch=32k"])
     assert (p.global_batch, p.micro_batch, p.accum_steps) == (32768, 256, 128)
-    assert p.steps_per_epoch == 1 and p.total_steps == 10
+    assert p.steps_per_epoch == 1 and p.total_steps == 15  # 15 epochs of one step
     assert p.peak_lr == pytest.approx(4.0 * math.sqrt(128))  # sqrt rule chosen by optim/lars.yaml
 
 
@@ -121,7 +121,7 @@ def test_auto_micro_batch_rule():
 
 @pytest.mark.parametrize("overrides,match", [
     (["micro_batch=100"], "micro_batch=100"),
-    (["warmup.epochs=10"], "warmup of 2340 steps"),
+    (["warmup.epochs=15"], "warmup of 3510 steps"),
     (["batch=128k"], "larger than the training set"),
     (["optim=adamw", "scaling=adam_sde", "batch=8k"], "beta1"),
 ])

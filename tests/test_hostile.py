@@ -497,7 +497,7 @@ def test_a_diverging_run_keeps_its_last_finite_checkpoint(tmp_path):
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), name
     resumed, _ = run_train(tmp_path, ["data=synthetic", "batch=64", "threads=1", "logger=none",
                                       "data.train_size=640", "data.test_size=128", "data.val_split=128",
-                                      "max_steps=30", "optim.lr=0.1",
+                                      "max_steps=30", "optim.lr=0.01",
                                       "checkpoint.every_steps=1", f"resume={run_dir / 'checkpoints' / 'last.pt'}"],
                            name="retry")
     assert not resumed["diverged"] and resumed["steps"] == 30

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from engine.datasets import train_size_of
-from engine.metrics import Progress, record_job_failure
+from engine.metrics import ProgressBar, record_job_failure
 from engine.plan import make_plan
 from tests.helpers import ENV, ROOT, TINY, checks, load_cfg, python, run_train
 from tests.wandb_records import runs as wandb_runs
@@ -184,7 +184,7 @@ def test_a_sweep_through_submitit_runs_and_resumes(tmp_path):  # launcher tests 
     # the first step is never at LR 0
     (["warmup=cosine"], ["LR 1.078e-05 at step 0 -> peak 0.2 at step 214 (cosine warmup)"]),
     # a changing batch: nothing is dropped (the stream runs on across epochs), and its longer lines wrap
-    (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k"], ["in exactly 74 steps"]),
+    (["batch=8k", "batch_schedule=ramp", "batch_schedule.start=1k"], ["in exactly 104 steps"]),
     (["batch_schedule=step", "batch_schedule.start=64", "schedule=step"], ["batch steps (Smith et al.): 64 x"]),
     (["batch=4k", "batch_schedule=adaptive", "scaling=adascale"], ["adaptive batch: clamp("]),
     # what did not happen is not said: AdaScale at a constant batch, a budget max_steps cuts short
@@ -208,7 +208,7 @@ def test_the_plan_tells_the_whole_arithmetic(overrides, expected):
 
 def test_progress_estimates_the_run_and_says_eta(caplog):
     caplog.set_level("INFO", logger="train")
-    progress = Progress(total=100, initial=40, every=50)
+    progress = ProgressBar(total=100, initial=40, every=50)
     for step in range(41, 51):  # the first step took 8 s (set-up), every later one 2 s
         done = step - 40
         progress.update(step, "loss 1", images_per_s=500.0, train_time=8 + 2 * (done - 1))

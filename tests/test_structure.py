@@ -59,7 +59,7 @@ def test_one_yaml_file_adds_an_optimizer(repo_copy, tmp_path):
             cwd=repo_copy)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = (tmp_path / "preview.csv").read_text().splitlines()
-    assert rows[0] == "step,lr,batch" and len(rows) == 1 + 10 * (55_000 // 1024)  # 5,000 held out for val
+    assert rows[0] == "step,lr,batch" and len(rows) == 1 + 15 * (55_000 // 1024)  # 5,000 held out for val
 
     (repo_copy / "conf" / "optim" / "rmsprop.yaml").write_text(RMSPROP.replace("alpha:", "alphaa:"))
     r = checks(["optim=rmsprop", *tiny, f"hydra.run.dir={tmp_path / 'bad'}"], conf_dir=repo_copy / "conf")
