@@ -347,16 +347,8 @@ def job_composer(cmd: Command):
                 groups.append(o.input_line)
         cfg, resolved, read = composed(tuple(groups))
         if not any(key in read for key, _ in values):
-            out = copy.deepcopy(resolved)
-            for key, value in values:
-                *path, leaf = key.split(".")
-                node = out
-                for part in path:
-                    node = node.get(part) if isinstance(node, dict) else None
-                if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], (dict, list)):
-                    return compose(cmd.config_name, overrides=[*job, *_search_path(cmd)])
-                node[leaf] = value
-            return out
+            out = _with_values(resolved, values)
+            return out if out is not None else compose(cmd.config_name, overrides=[*job, *_search_path(cmd)])
         cfg = copy.deepcopy(cfg)
         for key, value in values:
             now = OmegaConf.select(cfg, key, default=_UNSET, throw_on_missing=False,
@@ -367,6 +359,21 @@ def job_composer(cmd: Command):
         return cfg
 
     return compose_job
+
+
+def _with_values(resolved: dict, values: list[tuple[str, object]]) -> dict | None:
+    """A copy of a resolved config with each (dotted key, value) set, or None where a key is not an existing plain
+    value (Hydra's composition in full then says what is wrong)."""
+    out = copy.deepcopy(resolved)
+    for key, value in values:
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], (dict, list)):
+            return None
+        node[leaf] = value
+    return out
 
 
 def _interpolations(node) -> list[str]:
