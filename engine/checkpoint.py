@@ -174,10 +174,28 @@ def to_resume(cfg, run_dir: Path, plan=None) -> Resume | None:
     if held and path.resolve().parent.parent != run_dir.resolve():  # another run's checkpoint into this run
         raise ConfigError(f"resume={path} continues another run, and {run_dir} already holds one ({held[0]}): "
                           f"resume into an empty hydra.run.dir, or into that checkpoint's own run dir")
-    ckpt = migrate(load(path))
+    ckpt = _HANDED.pop(_file_key(path), None) or migrate(load(path))
     check_resumable(ckpt, cfg, path, plan)
     check_same_model(ckpt, cfg, path)
     return Resume(ckpt, path)
+
+
+_HANDED: dict[tuple, dict] = {}  # a checkpoint the preflight read, for the run in the same process
+
+
+def hand_over(resume: Resume) -> None:
+    """The preflight's checkpoint, kept for the run that follows in this process (train.py): a resume reads its
+    checkpoint once. Keyed by the file's path, size and modification time, so a file changed since is read again."""
+    _HANDED.clear()
+    _HANDED[_file_key(resume.path)] = resume.ckpt
+
+
+def _file_key(path: Path) -> tuple:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path),)
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def record_paths(sinks: dict | None) -> dict[str, str]:

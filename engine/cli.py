@@ -22,7 +22,7 @@ from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import slurm
-from .checkpoint import RUN_FILES, already_done, to_resume
+from .checkpoint import RUN_FILES, already_done, hand_over, to_resume
 from .checkpoint import load as load_checkpoint
 from .compose import CONF_DIR
 from .config import load_config
@@ -463,6 +463,8 @@ def check_job(cfg, job: list[str], run_dir: str | None, check_files: bool) -> No
     resume = None
     if run_dir is not None or cfg.resume not in (None, "auto"):
         resume = to_resume(cfg, Path(run_dir or "."), plan)  # refusals happen here, before Hydra writes
+        if resume is not None:
+            hand_over(resume)  # train.py, next in this process, reads it from here
     if resume is None and not cfg.eval_only:  # a resume keeps its own weights
         once(lambda model, data: check_init(model, model_shapes), cfg.model, cfg.data)
     if cfg.eval_only:

@@ -11,7 +11,7 @@ from engine.compose import CONF_DIR as CONF
 from engine.compose import TINY, compose_cfg, load_cfg
 
 __all__ = ["CONF", "ENV", "ROOT", "TINY", "checks", "compose_cfg", "load_cfg", "python", "run_train",
-           "sweep_in_process"]
+           "sweep_in_process", "train_in_process"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -51,8 +51,13 @@ def run_train(tmp_path: Path, overrides=(), name="run"):
 
 def sweep_in_process(args: list[str], monkeypatch) -> None:
     """``python train.py -m ARGS`` in this process (its imports done once): the preflight, then Hydra's launcher."""
+    train_in_process(["-m", *args], monkeypatch)
+
+
+def train_in_process(args: list[str], monkeypatch) -> None:
+    """``python train.py ARGS`` in this process, as its ``__main__`` runs it: the preflight, then Hydra."""
     import runpy
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), "-m", *args])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])
     try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     finally:

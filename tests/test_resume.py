@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, run_train
+from tests.helpers import ROOT, TINY, run_train, train_in_process
 
 RUN = ["data=synthetic", "data.train_size=1024", "data.test_size=128", "batch=32", "epochs=4", "warmup.steps=6",
        "logger=none", "logger.every_steps=1", "threads=1", "checkpoint.every_steps=3", "data.augment=true",
@@ -101,3 +101,20 @@ def test_a_resume_applies_the_optimizer_settings_it_announces(tmp_path):
     unchanged, _ = run_train(tmp_path, [*run, "max_steps=4", "resume=auto"], "unchanged")
     changed_run = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert changed_run["train_loss"] != unchanged["train_loss"]
+
+
+def test_a_resumed_run_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    """The preflight reads last.pt for its refusals and hands it to the run (engine.checkpoint.hand_over): one
+    torch.load of it per resume, not one for the checks and one for the run."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "batch=128", "max_steps=2", f"hydra.run.dir={run_dir}"]
+    run_train(tmp_path, args[:-1], "run")
+    reads, torch_load = [], torch.load
+
+    def counted(f, *a, **k):
+        reads.append(str(f))
+        return torch_load(f, *a, **k)
+    monkeypatch.setattr(torch, "load", counted)
+    train_in_process([*args[:-2], "max_steps=3", "resume=auto", args[-1]], monkeypatch)
+    assert reads.count(str(run_dir / "checkpoints" / "last.pt")) == 1
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
