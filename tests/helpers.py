@@ -57,6 +57,9 @@ def sweep_in_process(args: list[str], monkeypatch) -> None:
 def train_in_process(args: list[str], monkeypatch) -> None:
     """``python train.py ARGS`` in this process, as its ``__main__`` runs it: the preflight, then Hydra."""
     import runpy
+
+    from engine import metrics
+    monkeypatch.setattr(metrics, "FAILED_JOBS", [])  # this command's own: earlier tests' jobs are not its failures
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])
     try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
