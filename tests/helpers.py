@@ -55,14 +55,18 @@ def sweep_in_process(args: list[str], monkeypatch) -> None:
 
 
 def train_in_process(args: list[str], monkeypatch) -> None:
-    """``python train.py ARGS`` in this process, as its ``__main__`` runs it: the preflight, then Hydra."""
+    """``python train.py ARGS`` in this process, as its ``__main__`` runs it: the preflight, then Hydra. The list of
+    failed jobs is this command's own meanwhile (earlier tests' are not its failures); the same list object, as
+    train.py and the launchers hold it by name."""
     import runpy
 
-    from engine import metrics
-    monkeypatch.setattr(metrics, "FAILED_JOBS", [])  # this command's own: earlier tests' jobs are not its failures
+    from engine.metrics import FAILED_JOBS
+    earlier = list(FAILED_JOBS)
+    FAILED_JOBS.clear()
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])
     try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     finally:
+        FAILED_JOBS[:] = earlier
         while cli._LOCKS:  # a job's folder stays locked for the life of its process: not this one's
             cli._LOCKS.pop().close()
