@@ -302,10 +302,7 @@ def hydra_folders(cmd: Command, first_job: list[str]) -> tuple[Folders, DictConf
     with initialize_config_dir(str(cmd.config_dirs[0]), version_base=None, job_name="train"):
         cfg = compose(cmd.config_name, overrides=[*first_job, *cmd.hydra, *_search_path(cmd)],
                       return_hydra_config=True)
-    gpus = OmegaConf.select(cfg, "hydra.launcher.ray.remote.num_gpus", default=None)
-    if gpus is not None and float(gpus) > 1:
-        raise ConfigError(f"hydra.launcher.ray.remote.num_gpus={gpus}: a Ray job trains on one GPU (or none) here; "
-                          f"DDP over several GPUs in one job is not built: use torchrun or Slurm for a multi-GPU run")
+    check_launcher(cfg)
     default = "${now:" in str(OmegaConf.to_container(cfg.hydra, resolve=False)[
         "sweep" if cmd.multirun else "run"]["dir"])
     folders = Folders(_resolved(cfg, "hydra.run.dir"), _resolved(cfg, "hydra.sweep.dir"), not default,
@@ -314,6 +311,14 @@ def hydra_folders(cmd: Command, first_job: list[str]) -> tuple[Folders, DictConf
     with open_dict(job_cfg):
         del job_cfg["hydra"]
     return folders, job_cfg
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """What the launcher's settings allow (they live in the hydra node this preflight composes once)."""
+    gpus = OmegaConf.select(cfg, "hydra.launcher.ray.remote.num_gpus", default=None)
+    if gpus is not None and float(gpus) > 1:
+        raise ConfigError(f"hydra.launcher.ray.remote.num_gpus={gpus}: a Ray job trains on one GPU (or none) here; "
+                          f"DDP over several GPUs in one job is not built: use torchrun or Slurm for a multi-GPU run")
 
 
 _UNSET = object()

@@ -52,7 +52,7 @@ class TensorData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str = ""
-    test_split: "TensorData | None" = None  # with a held-out validation split: the untouched data, for test_*
+    test_split: "TensorData | None" = None  # with a held-out validation split: the test split alone, for test_*
 
     @property
     def train_size(self) -> int:
@@ -70,11 +70,13 @@ class TensorData:
 
     def split_validation(self, n: int) -> "TensorData":
         """The same data with ``n`` training images held out as the evaluation split (``held_out``); the test split
-        stays aside, as ``test_split``, for the final ``test_*`` numbers."""
+        stays aside, as ``test_split`` (no training images: the full set is not kept), for the final ``test_*``."""
         train, val = held_out(self.train_size, n)
         return TensorData(self.train_x[train], self.train_y[train], self.train_x[val], self.train_y[val],
                           num_classes=self.num_classes, mean=self.mean, std=self.std,
-                          source=f"{self.source}, {n} training images held out", test_split=self)
+                          source=f"{self.source}, {n} training images held out",
+                          test_split=TensorData(self.train_x[:0], self.train_y[:0], self.test_x, self.test_y,
+                                                self.num_classes, self.mean, self.std, self.source))
 
     def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment: "Augment | None",
                             device, mix: "Mix | None" = None):

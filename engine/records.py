@@ -107,7 +107,7 @@ def job_identity(overrides: list[str]) -> tuple[str, ...]:
     def key(o: str) -> str:
         return o.lstrip("+~").split("=", 1)[0]
     return tuple(sorted(o for o in overrides if key(o) != "resume" and not key(o).startswith("hydra.")
-                        and key(o).split(".")[0] not in RESUME_MAY_CHANGE and key(o) not in RESUME_MAY_CHANGE))
+                        and key(o).split(".")[0] not in RESUME_MAY_CHANGE))
 
 
 _FOLDERS: dict[str, dict[tuple[str, ...], str]] = {}  # per sweep folder: identity -> its job's folder
