@@ -48,11 +48,11 @@ from omegaconf import DictConfig, open_dict
 
 from engine import distributed, slurm
 from engine.checkpoint import (
-    RunState,
     already_done,
     changed_settings,
     export_weights,
     read_summary,
+    restore_checkpoint,
     seed_rank,
     to_resume,
 )
@@ -65,7 +65,6 @@ from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
 from engine.loop import (
     EvaluationStopped,
-    Run,
     StopFlag,
     check_headroom,
     evaluate,
@@ -76,8 +75,10 @@ from engine.loop import (
 )
 from engine.metrics import FAILED_JOBS, ProgressBar, RunLogger, log, record_job_failure, say
 from engine.models import build_model
+from engine.optimizer_class import build_optimizer
 from engine.plan import Plan, make_plan
 from engine.plan_text import plural
+from engine.run import Run, RunState
 from engine.warm_start import Match, warm_start
 
 
@@ -107,16 +108,16 @@ def train(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
     warm = warm_start(model, cfg.model) if cfg.model.init is not None and resume is None else None
-    optimizer = plan.build_optimizer(model)
+    optimizer = build_optimizer(model, plan.optimizer_cls, plan.optimizer_kwargs, plan.peak_lr, plan.weight_decay)
     seed_rank(cfg.seed, dist.rank)  # after the model: every rank builds the same one, then draws its own dropout
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(model, cfg, plan)
     if cfg.micro_batch == "auto" and device.type == "cuda":  # on CPU, auto keeps the rule micro_batch=null uses
         plan = choose_micro_batch(plan, model, optimizer, data, cfg, device, dist)
-    state = RunState(noise_scale=noise_scale_for(plan.measures_noise, cfg.diagnostics))
+    state, schedule = RunState(), plan.schedule_class(plan, noise_scale_for(plan.measures_noise, cfg.diagnostics))
     if resume is not None:
-        state.restore(resume.ckpt, model=model, optimizer=optimizer, scaler=scaler, ema=ema, rank=dist.rank,
-                      seed=cfg.seed, device=device)
+        restore_checkpoint(resume.ckpt, state=state, schedule=schedule, model=model, optimizer=optimizer,
+                           scaler=scaler, ema=ema, rank=dist.rank, seed=cfg.seed, device=device)
     train_model = (distributed.wrap_ddp(model, distributed.static_graph_valid(plan.accum_steps, plan.batches.varies))
                    if dist.enabled else model)
     if cfg.compile:
@@ -124,11 +125,11 @@ def train(cfg, run_dir: Path) -> dict:
     logger = RunLogger(run_dir, cfg.logger.sinks if dist.is_main else None,
                        config=cfg.model_dump(mode="json", by_alias=True), group=cfg.logger.group,
                        name=cfg.logger.run_name or run_dir.name,
-                       run_id=state.wandb_id, resume_step=state.step if resume is not None else None)
+                       run_id=state.wandb_id, resume_step=schedule.step if resume is not None else None)
     state.wandb_id = logger.run_id or state.wandb_id  # kept in every checkpoint: a resume continues this run
-    progress = ProgressBar(plan.run_steps, initial=state.step, enabled=dist.is_main)
-    run = Run(train_model, optimizer, scaler, data.to(device), plan, cfg, device, dist, logger, progress, state,
-              run_dir, ema)
+    progress = ProgressBar(plan.run_steps, initial=schedule.step, enabled=dist.is_main)
+    run = Run(train_model, optimizer, scaler, data.to(device), plan, schedule, cfg, device, dist, logger, progress,
+              state, run_dir, ema)
     announce(run, resume, warm)
     with StopFlag() as late:  # a signal after the last step waits until the result is written
         try:
@@ -165,7 +166,7 @@ def finish_evaluation(run: Run) -> None:
     if run.data.test_split is not None:  # read once, here: val_* selected, test_* reports
         state.test_eval = measure(run, run.data.test_split.to(run.device), "test")
         if run.dist.is_main:
-            run.logger.log(state.step, state.test_eval)
+            run.logger.log(run.schedule.step, state.test_eval)
     if run.dist.is_main:
         export_weights(run.model, run.run_dir / "model.safetensors", run.ema)
 
@@ -229,7 +230,7 @@ def announce(run: Run, resume, warm: Match | None = None) -> None:
         say(f"      EMA of the weights: decay {run.ema.decay:.6g} every {cfg.ema.every_steps} steps (ema.decay "
             f"{cfg.ema.decay:g} x batch {run.plan.global_batch} x {cfg.ema.every_steps} / {cfg.epochs:g} epochs)")
     if resume is not None:
-        say(f"resuming from step {run.state.step} of {run.plan.run_steps} ({resume.path})")
+        say(f"resuming from step {run.schedule.step} of {run.plan.run_steps} ({resume.path})")
         if changed := changed_settings(resume.ckpt, cfg):
             say(f"      changed since that checkpoint: {', '.join(changed)}")
         if cfg.model.init is not None:
@@ -255,10 +256,10 @@ def report(run: Run, summary: dict) -> None:
     if not run.dist.is_main:
         return
     if state.stopped_by is not None:
-        status = f"stopped by {state.stopped_by} at step {state.step}" + (
+        status = f"stopped by {state.stopped_by} at step {run.schedule.step}" + (
             " (resume=auto continues)" if run.cfg.checkpoint.enabled else " (no checkpoint: checkpoint.enabled=false)")
     elif state.diverged:
-        status = f"DIVERGED at step {state.step}"
+        status = f"DIVERGED at step {run.schedule.step}"
     else:
         status = f"final test accuracy {summary['test_acc']:.4f}" + (
             f" (validation {summary['val_acc']:.4f})" if summary["val_acc"] is not None else "")
@@ -295,16 +296,16 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
 
 
 def write_summary(run: Run, started: float) -> dict:
-    state, plan = run.state, run.plan
+    state, plan, schedule = run.state, run.plan, run.schedule
     summary = {**state.last_eval, **state.test_eval, "train_loss": state.train_loss,
-               "epochs": plan.epoch_of(state.at), "steps": state.step, "images": state.images,
-               "global_batch": plan.global_batch, "batch_schedule": plan.batches.kind,
+               "epochs": schedule.epoch, "steps": schedule.step, "images": schedule.images,
+               "global_batch": plan.global_batch, "batch_schedule": run.cfg.batch_schedule.name,
                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps, "world_size": plan.world_size,
                "peak_lr": plan.peak_lr, "base_lr": plan.base_lr, "scaling_rule": plan.rule,
                "optimizer": plan.optimizer_name, "diverged": state.diverged, "stopped_by": state.stopped_by,
-               "noise_scale_b_simple": state.noise_scale.b_simple, "wall_s": time.time() - started,
+               "noise_scale_b_simple": schedule.noise_scale.b_simple, "wall_s": time.time() - started,
                "images_per_s": state.images_per_s}  # steady state: each process's first step left out
-    summary.update(plan.clock.record(state.at, state.gain))
+    summary.update(schedule.record())
     if run.device.type == "cuda":
         summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

@@ -1,4 +1,5 @@
-"""The one owner of run state: what a checkpoint holds, the only code that writes and restores it.
+"""Checkpoints: what one holds, the only code that writes, reads and restores one, and the rules of a resume. The
+live state they save is the run's (engine/run.py's RunState) and its schedule's (engine/schedule.py).
 
 A checkpoint carries a format version and the run's identity (global batch, seed, optimizer, model, dataset);
 a resume with another identity, or from another format, is refused with one line before anything is written.
@@ -7,25 +8,21 @@ at any moment leaves either the previous complete ``last.pt`` or the new one, ne
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from .clock import Progress
 from .datasets import check_model
-from .diagnostics import NoiseScale
 from .distributed import unwrap
 from .errors import ConfigError
 from .records import RESUME_MAY_CHANGE, read_summary
 
-FORMAT = 4  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks)
-# a format-2 checkpoint is a constant-batch run, a format-3 one holds rank 0's generators: both load
+FORMAT = 5  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks); 5: the
+# schedule's state in one entry. Formats 2 to 4 load (migrate).
 # What a resume must keep: the data order is a function of (seed, batch schedule), and the rest is the run itself.
 # micro_batch, the number of ranks, threads, the logger and max_steps may change, except under batch_schedule=
 # adaptive and scaling=adascale, whose decisions depend on gradients measured per micro-batch and rank.
@@ -53,90 +50,44 @@ def measured(cfg, plan) -> bool:
     return plan.measures_noise or (cfg.data.repeated_aug or 0) > 1
 
 
-@dataclass
-class RunState:
-    """Everything about a run that is not the model's or optimizer's own state."""
-    at: Progress = Progress()   # where the run is: steps, images (all ranks, all resumes) and tau
-    train_time: float = 0.0     # seconds in training steps of this process (evaluation excluded)
-    steps_this_process: int = 0
-    images_this_process: int = 0
-    train_loss: float = math.nan
-    diverged: bool = False
-    stopped_by: str | None = None  # a signal's name when preempted
-    last_eval: dict = field(default_factory=dict)
-    test_eval: dict = field(default_factory=dict)  # with data.val_split: the test split, once, at the end
-    last_eval_step: int = -1
-    noise_scale: NoiseScale = field(default_factory=NoiseScale)
-    wandb_id: str | None = None
-    best_val_acc: float = -1.0  # the best evaluation so far: checkpoints/best.pt holds that step
-    improved: bool = False      # the last evaluation beat it: the next save also writes best.pt
-    batch: int | None = None    # batch_schedule=adaptive: the batch of the next step (its last decision)
-    gain: float = 1.0           # scaling=adascale: the last step's gain
-    first_step_time: float = 0.0  # this process's first step: its one-time set-up (cuDNN autotuning, NCCL, compile)
-    first_step_images: int = 0
+def save_checkpoint(path: Path, *, state, schedule, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None,
+                    rng: list | None = None) -> None:
+    """Rank 0 writes the run (``state``: engine/run.py's RunState) and its schedule; ``rng`` is every rank's
+    generators (gather_rng), rank 0's alone by default. ``state.improved``: best.pt too."""
+    raw = unwrap(model)
+    save_atomic({"format": FORMAT, "identity": identity(cfg, plan), "model": raw.state_dict(),
+                 "schedule": schedule.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "step": schedule.step, "epoch": epoch, "images": schedule.images,
+                 "rng": {"ranks": rng or [rng_state()]}, "wandb_id": state.wandb_id,
+                 "best_val_acc": state.best_val_acc, "ema": ema.state_dict() if ema is not None else None,
+                 "config": cfg.model_dump(mode="json", by_alias=True)}, path)
+    if state.improved:  # best.pt: the same checkpoint, replaced atomically, and its weights for others
+        tmp = path.with_name(f".best.pt.tmp-{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, path.with_name("best.pt"))
+        export_weights(raw, path.with_name("best.safetensors"), ema)
+        state.improved = False
 
-    @property
-    def step(self) -> int:
-        return self.at.step
 
-    @property
-    def images(self) -> int:
-        return self.at.images
-
-    @property
-    def tau(self) -> float:
-        return self.at.tau
-
-    @property
-    def images_per_s(self) -> float:
-        """This process's steady-state throughput: its first step left out (a run of one step has only that)."""
-        if self.steps_this_process > 1 and self.train_time > self.first_step_time:
-            return (self.images_this_process - self.first_step_images) / (self.train_time - self.first_step_time)
-        return self.images_this_process / self.train_time if self.train_time else 0.0
-
-    def save(self, path: Path, *, model, optimizer, scaler, cfg, epoch: int, ema=None, plan=None,
-             rng: list | None = None) -> None:
-        """Rank 0 writes; ``rng`` is every rank's generators (gather_rng), rank 0's alone by default."""
-        raw = unwrap(model)
-        save_atomic({"format": FORMAT, "identity": identity(cfg, plan), "model": raw.state_dict(),
-                     "batch_state": {"batch": self.batch, "tau": self.tau, "gain": self.gain},
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
-                     "epoch": epoch, "images": self.images, "rng": {"ranks": rng or [rng_state()]},
-                     "noise_scale": self.noise_scale.state_dict(), "wandb_id": self.wandb_id,
-                     "best_val_acc": self.best_val_acc, "ema": ema.state_dict() if ema is not None else None,
-                     "config": cfg.model_dump(mode="json", by_alias=True)}, path)
-        if self.improved:  # best.pt: the same checkpoint, replaced atomically, and its weights for others
-            tmp = path.with_name(f".best.pt.tmp-{os.getpid()}")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, path.with_name("best.pt"))
-            export_weights(raw, path.with_name("best.safetensors"), ema)
-            self.improved = False
-
-    def restore(self, ckpt: dict, *, model, optimizer, scaler, ema=None, rank: int = 0, seed: int = 0,
-                device=None) -> None:
-        model.load_state_dict(ckpt["model"])
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, settings in zip(optimizer.param_groups, configured, strict=True):
-            group.update(settings)  # the command's optimizer settings apply (the resume line lists the changes)
-        scaler.load_state_dict(ckpt["scaler"])
-        ranks = ckpt["rng"]["ranks"]
-        if rank < len(ranks):
-            set_rng_state(ranks[rank], device)
-        else:  # a resume onto more ranks than wrote the checkpoint: the new ranks start their own streams
-            seed_rank(seed, rank, ckpt["step"])
-        batch_state = ckpt.get("batch_state") or {}
-        self.at = Progress(ckpt["step"], ckpt["images"], batch_state.get("tau", float(ckpt["step"])))
-        self.batch = batch_state.get("batch")
-        self.gain = batch_state.get("gain", 1.0)
-        self.noise_scale.load_state_dict(ckpt["noise_scale"])
-        self.wandb_id = ckpt.get("wandb_id")
-        self.best_val_acc = ckpt.get("best_val_acc", -1.0)
-        if ema is not None:
-            if ckpt.get("ema") is None:
-                raise ConfigError("ema.enabled=true, but the checkpoint holds no EMA weights (the run was started "
-                                  "without EMA): resume with ema.enabled=false, or start a new run")
-            ema.load_state_dict(ckpt["ema"])
+def restore_checkpoint(ckpt: dict, *, state, schedule, model, optimizer, scaler, ema=None, rank: int = 0,
+                       seed: int = 0, device=None) -> None:
+    """The run as ``ckpt`` saved it (to_resume has refused a checkpoint without the EMA ema.enabled asks for)."""
+    model.load_state_dict(ckpt["model"])
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)  # the command's optimizer settings apply (the resume line lists the changes)
+    scaler.load_state_dict(ckpt["scaler"])
+    ranks = ckpt["rng"]["ranks"]
+    if rank < len(ranks):
+        set_rng_state(ranks[rank], device)
+    else:  # a resume onto more ranks than wrote the checkpoint: the new ranks start their own streams
+        seed_rank(seed, rank, ckpt["step"])
+    schedule.load_state_dict(ckpt["schedule"])
+    state.wandb_id = ckpt.get("wandb_id")
+    state.best_val_acc = ckpt.get("best_val_acc", -1.0)
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
 
 
 class Resume(NamedTuple):
@@ -279,9 +230,10 @@ def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
             return (f"{run_dir} ended at step {summary.get('steps')} and has no checkpoint to continue from; "
                     f"nothing to do (choose a new hydra.run.dir to train again)")
         return None
-    tau = (ckpt.get("batch_state") or {}).get("tau", float(ckpt["step"]))
     written = summary.get("steps") == ckpt["step"] and not summary.get("stopped_by") and not summary.get("error")
-    if plan.finished(Progress(ckpt["step"], ckpt.get("images", 0), tau)) and written:
+    schedule = plan.schedule_class(plan)
+    schedule.load_state_dict(ckpt["schedule"])
+    if schedule.finished and written:
         of = f" of {plan.run_steps}" if plan.fixed else f", {ckpt.get('images', 0):,} images"
         return f"{run_dir} is finished (step {ckpt['step']}{of}); nothing to do"
     return None
@@ -289,7 +241,8 @@ def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
 
 def migrate(ckpt: dict) -> dict:
     """A format-2 checkpoint is a constant-batch run: it gains format 3's batch-schedule fields. A format-3 one
-    holds rank 0's generators, its CUDA states one per visible GPU: rank 0 keeps the first (its own device)."""
+    holds rank 0's generators, its CUDA states one per visible GPU: rank 0 keeps the first (its own device). A
+    format-4 one keeps the schedule's state in four entries, format 5 in one."""
     if ckpt.get("format") == 2 and isinstance(ckpt.get("identity"), dict):
         ckpt["identity"].setdefault("batch_schedule", {"name": "constant"})
         ckpt["format"] = 3
@@ -300,6 +253,13 @@ def migrate(ckpt: dict) -> dict:
             ckpt["rng"] = {"ranks": [{"torch": old["torch"], "python": old["python"],
                                       "cuda": cuda[0] if isinstance(cuda, (list, tuple)) and cuda else None}]}
         ckpt["format"] = 4
+    if ckpt.get("format") == 4:
+        batch_state = ckpt.pop("batch_state", None) or {}
+        step = ckpt.get("step", 0)
+        ckpt["schedule"] = {"step": step, "images": ckpt.get("images", 0),
+                            "tau": batch_state.get("tau", float(step)), "batch": batch_state.get("batch"),
+                            "gain": batch_state.get("gain", 1.0), "noise_scale": ckpt.pop("noise_scale", None) or {}}
+        ckpt["format"] = 5
     return ckpt
 
 

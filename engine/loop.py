@@ -21,7 +21,6 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +28,7 @@ import torch.nn.functional as F
 from optim import apply_lr
 
 from . import diagnostics as diag
-from .checkpoint import RunState, rng_state
-from .config import Config
-from .data import TrainData
+from .checkpoint import rng_state, save_checkpoint
 from .datasets import eval_split
 from .distributed import (
     DistContext,
@@ -44,82 +41,47 @@ from .distributed import (
 )
 from .ema import update_ema
 from .errors import RunError
-from .metrics import ProgressBar, RunLogger
-from .plan import Plan, auto_micro_batch
+from .plan import auto_micro_batch
+from .run import Run, RunState
+from .schedule import Step
 from .steps import training_steps
-
-
-@dataclass
-class Run:
-    """What the loop works on, built by train.py."""
-    model: torch.nn.Module          # possibly DDP- and compile-wrapped
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler    # enabled only for fp16
-    data: TrainData
-    plan: Plan
-    cfg: Config
-    device: torch.device
-    dist: DistContext
-    logger: RunLogger
-    progress: ProgressBar
-    state: RunState
-    run_dir: Path
-    ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when ema.enabled
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
 
 def fit(run: Run, warned: bool = False) -> RunState:
     """``warned``: Slurm's time-limit warning came before the first step (train.py kept it): stop after it."""
-    plan, state = run.plan, run.state
+    schedule, state = run.schedule, run.state
     with StopFlag(warned) as stop:
-        for step, batch, micro_batches in training_steps(run.data, plan, run.cfg, run.dist.rank, run.device, state):
+        for step, micro_batches in training_steps(run.data, schedule, run.cfg, run.dist.rank, run.device):
             t0 = time.perf_counter()
-            inspect = _inspecting(run, step)
+            inspect = _inspecting(run, step.index)
             weights_before = [p.detach().clone() for p in run.params] if inspect else None
-            stats = train_step(run, micro_batches, batch, stop.signal_name is not None, stop.warned)
+            stats = train_step(run, step, micro_batches, stop.signal_name is not None, stop.warned)
             if stats is None:  # diverged: the weights are those before this step
                 break
-            started_at = state.at
-            advance(state, plan, batch, stats, time.perf_counter() - t0)
-            update_ema(run.ema, run.model, state.step, run.cfg, plan, plan.clock.position(state.at))
-            last = plan.finished(state.at)
-            log_step(run, stats, batch, time.perf_counter() - t0, last)
+            schedule.advance(step, stats.gain)
+            state.count(step.batch, time.perf_counter() - t0, stats.loss)
+            update_ema(run.ema, run.model, schedule.step, run.cfg, run.plan, schedule.position())
+            last = schedule.finished
+            log_step(run, stats, step.batch, time.perf_counter() - t0, last)
             if inspect:
                 log_layers(run, weights_before)
-            end_of_epoch = plan.epoch_ended(started_at, state.at)
-            if (end_of_epoch or last or _every(run.cfg.eval.every_steps, state.step)
-                    or plan.crossed(run.cfg.eval.every_epochs, started_at, state.at)):
+            end_of_epoch = schedule.epoch_ended()
+            if (end_of_epoch or last or _every(run.cfg.eval.every_steps, schedule.step)
+                    or schedule.crossed(run.cfg.eval.every_epochs)):
                 with contextlib.suppress(EvaluationStopped):  # a signal: the checkpoint below, then the stop
                     run_eval(run)
             ckpt = run.cfg.checkpoint
-            epoch = int(plan.epoch_of(state.at))
+            epoch = int(schedule.epoch)
             # a signal reached this rank or another one: all ranks stop after the same step (a single process
             # stops after the step the signal came in, evaluation included)
             stopping = stats.stop or (not run.dist.enabled and stop.signal_name is not None)
-            if (end_of_epoch or last or _every(ckpt.every_steps, state.step) or state.step in ckpt.keep_steps
+            if (end_of_epoch or last or _every(ckpt.every_steps, schedule.step) or schedule.step in ckpt.keep_steps
                     or state.improved) and not stopping:
                 save(run, epoch)
             if stopping:
                 preempt(run, "SIGUSR2" if stop.warned else stop.signal_name or "SIGTERM", epoch)
                 break
     return state
-
-
-def advance(state: RunState, plan, batch: int, stats: dict, seconds: float) -> None:
-    """Count the step done (tau moves by the step's gain); a measured batch is decided every N steps."""
-    state.at = state.at.advanced(batch, stats.gain)
-    state.steps_this_process += 1
-    state.images_this_process += batch
-    state.train_time += seconds
-    if state.steps_this_process == 1:
-        state.first_step_time, state.first_step_images = seconds, batch
-    state.train_loss = stats.loss
-    state.gain = stats.gain
-    if plan.batches.decides_after(state.step):
-        state.batch = plan.batches.decide(state.noise_scale.b_simple, batch)
 
 
 @dataclass(frozen=True)
@@ -133,12 +95,12 @@ class StepStats:
     warned: bool    # some rank was warned of its time limit (SIGUSR2)
 
 
-def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: bool = False) -> StepStats | None:
+def train_step(run: Run, step: Step, micro_batches, stop: bool = False, warned: bool = False) -> StepStats | None:
     """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
     numbers (and whether any rank was asked to stop, and whether any was warned of its time limit), or None when
     the loss or gradient is not finite (the optimizer does not step then)."""
-    plan, model, params, state = run.plan, run.model, run.params, run.state
-    accum = plan.accum_at(batch)
+    plan, model, params, noise_scale = run.plan, run.model, run.params, run.schedule.noise_scale
+    accum = step.accum_steps
     probe = plan.probe_micro  # micro-batches in the noise scale's small-batch gradient
     measure = run.cfg.diagnostics.noise_scale or plan.measures_noise
     track_noise = measure and accum > probe and not run.scaler.is_enabled()
@@ -172,21 +134,19 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
     loss, small, stops, warnings, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
     loss, small = loss / run.dist.world_size, small / run.dist.world_size
     # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
-    lr = plan.lr(state.at, batch)
     if not math.isfinite(loss) or (not run.scaler.is_enabled() and not math.isfinite(gnorm_value)):
         run.optimizer.zero_grad(set_to_none=True)
-        diverge(run, loss, gnorm_value, lr)
+        diverge(run, loss, gnorm_value, step.lr)
         return None
-    gain = 1.0
+    lr, gain = step.lr, 1.0
     if track_noise:
         if per_micro is not None:
-            state.noise_scale.update(plan.micro_batch, small, batch, gnorm_value ** 2,
-                                     samples=per_micro.count * run.dist.world_size)
+            noise_scale.update(plan.micro_batch, small, step.batch, gnorm_value ** 2,
+                               samples=per_micro.count * run.dist.world_size)
         else:
-            state.noise_scale.update(probe * plan.micro_batch, small, batch, gnorm_value ** 2)
-        gain = plan.clock.gain(state.noise_scale, batch)
-        lr = plan.lr(state.at, batch, gain)
-    apply_lr(run.optimizer, lr, plan.momentum(state.at))
+            noise_scale.update(probe * plan.micro_batch, small, step.batch, gnorm_value ** 2)
+        lr, gain = run.schedule.lr_and_gain(step)
+    apply_lr(run.optimizer, lr, step.momentum)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -195,30 +155,30 @@ def train_step(run: Run, micro_batches, batch: int, stop: bool = False, warned: 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
 
-def log_step(run: Run, stats: dict, batch: int, seconds: float, last: bool) -> None:
-    state, plan = run.state, run.plan
-    if run.dist.is_main and (_every(run.cfg.logger.every_steps, state.step) or last):
+def log_step(run: Run, stats: StepStats, batch: int, seconds: float, last: bool) -> None:
+    schedule, state = run.schedule, run.state
+    if run.dist.is_main and (_every(run.cfg.logger.every_steps, schedule.step) or last):
         row = {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr, "batch": batch,
-               "epoch": plan.epoch_of(state.at), "images": state.images,
-               "images_per_s": batch / seconds}
-        if state.noise_scale.updates:  # B_simple and the two estimates it divides
-            grad_sq, trace = state.noise_scale.parts
-            row |= {"noise_scale/b_simple": state.noise_scale.b_simple, "noise_scale/grad_sq": grad_sq,
+               "epoch": schedule.epoch, "images": schedule.images, "images_per_s": batch / seconds}
+        noise = schedule.noise_scale
+        if noise.updates:  # B_simple and the two estimates it divides
+            grad_sq, trace = noise.parts
+            row |= {"noise_scale/b_simple": noise.b_simple, "noise_scale/grad_sq": grad_sq,
                     "noise_scale/trace": trace}
-        row.update(plan.clock.record(state.at, stats.gain))
-        run.logger.log(state.step, row)
-    run.progress.update(state.step, f"loss {stats.loss:.4f} lr {stats.lr:.4g}" + (
-        f" batch {batch}" if not plan.fixed else ""), state.images_per_s, state.train_time)
+        row.update(schedule.record())
+        run.logger.log(schedule.step, row)
+    run.progress.update(schedule.step, f"loss {stats.loss:.4f} lr {stats.lr:.4g}" + (
+        f" batch {batch}" if not schedule.fixed_batch else ""), state.images_per_s, state.train_time)
 
 
 def log_layers(run: Run, before: list[torch.Tensor]) -> None:
     """Per-layer update ratios ||dw||/||w|| and (LARS/LAMB) trust ratios of the adapted tensors."""
     ratios = diag.update_ratios(before, run.params)
-    run.logger.log(run.state.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(run.optimizer)})
-    run.logger.histogram(run.state.step, "update_ratio/layers", ratios)
+    run.logger.log(run.schedule.step, {**diag.stats("update_ratio", ratios), **diag.trust_ratio_stats(run.optimizer)})
+    run.logger.histogram(run.schedule.step, "update_ratio/layers", ratios)
     if (trust := diag.trust_ratios(run.optimizer)) is not None:
-        run.logger.histogram(run.state.step, "trust_ratio/layers", trust)
-        run.logger.per_layer(run.state.step, "trust_ratio", diag.trust_ratios_by_name(run.model, run.optimizer))
+        run.logger.histogram(run.schedule.step, "trust_ratio/layers", trust)
+        run.logger.per_layer(run.schedule.step, "trust_ratio", diag.trust_ratios_by_name(run.model, run.optimizer))
 
 
 def measure(run: Run, data, split: str) -> dict:
@@ -234,16 +194,16 @@ def measure(run: Run, data, split: str) -> dict:
 def run_eval(run: Run) -> None:
     """Evaluation during training: on the held-out validation images (``val_*``), which select ``best.pt``; with
     ``data.val_split=0`` on the test split (``test_*``), and nothing is selected on it."""
-    state, split = run.state, eval_split(run.cfg.data)
+    state, schedule, split = run.state, run.schedule, eval_split(run.cfg.data)
     state.last_eval = measure(run, run.data, split)
-    state.last_eval_step = state.step
+    state.last_eval_step = schedule.step
     acc = state.last_eval[f"{split}_acc"]
     if split == "val" and acc > state.best_val_acc and math.isfinite(state.last_eval["val_loss"]):
         state.best_val_acc, state.improved = acc, True
     if run.dist.is_main:
-        run.logger.log(state.step, {**state.last_eval, "epoch": run.plan.epoch_of(state.at)})
+        run.logger.log(schedule.step, {**state.last_eval, "epoch": schedule.epoch})
     top5 = state.last_eval.get(f"{split}_top5")
-    run.progress.write(f"epoch {run.plan.epoch_of(state.at):.4g} step {state.step}: train loss "
+    run.progress.write(f"epoch {schedule.epoch:.4g} step {schedule.step}: train loss "
                        f"{state.train_loss:.4f} {split} acc {acc:.4f} {split} loss {state.last_eval[f'{split}_loss']:.4f}"
                        + (f" {split} top-5 {top5:.4f}" if top5 is not None else ""))
 
@@ -257,7 +217,7 @@ def save(run: Run, epoch: int) -> bool:
     if all_reduce_min(int(bad is None), run.device) == 0:  # every rank skips together: the save is a collective
         run.state.improved = False
         where = bad or "another rank's state"
-        run.progress.write(f"checkpoint at step {run.state.step} not written: {where} holds inf or NaN; "
+        run.progress.write(f"checkpoint at step {run.schedule.step} not written: {where} holds inf or NaN; "
                            f"checkpoints/last.pt keeps the last finite state, to resume from with a smaller LR")
         return False
     rng = gather_rng(run.device)  # every rank takes part; rank 0 writes them all
@@ -266,13 +226,13 @@ def save(run: Run, epoch: int) -> bool:
     if run.dist.is_main:
         path = run.run_dir / "checkpoints" / "last.pt"
         try:
-            run.state.save(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler, cfg=run.cfg,
-                           epoch=epoch, ema=run.ema, plan=run.plan, rng=rng)
-            if run.state.step in run.cfg.checkpoint.keep_steps:  # fixed points for later measurement
-                shutil.copyfile(path, path.with_name(f"step-{run.state.step}.pt"))
+            save_checkpoint(path, state=run.state, schedule=run.schedule, model=run.model, optimizer=run.optimizer,
+                            scaler=run.scaler, cfg=run.cfg, epoch=epoch, ema=run.ema, plan=run.plan, rng=rng)
+            if run.schedule.step in run.cfg.checkpoint.keep_steps:  # fixed points for later measurement
+                shutil.copyfile(path, path.with_name(f"step-{run.schedule.step}.pt"))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
             full = "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e)
-            raise RunError(f"checkpoint at step {run.state.step} could not be written to {path}: "
+            raise RunError(f"checkpoint at step {run.schedule.step} could not be written to {path}: "
                            f"{'the disk is full' if full else e}; the previous last.pt, if any, is intact") from None
     run.state.improved = False  # on every rank: they must agree on when the next save (a collective) comes
     return True
@@ -304,17 +264,17 @@ def preempt(run: Run, signal_name: str, epoch: int) -> None:
     run.logger.mark_preempting()
     saved = save(run, epoch)
     barrier()
-    run.progress.write(f"{signal_name}: " + (f"checkpoint saved at step {run.state.step}, exiting" if saved else
-                                             f"stopping at step {run.state.step}; checkpoint.enabled=false, so "
+    run.progress.write(f"{signal_name}: " + (f"checkpoint saved at step {run.schedule.step}, exiting" if saved else
+                                             f"stopping at step {run.schedule.step}; checkpoint.enabled=false, so "
                                              f"nothing is saved to resume from"))
 
 
 def diverge(run: Run, loss: float, gnorm: float, lr: float) -> None:
     state = run.state
     state.diverged = True
-    run.progress.write(f"diverged at step {state.step}: loss {loss}, grad norm {gnorm}")
+    run.progress.write(f"diverged at step {run.schedule.step}: loss {loss}, grad norm {gnorm}")
     if run.dist.is_main:
-        run.logger.log(state.step, {"loss": loss, "grad_norm": gnorm, "lr": lr, "diverged": 1})
+        run.logger.log(run.schedule.step, {"loss": loss, "grad_norm": gnorm, "lr": lr, "diverged": 1})
     run_eval(run)  # the weights as they are now, so the summary has numbers (likely poor ones)
 
 

@@ -8,7 +8,7 @@ import re
 import torch
 from hydra.utils import get_class
 
-from optim import LayerwiseOptimizer, param_groups, scale_adam
+from optim import RESCALES_ADAM, LayerwiseOptimizer, param_groups, scale_adam
 
 from .errors import ConfigError
 
@@ -25,11 +25,11 @@ def optimizer_class(target: str) -> type:
 
 
 def scaled_kwargs(cls: type, kwargs: dict, rule: str, batch: int, ref_batch: int) -> tuple[dict, list[str]]:
-    if rule != "adam_sde":
+    if rule not in RESCALES_ADAM:
         return kwargs, []
     defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
     if "betas" not in kwargs and "betas" not in defaults:
-        raise ConfigError(f"scaling=adam_sde rescales Adam's betas and eps, and {cls.__name__} has no betas: use "
+        raise ConfigError(f"scaling={rule} rescales Adam's betas and eps, and {cls.__name__} has no betas: use "
                           f"another scaling rule")
     betas = tuple(kwargs.get("betas", defaults.get("betas")))
     eps = kwargs.get("eps", defaults.get("eps", 1e-8))
@@ -37,7 +37,7 @@ def scaled_kwargs(cls: type, kwargs: dict, rule: str, batch: int, ref_batch: int
         (b1, b2), eps2 = scale_adam(betas, eps, batch, ref_batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    note = f"adam_sde: betas ({betas[0]:g}, {betas[1]:g}) -> ({b1:.6g}, {b2:.6g}), eps {eps:g} -> {eps2:.3g}"
+    note = f"{rule}: betas ({betas[0]:g}, {betas[1]:g}) -> ({b1:.6g}, {b2:.6g}), eps {eps:g} -> {eps2:.3g}"
     return {**kwargs, "betas": (b1, b2), "eps": eps2}, [note]
 
 
@@ -72,28 +72,29 @@ def check_keyword_types(cls: type, kwargs: dict) -> None:
                           f"gradient is 0 (0/0 = NaN at the first step): eps must be > 0")
 
 
-def check_constructor(plan) -> None:
+def check_constructor(cls: type, kwargs: dict, target: str, lr: float, weight_decay: float) -> None:
     """Build the optimizer on a dummy parameter: its own TypeError / ValueError is the one line."""
-    check_keyword_types(plan.optimizer_cls, plan.optimizer_kwargs)
+    check_keyword_types(cls, kwargs)
     for key, (lo, hi) in SHARED_KEYWORD_RANGES.items():
-        value = plan.optimizer_kwargs.get(key)
+        value = kwargs.get(key)
         if isinstance(value, (int, float)) and not lo <= value < hi:
             raise ConfigError(f"optim.{key}={value:g} is invalid: {key} must lie in [{lo:g}, {hi:g})")
     try:
-        build_optimizer(plan, torch.nn.Linear(2, 2))
+        build_optimizer(torch.nn.Linear(2, 2), cls, kwargs, lr, weight_decay)
     except TypeError as e:
         m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if m:
-            raise ConfigError(f"optim.{m.group(1)} is not a keyword of {plan.optimizer_target}: remove it or fix "
+            raise ConfigError(f"optim.{m.group(1)} is not a keyword of {target}: remove it or fix "
                               f"its spelling") from None
-        raise ConfigError(f"optim: {plan.optimizer_name} rejects its settings: {e}") from None
+        raise ConfigError(f"optim: {cls.__name__} rejects its settings: {e}") from None
     except ValueError as e:
-        raise ConfigError(f"optim: {plan.optimizer_name} rejects its settings: {e}") from None
+        raise ConfigError(f"optim: {cls.__name__} rejects its settings: {e}") from None
 
 
-def build_optimizer(plan, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The configured class over ``param_groups(model)``: decay and (LARS/LAMB) adaptation on ndim > 1 only."""
-    groups = param_groups(model, plan.weight_decay)
-    if not issubclass(plan.optimizer_cls, LayerwiseOptimizer):
+def build_optimizer(model: torch.nn.Module, cls: type, kwargs: dict, lr: float, weight_decay: float
+                    ) -> torch.optim.Optimizer:
+    """``cls`` over ``param_groups(model)``: decay and (LARS/LAMB) adaptation on ndim > 1 only."""
+    groups = param_groups(model, weight_decay)
+    if not issubclass(cls, LayerwiseOptimizer):
         groups = [{k: v for k, v in g.items() if k != "adapt"} for g in groups]  # torch's don't know it
-    return plan.optimizer_cls(groups, lr=plan.peak_lr, **plan.optimizer_kwargs)
+    return cls(groups, lr=lr, **kwargs)

@@ -8,17 +8,17 @@ the plan prints is in plan_text.py; the optimizer's class and keywords in optimi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from optim import BatchSchedule, LRSchedule, lr_multiplier
+from optim import BATCH_SCHEDULES, BatchSchedule, LRSchedule, lr_multiplier
 
-from .clock import ImageClock, Progress, StepClock, TauClock, crossed
 from .datasets import in_memory
 from .errors import ConfigError
-from .optimizer_class import build_optimizer, check_constructor, optimizer_class, scaled_kwargs
+from .optimizer_class import check_constructor, optimizer_class, scaled_kwargs
 from .plan_text import describe
+from .schedule import StepSchedule, choose_schedule, run_steps
 
 MAX_STEPS = 1e12  # a horizon past this is a typo (epochs=1e308), not a run
 MICRO_BATCH_CAP = 256  # automatic micro-batch: the largest divisor of the per-rank batch that is <= this
@@ -52,9 +52,9 @@ class Plan:
     optimizer_target: str
     optimizer_cls: type
     optimizer_kwargs: dict  # the class's keywords after the scaling rule (adam_sde rescales betas and eps)
-    schedule: LRSchedule
-    clock: StepClock        # chosen once by make_plan: steps, images or AdaScale's tau
-    batches: BatchSchedule  # the global batch over the run (constant unless batch_schedule says)
+    lr_schedule: LRSchedule  # warmup and decay: the LR as a function of the schedule's position
+    schedule_class: type[StepSchedule]  # the run's clock, chosen once: steps, images or AdaScale's tau
+    batches: BatchSchedule   # the global batch over the run (constant unless batch_schedule says)
     notes: list[str] = field(default_factory=list)
     max_steps: int | None = None
     probe_micro: int = 1    # micro-batches in the noise scale's small-batch gradient (adaptive: probe / micro)
@@ -62,50 +62,18 @@ class Plan:
     micro_largest: int = 0  # ... and are at most this (AdaScale: half the smallest per-rank batch)
     measures_noise: bool = False  # the gradient-noise estimate drives the batch or the LR
 
-    start = Progress()
-
     @property
     def fixed(self) -> bool:
         """Every step has the global batch and progress is counted in steps."""
-        return self.clock.fixed_batch
+        return self.schedule_class.fixed_batch
 
     @property
     def total_images(self) -> int:
         return self.total_steps * self.global_batch  # the budget at the target batch: "same epochs" = same images
 
-    def batch_at(self, images: int, decided: int | None) -> int:
-        return self.batches.next(images, decided)
-
-    def accum_at(self, batch: int) -> int:
-        return batch // (self.micro_batch * self.world_size)
-
-    def lr(self, at: Progress, batch: int, gain: float = 1.0) -> float:
-        """The LR of the step that starts at ``at``, at global batch ``batch``."""
-        return self.clock.lr(self.schedule(self.clock.position(at)), at, batch, gain)
-
-    def momentum(self, at: Progress) -> float | None:
-        return self.schedule.momentum(self.clock.position(at))
-
-    def finished(self, at: Progress) -> bool:
-        return bool(self.max_steps and at.step >= self.max_steps) or self.clock.done(at)
-
-    def epoch_of(self, at: Progress) -> float:
-        return self.clock.epoch_of(at)
-
-    def epoch_ended(self, before: Progress, after: Progress) -> bool:
-        return self.clock.epoch_ended(before, after)
-
-    def crossed(self, every_epochs: float | None, before: Progress, after: Progress) -> bool:
-        """Whether this step crossed a multiple of ``every_epochs`` epochs' images (counted in images, so the
-        points are the same at every batch and under a changing batch)."""
-        return bool(every_epochs) and crossed(every_epochs * self.clock.epoch_images, before, after)
-
     @property
     def optimizer_name(self) -> str:
         return self.optimizer_cls.__name__
-
-    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        return build_optimizer(self, model)
 
     def describe(self) -> str:
         return describe(self)
@@ -113,15 +81,15 @@ class Plan:
     def preview(self) -> list[tuple[float, int]]:
         """(LR, global batch) of every optimizer step, without training: what scripts/lr_schedule.py plots."""
         if self.measures_noise:
-            what = f"batch_schedule={self.batches.kind}" if self.batches.measured else f"scaling={self.rule}"
+            what = "batch_schedule=adaptive" if self.batches.measured else f"scaling={self.rule}"
             raise ConfigError(f"{what} decides the batch or LR from gradients measured during training, so it cannot "
                               f"be previewed: plot a run's realised batch, gain and LR with "
                               f"scripts/plot_noise_scale.py RUN_DIR")
-        rows, at = [], self.start
-        while not self.finished(at):
-            batch = self.batch_at(at.images, None)
-            rows.append((self.lr(at, batch), batch))
-            at = at.advanced(batch)
+        rows, schedule = [], self.schedule_class(self)
+        while not schedule.finished:
+            step = schedule.next_step()
+            rows.append((step.lr, step.batch))
+            schedule.advance(step)
         return rows
 
 
@@ -164,70 +132,59 @@ def _lr_schedule(cfg, peak_lr: float, horizon: int, unit_batch: int, unit_steps_
 
 
 def _batch_schedule(cfg, total_steps: int, train_size: int) -> BatchSchedule:
-    b, batch = cfg.batch_schedule, cfg.batch
-    kw = {"kind": b.name, "batch": batch}
-    if b.name != "constant":
-        kw["start"] = b.start
-    if b.name == "ramp":
-        kw.update(increment=b.increment or b.start, ramp_images=int(round((b.epochs or 0.0) * train_size)))
-    elif b.name == "step":
-        kw.update(factor=b.factor, milestones=tuple(int(round(f * total_steps * batch)) for f in b.milestones or ()))
-    elif b.name == "adaptive":
-        kw.update(k=b.k, every=b.every, multiple=b.multiple)
     try:
-        return BatchSchedule(**kw)
+        return BATCH_SCHEDULES[cfg.batch_schedule.name].from_config(cfg.batch_schedule, cfg.batch,
+                                                                    total_steps * cfg.batch, train_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def _micro_batch(cfg, batches: BatchSchedule, world_size: int) -> int:
+def _micro_batch(cfg, batches: BatchSchedule, world_size: int, measures_gain: bool) -> int:
     """micro_batch must divide every per-rank batch the schedule uses; null = the largest such size <= 256."""
     sizes = batches.sizes()
     for b in sizes:
         if b % world_size:
-            raise ConfigError(f"batch {b} of batch_schedule={batches.kind} does not divide over {world_size} ranks: "
-                              f"use batches that are multiples of {world_size}")
-    common = math.gcd(*(b // world_size for b in sizes))
-    probe = cfg.batch_schedule.probe if batches.measured else None
-    # adascale measures its gain from 2+ micro-batches per step: the automatic size leaves room for them
-    cap = min(MICRO_BATCH_CAP, max(min(sizes) // world_size // 2, 1)) if cfg.scaling.rule == "adascale" else MICRO_BATCH_CAP
+            raise ConfigError(f"batch {b} of batch_schedule={cfg.batch_schedule.name} does not divide over "
+                              f"{world_size} ranks: use batches that are multiples of {world_size}")
+    common = _auto_common(batches, world_size)
     explicit = cfg.micro_batch if isinstance(cfg.micro_batch, int) else None  # "auto": searched on CUDA at start
-    micro = explicit or auto_micro_batch(math.gcd(common, probe) if probe else common, cap)
-    if common % micro:
+    micro = explicit or auto_micro_batch(common, min(MICRO_BATCH_CAP, _auto_largest(batches, world_size,
+                                                                                    measures_gain)))
+    if math.gcd(*(b // world_size for b in sizes)) % micro:
         what = (f"batch={cfg.batch}" if len(sizes) == 1 else
-                f"the batches of batch_schedule={batches.kind} ({', '.join(map(str, sizes[:4]))}"
+                f"the batches of batch_schedule={cfg.batch_schedule.name} ({', '.join(map(str, sizes[:4]))}"
                 f"{', ...' if len(sizes) > 4 else ''})")
         raise ConfigError(f"{what} does not split into micro_batch={micro} x ranks={world_size}: micro_batch must "
-                          f"divide {common} (the per-rank batch)")
+                          f"divide {math.gcd(*(b // world_size for b in sizes))} (the per-rank batch)")
     return micro
 
 
-def _auto_common(cfg, batches: BatchSchedule, world_size: int) -> int:
+def _auto_common(batches: BatchSchedule, world_size: int) -> int:
     """What every micro-batch size divides: each per-rank batch, and under batch_schedule=adaptive its probe."""
     common = math.gcd(*(b // world_size for b in batches.sizes()))
-    return math.gcd(common, cfg.batch_schedule.probe) if batches.measured else common
+    return math.gcd(common, batches.probe) if batches.measured else common
 
 
-def _auto_largest(cfg, batches: BatchSchedule, world_size: int) -> int:
+def _auto_largest(batches: BatchSchedule, world_size: int, measures_gain: bool) -> int:
     """The largest micro-batch the run's rules allow: AdaScale measures its gain from 2+ micro-batches per step."""
     smallest = min(batches.sizes()) // world_size
-    return max(smallest // 2, 1) if cfg.scaling.rule == "adascale" else smallest
+    return max(smallest // 2, 1) if measures_gain else smallest
 
 
-def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, optimizer_cls: type) -> int:
+def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, optimizer_cls: type,
+                    measures_gain: bool) -> int:
     """batch_schedule=adaptive and scaling=adascale act on the gradient-noise estimate: they need a small-batch
     gradient inside every step, and unscaled gradients. Returns the micro-batches in the small-batch gradient."""
-    adaptive, adascale = batches.measured, cfg.scaling.rule == "adascale"
-    if not (adaptive or adascale):
+    if not (batches.measured or measures_gain):
         return 1
-    what = "batch_schedule=adaptive" if adaptive else "scaling=adascale"
+    what = "batch_schedule=adaptive" if batches.measured else f"scaling={cfg.scaling.rule}"
     if cfg.precision == "fp16":
         raise ConfigError(f"{what} measures gradient norms, which fp16's loss scaling distorts: use precision=bf16 "
                           f"or fp32")
     smallest = min(batches.sizes()) // world_size
     probe_micro = 1
-    if adaptive:
-        probe = cfg.batch_schedule.probe
+    if batches.measured:
+        probe = batches.probe
         if probe % micro or not probe < smallest:
             raise ConfigError(f"batch_schedule.probe={probe} must be a multiple of micro_batch={micro} "
                               f"and below the smallest per-rank batch ({smallest}): the noise scale compares the "
@@ -237,13 +194,13 @@ def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, op
         raise ConfigError(f"scaling=adascale estimates its gain from micro-batch and global-batch gradients, so "
                           f"every per-rank batch needs 2 or more micro-batches: at batch {min(batches.sizes())} "
                           f"x ranks {world_size} use micro_batch <= {smallest // 2}")
-    if adascale:
+    if measures_gain:
         if not issubclass(optimizer_cls, torch.optim.SGD):
             raise ConfigError(f"scaling=adascale is defined for momentum SGD (Johnson et al. 2020), not for "
                               f"{cfg.optim.target}: use optim=sgd, or another scaling rule")
-        if batches.kind == "step":
-            raise ConfigError("batch_schedule=step replaces the LR decay by batch growth and scaling=adascale sets the "
-                              "LR from its gain: use one of them")
+        if not batches.scales_lr:
+            raise ConfigError(f"batch_schedule={cfg.batch_schedule.name} replaces the LR decay by batch growth and "
+                              f"scaling=adascale sets the LR from its gain: use one of them")
         if min(batches.sizes()) < cfg.scaling.ref_batch:
             raise ConfigError(f"scaling=adascale at batch {min(batches.sizes())}, below scaling.ref_batch="
                               f"{cfg.scaling.ref_batch}: its gain is defined for batches at or above the reference "
@@ -251,23 +208,7 @@ def _check_measured(cfg, batches: BatchSchedule, micro: int, world_size: int, op
     return probe_micro
 
 
-def _choose_clock(rule: str, batches: BatchSchedule, *, total_steps: int, steps_per_epoch: int, global_batch: int,
-                  train_size: int, ref_batch: int, base_lr: float) -> StepClock:
-    """The one place the run's clock is chosen: AdaScale counts tau; a changing batch counts images, the LR following
-    the scaling rule (or, for batch_schedule=step, only the rest of the decay the cap leaves); else steps."""
-    common = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=global_batch,
-                  train_size=train_size)
-    if rule == "adascale":
-        return TauClock(**common, ref_batch=ref_batch, base_lr=base_lr)
-    if not batches.varies:
-        return StepClock(**common)
-    if batches.kind == "step":  # the batch increase replaces the decay: no rescaling, the cap's rest
-        return ImageClock(**common, batch_factor=lambda images, batch: batches.lr_residual(images))
-    at_target = lr_multiplier(rule, global_batch, ref_batch)
-    return ImageClock(**common, batch_factor=lambda images, batch: lr_multiplier(rule, batch, ref_batch) / at_target)
-
-
-def _check_data_options(cfg, clock: StepClock) -> None:
+def _check_data_options(cfg, fixed_batch: bool) -> None:
     d = cfg.data
     if (d.repeated_aug or 0) > 1 and in_memory(d):
         raise ConfigError(f"data.repeated_aug={d.repeated_aug} is DeiT's sampler for the ImageNet loader under "
@@ -276,7 +217,7 @@ def _check_data_options(cfg, clock: StepClock) -> None:
         raise ConfigError(f"data.auto_augment={d.auto_augment} runs per image in DataLoader workers (data=imagenet); "
                           f"for the in-memory datasets it would cost about 1-2 ms per image in the training process "
                           f"(measured here: about 10x a default step), so it is not offered: set data.auto_augment=null")
-    if not clock.fixed_batch and (d.repeated_aug or 0) > 1:
+    if not fixed_batch and (d.repeated_aug or 0) > 1:
         raise ConfigError(f"data.repeated_aug={d.repeated_aug} deals each global batch's copies to ranks and "
                           f"needs a constant batch; batch_schedule={cfg.batch_schedule.name} / scaling="
                           f"{cfg.scaling.rule} change it during the run: set data.repeated_aug=0 or "
@@ -297,52 +238,33 @@ def make_plan(cfg, train_size: int, world_size: int = 1) -> Plan:
         raise ConfigError(f"epochs={cfg.epochs:g} is {cfg.epochs * steps_per_epoch:.3g} steps at batch {global_batch}: "
                           f"use at most {MAX_STEPS / steps_per_epoch:.3g} epochs")
     total_steps = max(int(round(cfg.epochs * steps_per_epoch)), 1)
-    batches = _batch_schedule(cfg, total_steps, train_size)
-    micro = _micro_batch(cfg, batches, world_size)
-
     o, rule, ref_batch = cfg.optim, cfg.scaling.rule, cfg.scaling.ref_batch
+    batches = _batch_schedule(cfg, total_steps, train_size)
+    schedule_class = choose_schedule(rule, batches)
+    measures_gain = schedule_class.measures_gain
+    micro = _micro_batch(cfg, batches, world_size, measures_gain)
+
     cls = optimizer_class(o.target)
     # the batch whose scaling sets the peak LR: the target, or the start under batch_schedule=step (Smith et al.)
-    lr_batch = batches.start if batches.kind == "step" else global_batch
-    peak_lr = o.lr * lr_multiplier(rule, lr_batch, ref_batch)
-    kwargs, notes = scaled_kwargs(cls, o.kwargs, rule, lr_batch, ref_batch)
+    peak_lr = o.lr * lr_multiplier(rule, batches.lr_batch, ref_batch)
+    kwargs, notes = scaled_kwargs(cls, o.kwargs, rule, batches.lr_batch, ref_batch)
 
     # the LR schedule's unit: an optimizer step at the target batch, or under AdaScale a step at ref_batch
-    adascale = rule == "adascale"
-    unit_batch = ref_batch if adascale else global_batch
+    unit_batch = ref_batch if measures_gain else global_batch
     unit_steps_per_epoch = max(train_size // unit_batch, 1)
-    horizon = max(int(round(cfg.epochs * unit_steps_per_epoch)), 1) if adascale else total_steps
-    schedule = _lr_schedule(cfg, o.lr if adascale else peak_lr, horizon, unit_batch, unit_steps_per_epoch)
-    clock = _choose_clock(rule, batches, total_steps=horizon, steps_per_epoch=steps_per_epoch,
-                          global_batch=global_batch, train_size=train_size, ref_batch=ref_batch, base_lr=o.lr)
-    _check_data_options(cfg, clock)
-    probe_micro = _check_measured(cfg, batches, micro, world_size, cls)
-    run_steps, capped = _run_steps(clock, batches, cfg.max_steps)
+    horizon = max(int(round(cfg.epochs * unit_steps_per_epoch)), 1) if measures_gain else total_steps
+    lr_schedule = _lr_schedule(cfg, o.lr if measures_gain else peak_lr, horizon, unit_batch, unit_steps_per_epoch)
+    _check_data_options(cfg, schedule_class.fixed_batch)
+    probe_micro = _check_measured(cfg, batches, micro, world_size, cls, measures_gain)
+    check_constructor(cls, kwargs, o.target, peak_lr, o.weight_decay)
     plan = Plan(global_batch=global_batch, micro_batch=micro, accum_steps=per_rank // micro, world_size=world_size,
-                train_size=train_size, steps_per_epoch=steps_per_epoch, total_steps=horizon,
-                run_steps=run_steps, capped=capped, warmup_steps=schedule.warmup_steps, rule=rule,
-                ref_batch=ref_batch, base_lr=o.lr, peak_lr=peak_lr, weight_decay=o.weight_decay,
-                optimizer_target=o.target, optimizer_cls=cls, optimizer_kwargs=kwargs, schedule=schedule,
-                clock=clock, batches=batches, notes=notes, max_steps=cfg.max_steps, probe_micro=probe_micro,
-                micro_common=_auto_common(cfg, batches, world_size), micro_largest=_auto_largest(cfg, batches, world_size),
-                measures_noise=batches.measured or clock.measured)
-    check_constructor(plan)
-    return plan
-
-
-def _run_steps(clock: StepClock, batches: BatchSchedule, max_steps: int | None) -> tuple[int, bool]:
-    """The steps this run takes, and whether max_steps may stop it before its budget. Exact for the deterministic
-    batch schedules; an upper bound for a measured batch (every step at ``start``) or clock (AdaScale: a gain of 1
-    throughout)."""
-    cap = max_steps or math.inf
-    if clock.fixed_batch or clock.measured:
-        budget = clock.total_steps
-    elif batches.measured:
-        budget = -(-clock.total_images // batches.start)
-    else:
-        steps, at = 0, Progress()
-        while not clock.done(at) and steps < cap:
-            at = at.advanced(batches.at(at.images))
-            steps += 1
-        return steps, not clock.done(at)
-    return int(min(budget, cap)), cap < budget
+                train_size=train_size, steps_per_epoch=steps_per_epoch, total_steps=horizon, run_steps=0,
+                capped=False, warmup_steps=lr_schedule.warmup_steps, rule=rule, ref_batch=ref_batch, base_lr=o.lr,
+                peak_lr=peak_lr, weight_decay=o.weight_decay, optimizer_target=o.target, optimizer_cls=cls,
+                optimizer_kwargs=kwargs, lr_schedule=lr_schedule, schedule_class=schedule_class, batches=batches,
+                notes=notes, max_steps=cfg.max_steps, probe_micro=probe_micro,
+                micro_common=_auto_common(batches, world_size),
+                micro_largest=_auto_largest(batches, world_size, measures_gain),
+                measures_noise=batches.measured or measures_gain)
+    steps, capped = run_steps(plan)
+    return replace(plan, run_steps=steps, capped=capped)

@@ -9,8 +9,8 @@ def plural(n: int, word: str) -> str:
 
 
 def describe(plan) -> str:
-    s, clock = plan.schedule, plan.clock
-    if clock.fixed_batch:
+    s, schedule = plan.lr_schedule, plan.schedule_class(plan)
+    if schedule.fixed_batch:
         lines = [f"plan: global batch {plan.global_batch:,} = micro {plan.micro_batch} x accum {plan.accum_steps} "
                  f"x ranks {plan.world_size}; {plural(plan.steps_per_epoch, 'step')}/epoch, "
                  f"{plural(plan.total_steps, 'step')} in all"
@@ -20,12 +20,12 @@ def describe(plan) -> str:
                  f"{plan.accum_steps} x ranks {plan.world_size}; the batch changes during the run (below)"]
     else:
         lines = [f"plan: global batch {plan.global_batch:,} = micro {plan.micro_batch} x accum {plan.accum_steps} "
-                 f"x ranks {plan.world_size}; the LR follows {clock.follows(plan.rule)} (below)"]
-    dropped = plan.train_size - clock.epoch_images
+                 f"x ranks {plan.world_size}; the LR follows {schedule.follows()} (below)"]
+    dropped = plan.train_size - schedule.epoch_images
     if dropped:
         lines.append(f"      {dropped:,} of {plan.train_size:,} images ({dropped / plan.train_size:.0%}) are left "
                      f"out of each epoch (the last partial batch): an epoch is "
-                     f"{clock.epoch_images / plan.train_size:.2f} passes' worth")
+                     f"{schedule.epoch_images / plan.train_size:.2f} passes' worth")
     if plan.rule == "none":
         lr = f"global LR {plan.peak_lr:g} (no scaling)"
     else:
@@ -35,14 +35,14 @@ def describe(plan) -> str:
     lines += [f"      {note}" for note in plan.notes]  # e.g. adam_sde's rescaled betas and eps
     first, end = s(0), s(plan.total_steps - 1)
     lines.append(f"      LR {first:.4g} at step 0 -> peak {s.peak_lr:.4g} at step {s.ramp_steps} "
-                 f"({_ramp(s)}) -> {end:.4g} at step {plan.total_steps - 1} ({s.decay} decay){clock.unit()}")
+                 f"({_ramp(s)}) -> {end:.4g} at step {plan.total_steps - 1} ({s.decay} decay){schedule.unit()}")
     b = plan.batches
-    follows = clock.follows(plan.rule) + " at the current batch"
-    if b.kind == "ramp" and not clock.measured:
-        follows += f" ({plan.lr(plan.start, b.start):.4g} at {b.start:,} in step 0)"
+    follows = schedule.follows() + " at the current batch"
+    if b.varies and b.scales_lr and not (b.measured or schedule.measures_gain):  # known ahead: say where it starts
+        follows += f" ({schedule.next_step().lr:.4g} at {b.first:,} in step 0)"
     if line := b.describe(follows, plan.probe_micro * plan.micro_batch):
         lines.append(f"      {line}")
-    lines += [f"      {line}" for line in clock.describe(plan.run_steps, b.measured, plan.capped)]
+    lines += [f"      {line}" for line in schedule.describe()]
     # short lines a terminal or a Slurm log shows whole; a long one continues indented under its first
     return "\n".join(textwrap.fill(line, 120, subsequent_indent=" " * 8, break_on_hyphens=False) for line in lines)
 

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import math
 
-RULES = ("none", "linear", "sqrt", "adam_sde", "adascale")
+# each rule's LR factor as a function of kappa = batch / ref_batch (conf/scaling/NAME.yaml; a test keeps the two equal)
+RULES = {"none": lambda kappa: 1.0, "linear": lambda kappa: kappa, "sqrt": math.sqrt, "adam_sde": math.sqrt,
+         "adascale": lambda kappa: 1.0}
+RESCALES_ADAM = ("adam_sde",)  # rules that also rescale Adam's betas and eps (scale_adam)
+MEASURES_GAIN = ("adascale",)  # rules whose LR factor is measured each step (adascale_gain), not a function of kappa
 
 
 def lr_multiplier(rule: str, batch: int, ref_batch: int) -> float:
     """The factor the base LR is multiplied by at global batch ``batch``."""
     if rule not in RULES:
-        raise ValueError(f"scaling rule must be one of {RULES}, got {rule!r}")
+        raise ValueError(f"scaling rule must be one of {tuple(RULES)}, got {rule!r}")
     if batch <= 0 or ref_batch <= 0:
         raise ValueError(f"batch and ref_batch must be positive, got batch={batch}, ref_batch={ref_batch}")
-    kappa = batch / ref_batch
-    return {"none": 1.0, "adascale": 1.0, "linear": kappa}.get(rule, math.sqrt(kappa))
+    return RULES[rule](batch / ref_batch)
 
 
 def adascale_gain(grad_sq: float, trace: float, batch: int, ref_batch: int) -> float:

@@ -29,7 +29,7 @@ def plan_for(overrides: list[str]):
 
 def label(cfg, plan) -> str:
     return (f"{plan.optimizer_name}, batch {plan.global_batch}, {plan.rule} rule, peak {plan.peak_lr:.4g}, "
-            f"{plan.schedule.warmup if plan.schedule.uses_warmup else 'no'} warmup, {plan.schedule.decay}")
+            f"{plan.lr_schedule.warmup if plan.lr_schedule.uses_warmup else 'no'} warmup, {plan.lr_schedule.decay}")
 
 
 def main(argv: list[str]) -> None:
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
         if ax_batch is not None:
             ax_batch.step(epochs, [b for _, b in rows], where="post", color=line.get_color(), linestyle="--",
                           linewidth=1)
-        ramp = plan.schedule.ramp_steps
+        ramp = plan.lr_schedule.ramp_steps
         if plan.fixed and 0 < ramp < len(lrs):
             ax.axvline(epochs[ramp], color=line.get_color(), linestyle=":", linewidth=1)
             ax.annotate(f"warmup ends (step {ramp})", (epochs[ramp], lrs[ramp]), textcoords="offset points",

@@ -70,3 +70,9 @@ def train_in_process(args: list[str], monkeypatch) -> None:
         FAILED_JOBS[:] = earlier
         while cli._LOCKS:  # a job's folder stays locked for the life of its process: not this one's
             cli._LOCKS.pop().close()
+
+
+def build_plan_optimizer(plan, model):
+    """The optimizer train.py builds for ``plan``."""
+    from engine.optimizer_class import build_optimizer
+    return build_optimizer(model, plan.optimizer_cls, plan.optimizer_kwargs, plan.peak_lr, plan.weight_decay)

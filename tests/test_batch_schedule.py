@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from optim import BatchSchedule, adascale_gain, lr_multiplier
-from tests.helpers import ROOT, TINY, checks, load_cfg, run_train
+from optim import AdaptiveBatch, RampBatch, StepBatch, adascale_gain, lr_multiplier
+from tests.helpers import ROOT, TINY, build_plan_optimizer, checks, load_cfg, run_train
 
 # 256 images, batches 32 -> 128: a ramp of 3 stages over 1 of 3 epochs; a BN-free ViT, so micro_batch cannot matter
 SMALL = [*TINY, "data.train_size=256", "batch=128", "epochs=3", "warmup.steps=1", "data.augment=true",
@@ -35,7 +35,7 @@ def megatron_ramp(images, start, inc, target, ramp_images):
 
 @pytest.mark.parametrize("images", [0, 1, 999, 1000, 2999, 3000, 5999, 6000, 10 ** 6])
 def test_ramp_is_megatrons(images):
-    s = BatchSchedule("ramp", batch=1024, start=256, increment=256, ramp_images=6000)
+    s = RampBatch(batch=1024, start=256, increment=256, ramp_images=6000)
     assert s.at(images) == megatron_ramp(images, 256, 256, 1024, 6000)
 
 
@@ -43,7 +43,7 @@ def test_ramp_is_megatrons(images):
     (0, 256, 1.0), (99, 256, 1.0), (100, 1280, 1.0), (200, 6400, 1.0),
     (300, 8192, 8192 / 32000), (400, 8192, 8192 / 160000)])
 def test_step_multiplies_the_batch_and_the_cap_passes_the_rest_to_the_lr(images, batch, residual):
-    s = BatchSchedule("step", batch=8192, start=256, factor=5, milestones=(100, 200, 300, 400))
+    s = StepBatch(batch=8192, start=256, factor=5, milestones=(100, 200, 300, 400))
     assert s.at(images) == batch
     assert math.isclose(s.lr_residual(images), residual)
 
@@ -51,7 +51,7 @@ def test_step_multiplies_the_batch_and_the_cap_passes_the_rest_to_the_lr(images,
 @pytest.mark.parametrize("b_simple,current,expected", [
     (float("nan"), 512, 512), (10.0, 512, 256), (700.0, 512, 1024), (1023.9, 512, 1280), (5000.0, 512, 2048)])
 def test_adaptive_rounds_down_to_the_multiple_and_clamps(b_simple, current, expected):
-    s = BatchSchedule("adaptive", batch=2048, start=256, k=1.5, every=5, multiple=256)  # 1.5 x 700 = 1050 -> 1024
+    s = AdaptiveBatch(batch=2048, start=256, k=1.5, every=5, multiple=256)  # 1.5 x 700 = 1050 -> 1024
     assert s.decide(b_simple, current) == expected
 
 
@@ -95,13 +95,11 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
     (["batch=128", "scaling=adascale", "scaling.ref_batch=32", "micro_batch=32"], [(0, 0, 128)]),
 ])
 def test_steps_known_ahead(overrides, expected):
-    from engine.checkpoint import RunState
     from engine.datasets import train_size_of
     from engine.plan import make_plan
-    from engine.steps import steps_ahead
     cfg = load_cfg([*TINY, *overrides])
     plan = make_plan(cfg, train_size_of(cfg.data))
-    assert steps_ahead(plan, RunState(), 512) == expected
+    assert [(s.index, s.images, s.batch) for s in plan.schedule_class(plan).steps_ahead(512)] == expected
 
 
 def test_batch_sizes_of_a_schedule_take_the_k_suffix():
@@ -318,7 +316,7 @@ def test_a_trial_training_step_leaves_no_trace(optim):
     from tests.helpers import load_cfg
     cfg = load_cfg([*TINY, f"optim={optim}"])
     model = build_model(cfg.model, (1, 28, 28), 10)
-    optimizer = make_plan(cfg, 512, 1).build_optimizer(model)
+    optimizer = build_plan_optimizer(make_plan(cfg, 512, 1), model)
     torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from engine.config import parse_batch
 from engine.errors import ConfigError
 from engine.models import build_model
 from engine.plan import auto_micro_batch, make_plan
-from tests.helpers import compose_cfg, load_cfg
+from tests.helpers import build_plan_optimizer, compose_cfg, load_cfg
 
 GROUPS = ["optim", "warmup", "schedule", "scaling", "model", "data", "logger"]
 
@@ -41,7 +41,7 @@ def test_every_option_composes_and_plans(group, option):
 def test_every_optimizer_builds_and_steps(option):
     cfg = load_cfg([f"optim={option}"])
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    opt = make_plan(cfg, 50_000).build_optimizer(model)
+    opt = build_plan_optimizer(make_plan(cfg, 50_000), model)
     model(torch.randn(2, 4)).sum().backward()
     before = model[0].weight.detach().clone()
     opt.step()
@@ -104,8 +104,8 @@ def test_linear_rule_and_goyal_warmup_start():
     p = plan_for(["batch=8k", "optim.lr=0.1", "warmup.start_at_ref_lr=true", "warmup.epochs=5", "epochs=90"],
                  1_281_167)
     assert p.peak_lr == pytest.approx(3.2)
-    assert p.schedule(0) == pytest.approx(0.1)  # Goyal: start at the small-batch LR
-    assert p.schedule(p.warmup_steps) == pytest.approx(3.2)
+    assert p.lr_schedule(0) == pytest.approx(0.1)  # Goyal: start at the small-batch LR
+    assert p.lr_schedule(p.warmup_steps) == pytest.approx(3.2)
     assert p.warmup_steps == round(5 * (1_281_167 // 8192))
 
 
@@ -133,4 +133,4 @@ def test_plan_errors(overrides, match):
 def test_max_steps_keeps_the_schedule_shape():
     full, short = plan_for([]), plan_for(["max_steps=5"])
     assert short.run_steps == 5 and short.total_steps == full.total_steps
-    assert [short.schedule(t) for t in range(5)] == [full.schedule(t) for t in range(5)]
+    assert [short.lr_schedule(t) for t in range(5)] == [full.lr_schedule(t) for t in range(5)]

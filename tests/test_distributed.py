@@ -139,13 +139,12 @@ def test_every_rank_forgets_an_improvement_once_it_is_saved(tmp_path):
     rank above 0 then asked for a save at every step, alone (a 2-task Slurm job hung on it)."""
     from types import SimpleNamespace
 
-    from engine.checkpoint import RunState
-    from engine.clock import Progress
     from engine.distributed import DistContext
     from engine.loop import save
-    state = RunState(at=Progress(step=7), improved=True)
+    from engine.run import RunState
+    state = RunState(improved=True)
     model = torch.nn.Linear(2, 2)
-    run = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(enabled=True)), state=state,
+    run = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(enabled=True)), state=state, schedule=SimpleNamespace(step=7),
                           dist=DistContext(rank=1, world_size=2), device=torch.device("cpu"), model=model,
                           optimizer=torch.optim.SGD(model.parameters()), ema=None)
     assert save(run, epoch=0) and state.improved is False

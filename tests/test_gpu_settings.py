@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from engine import distributed, loop
-from engine.checkpoint import RunState
 from engine.errors import ConfigError
-from engine.plan import make_plan
+from engine.run import RunState
 from tests.helpers import TINY, load_cfg, run_train
 
 
@@ -81,10 +80,8 @@ def test_ddp_takes_a_static_graph_only_where_it_trains(tmp_path, accum_steps, ba
 ])
 def test_images_per_s_is_the_steady_state(seconds, batches, expected):
     state = RunState()
-    plan = make_plan(load_cfg([*TINY, "batch=64"]), 512)
     for s, b in zip(seconds, batches, strict=True):
-        loop.advance(state, plan, b, loop.StepStats(loss=1.0, grad_norm=1.0, lr=0.1, gain=1.0, stop=False,
-                                                    warned=False), s)
+        state.count(b, s, loss=1.0)
     assert state.images_per_s == pytest.approx(expected)
 
 
@@ -190,7 +187,7 @@ def test_evaluation_runs_the_uncompiled_model(monkeypatch):
     plain = torch.nn.Linear(2, 2)
     run = SimpleNamespace(model=torch.compile(plain), data=None, device=torch.device("cpu"), ema=None,
                           cfg=SimpleNamespace(precision="fp32", channels_last=False, data=SimpleNamespace(val_split=0)), dist=SimpleNamespace(is_main=False),
-                          state=RunState(), plan=SimpleNamespace(epoch_of=lambda *a: 0.0),
+                          state=RunState(), schedule=SimpleNamespace(epoch=0.0, step=0),
                           progress=SimpleNamespace(write=lambda text: None))
     loop.run_eval(run)
     assert seen == [plain]

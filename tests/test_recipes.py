@@ -39,9 +39,9 @@ def test_goyal_8k_is_the_papers_recipe():
     assert (cfg.data.name, cfg.model.name, cfg.optim.target) == ("imagenet", "resnet50", "torch.optim.SGD")
     assert cfg.optim.nesterov and cfg.optim.weight_decay == 1e-4 and cfg.label_smoothing == 0.0
     assert p.micro_batch == 32  # BN over 32 images, as the paper's workers
-    assert p.peak_lr == pytest.approx(3.2) and p.schedule(0) == pytest.approx(0.1)  # 0.1 -> 0.1 * 32
+    assert p.peak_lr == pytest.approx(3.2) and p.lr_schedule(0) == pytest.approx(0.1)  # 0.1 -> 0.1 * 32
     assert p.warmup_steps == 5 * steps_per_epoch and p.total_steps == 90 * steps_per_epoch
-    lr = [p.schedule(e * steps_per_epoch) for e in (29, 30, 59, 60, 79, 80, 89)]
+    lr = [p.lr_schedule(e * steps_per_epoch) for e in (29, 30, 59, 60, 79, 80, 89)]
     assert lr == pytest.approx([3.2, 0.32, 0.32, 0.032, 0.032, 0.0032, 0.0032])  # x0.1 at 30/60/80
 
 
@@ -57,8 +57,8 @@ def test_lars_recipes_follow_table_4(recipe, batch, lr, warmup_epochs, epochs):
     spe = IMAGENET // batch
     assert cfg.optim.target == "optim.LARS" and cfg.optim.eta == 0.001 and cfg.optim.weight_decay == 5e-4
     assert (p.global_batch, p.peak_lr, p.warmup_steps, p.total_steps) == (batch, lr, warmup_epochs * spe, epochs * spe)
-    assert p.schedule.decay == "poly" and p.schedule.power == 2.0
-    assert p.schedule(p.total_steps - 1) < 1e-3 * lr  # poly(2) to zero
+    assert p.lr_schedule.decay == "poly" and p.lr_schedule.power == 2.0
+    assert p.lr_schedule(p.total_steps - 1) < 1e-3 * lr  # poly(2) to zero
 
 
 def test_lamb_32k_and_nado_step_budgets():
@@ -73,12 +73,12 @@ def test_lamb_32k_and_nado_step_budgets():
 def test_mlperf_ends_at_its_end_lr():
     cfg, p = plan_of("mlperf_lars_resnet50_16k")
     assert p.global_batch == 16384 and p.peak_lr == 25.0 and cfg.optim.weight_decay == 2e-4
-    assert p.schedule(p.total_steps) == pytest.approx(1e-4)  # poly(2) down to the end LR 1e-4
+    assert p.lr_schedule(p.total_steps) == pytest.approx(1e-4)  # poly(2) down to the end LR 1e-4
 
 
 def test_command_line_overrides_a_recipe():
     _, p = plan_of("goyal2017_resnet50_8k", "batch=4k", "warmup=none")
-    assert p.global_batch == 4096 and p.peak_lr == pytest.approx(1.6) and not p.schedule.uses_warmup
+    assert p.global_batch == 4096 and p.peak_lr == pytest.approx(1.6) and not p.lr_schedule.uses_warmup
 
 
 def test_torchvision_vit_b16_is_their_recipe():
@@ -87,7 +87,7 @@ def test_torchvision_vit_b16_is_their_recipe():
     assert (cfg.model.name, cfg.optim.target, p.global_batch, p.micro_batch) == ("vit_b16", "torch.optim.AdamW", 4096, 64)
     assert p.peak_lr == 0.003 and cfg.optim.weight_decay == 0.3 and p.rule == "none"
     assert (p.warmup_steps, p.total_steps) == (30 * spe, 300 * spe)
-    assert p.schedule(0) == pytest.approx(0.003 * 0.033) and p.schedule.decay == "cosine"
+    assert p.lr_schedule(0) == pytest.approx(0.003 * 0.033) and p.lr_schedule.decay == "cosine"
     assert (cfg.label_smoothing, cfg.grad_clip, cfg.precision) == (0.11, 1.0, "fp16")
     d = cfg.data
     assert (d.mixup_alpha, d.cutmix_alpha, d.auto_augment, d.repeated_aug) == (0.2, 1.0, "ra", 3)

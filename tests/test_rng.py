@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from engine.checkpoint import FORMAT, RunState, migrate, rng_state, seed_rank
+from engine.checkpoint import FORMAT, migrate, restore_checkpoint, rng_state, seed_rank
+from engine.run import RunState
+from engine.schedule import StepSchedule
 from tests.helpers import TINY, run_train
 
 
@@ -39,8 +41,10 @@ def restore_into(ckpt, rank, seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     full = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": 12,
-            "images": 0, "noise_scale": RunState().noise_scale.state_dict(), **ckpt}
-    RunState().restore(full, model=model, optimizer=opt, scaler=scaler, rank=rank, seed=seed)
+            "images": 0, "schedule": {"step": 12, "images": 0, "tau": 12.0, "batch": None, "gain": 1.0,
+                                      "noise_scale": {}}, **ckpt}
+    restore_checkpoint(full, state=RunState(), schedule=StepSchedule(plan=None), model=model, optimizer=opt,
+                       scaler=scaler, rank=rank, seed=seed)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
@@ -67,7 +71,7 @@ def test_a_previous_format_checkpoint_keeps_rank_0s_generators_and_drops_other_g
     old = {"format": 3, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                 "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}}  # 8 GPUs' states
     new = migrate(old)
-    assert new["format"] == FORMAT == 4 and len(new["rng"]["ranks"]) == 1
+    assert new["format"] == FORMAT == 5 and len(new["rng"]["ranks"]) == 1
     assert new["rng"]["ranks"][0]["cuda"].shape == (16,)  # its own device's state, whatever this machine sees
     expected = torch.rand(3)
     torch.manual_seed(0)
@@ -89,6 +93,6 @@ def test_a_format_3_checkpoint_resumes_bit_for_bit(tmp_path):
     run_train(tmp_path, [*args, "max_steps=4", "resume=auto"], name="part")
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(path, weights_only=False)
-    assert b["format"] == 4 and b["step"] == 4
+    assert b["format"] == 5 and b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
