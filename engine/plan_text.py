@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import textwrap
 
+from optim import UNSCALED
+
 
 def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
@@ -26,7 +28,7 @@ def describe(plan) -> str:
         lines.append(f"      {dropped:,} of {plan.train_size:,} images ({dropped / plan.train_size:.0%}) are left "
                      f"out of each epoch (the last partial batch): an epoch is "
                      f"{schedule.epoch_images / plan.train_size:.2f} passes' worth")
-    if plan.rule == "none":
+    if plan.rule in UNSCALED:
         lr = f"global LR {plan.peak_lr:g} (no scaling)"
     else:
         lr = (f"lr {plan.base_lr:g} @ batch {plan.ref_batch} x {plan.peak_lr / plan.base_lr:.4g} ({plan.rule} "

@@ -19,6 +19,7 @@ import math
 # each rule's LR factor as a function of kappa = batch / ref_batch (conf/scaling/NAME.yaml; a test keeps the two equal)
 RULES = {"none": lambda kappa: 1.0, "linear": lambda kappa: kappa, "sqrt": math.sqrt, "adam_sde": math.sqrt,
          "adascale": lambda kappa: 1.0}
+UNSCALED = ("none",)           # the rule that leaves the LR as tuned
 RESCALES_ADAM = ("adam_sde",)  # rules that also rescale Adam's betas and eps (scale_adam)
 MEASURES_GAIN = ("adascale",)  # rules whose LR factor is measured each step (adascale_gain), not a function of kappa
 

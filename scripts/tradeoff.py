@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.records import read_metrics
+from optim import BATCH_SCHEDULES, ConstantBatch
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +66,8 @@ def crossings(jobs: list[dict], targets: list[float], series_of) -> dict:
     """{(series, target): {batch: [(steps or None, job dir) per seed]}} for the constant-batch jobs."""
     out = defaultdict(lambda: defaultdict(list))
     for j in jobs:
-        if j.get("error") or j.get("batch_schedule", "constant") != "constant" or not j.get("global_batch"):
+        constant = BATCH_SCHEDULES.get(j.get("batch_schedule"), ConstantBatch) is ConstantBatch  # older: no field
+        if j.get("error") or not constant or not j.get("global_batch"):
             continue
         evals = eval_rows(Path(j["path"]))
         for t in targets:

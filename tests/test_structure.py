@@ -24,6 +24,64 @@ def test_option_files_are_the_registry(group, registry):
     assert sorted(group_options(group)) == sorted(registry)
 
 
+
+def _compares_a_name(node, names, subjects) -> bool:
+    """``node`` compares a string of ``names`` with (or tests it against) an expression that mentions one of
+    ``subjects`` (a rule, a batch schedule)."""
+    import ast
+    if not isinstance(node, ast.Compare):
+        return False
+    sides = [node.left, *node.comparators]
+    literal = any(isinstance(n, ast.Constant) and n.value in names for side in sides for n in ast.walk(side))
+    return literal and any(word in ast.unparse(side) for side in sides for word in subjects)
+
+
+def test_rules_and_batch_schedules_are_told_apart_in_one_place():
+    """No code compares a scaling rule's or a batch schedule's name, except the modules that define them and the
+    one function that chooses the run's schedule class from them (engine/schedule.py's choose_schedule, which
+    tests membership of optim.MEASURES_GAIN)."""
+    import ast
+    own = {"optim/scaling.py", "optim/batch_schedules.py"}
+    found = []
+    for path in [ROOT / "train.py", *ROOT.glob("engine/*.py"), *ROOT.glob("optim/*.py"), *ROOT.glob("scripts/*.py"),
+                 *ROOT.glob("hydra_plugins/*/*.py")]:
+        rel = str(path.relative_to(ROOT))
+        if rel in own:
+            continue
+        tree = ast.parse(path.read_text())
+        found += [f"{rel}:{n.lineno}" for n in ast.walk(tree)
+                  if _compares_a_name(n, set(RULES) | set(BATCH_SCHEDULES), ("rule", "batch_schedule", "batches",
+                                                                             "kind"))]
+    assert not found, f"a rule or batch schedule compared by name outside its module: {found}"
+
+
+@pytest.mark.parametrize("name", list(BATCH_SCHEDULES))
+def test_every_registered_batch_schedule_is_handled(name):
+    """A kind registered in BATCH_SCHEDULES builds from its conf/ file and says its sizes, each step's batch and
+    its plan line: one that left any out (the base class's NotImplementedError) fails here, not in a run."""
+    from engine.compose import load_cfg
+    from engine.plan import make_plan
+    cfg = load_cfg([*TINY, "batch=256", f"batch_schedule={name}"]
+                   + (["batch_schedule.start=64"] if name != "constant" else [])
+                   + (["batch_schedule.probe=16", "batch_schedule.multiple=64", "micro_batch=16"]
+                      if name == "adaptive" else []))
+    plan = make_plan(cfg, 2048)
+    batches = plan.batches
+    assert type(batches) is BATCH_SCHEDULES[name] and min(batches.sizes()) >= 1 and max(batches.sizes()) == 256
+    assert batches.next(0, None) in batches.sizes()
+    assert isinstance(batches.describe("the linear rule", 16), str)
+    assert plan.describe()
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_every_registered_rule_gives_a_factor(rule):
+    """A rule registered in RULES is its own LR factor: 1 at the reference batch, positive and increasing or flat
+    above it."""
+    from optim import lr_multiplier
+    assert lr_multiplier(rule, 256, 256) == 1.0
+    assert 1.0 <= lr_multiplier(rule, 512, 256) <= lr_multiplier(rule, 1024, 256)
+
+
 RMSPROP = """\
 # RMSprop: added by this one file, no Python edit.
 _target_: torch.optim.RMSprop
