@@ -16,10 +16,12 @@ from typing import NamedTuple
 
 import torch
 
-from .datasets import check_model
+from .datasets import data_shape
 from .distributed import unwrap
 from .errors import ConfigError
+from .models import check_model
 from .records import RESUME_MAY_CHANGE, read_summary
+from .seeds import rank_seed
 
 FORMAT = 5  # 3: batch schedules (identity and state); 4: every rank's random generators (rng.ranks); 5: the
 # schedule's state in one entry. Formats 2 to 4 load (migrate).
@@ -183,7 +185,7 @@ def check_same_model(ckpt: dict, cfg, path) -> None:
     """The model this command builds holds the checkpoint's tensors, shape for shape (the identity names the
     model; model.width, data.num_classes or the image size change its shape), and EMA weights where ema.enabled
     asks for them: refused here, before any run dir or record is written."""
-    shapes = check_model(cfg.model, cfg.data)
+    shapes = check_model(cfg.model, *data_shape(cfg.data), cfg.data.name)
     stored = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     for name in sorted(set(shapes) | set(stored)):
         if shapes.get(name) != stored.get(name):
@@ -311,7 +313,7 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
     keeps the stream torch.manual_seed(seed) began, so a single process trains exactly as it always has."""
     if rank == 0:
         return
-    own = (seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63
+    own = rank_seed(seed, rank, step)
     torch.manual_seed(own)  # CPU and every CUDA generator of this process
     random.seed(own)
 

@@ -26,9 +26,10 @@ from .checkpoint import RUN_FILES, already_done, hand_over, to_resume
 from .checkpoint import load as load_checkpoint
 from .compose import CONF_DIR
 from .config import load_config
-from .datasets import check_data_available, check_model, train_size_of
+from .datasets import check_data_available, data_shape, train_size_of
 from .distributed import env_rank, env_world_size, resolve_device, torchrun_problem
 from .errors import ConfigError
+from .models import check_model
 from .plan import make_plan
 from .records import RESUME_MAY_CHANGE, forget_job_folders, job_identity
 from .warm_start import check_init
@@ -445,9 +446,10 @@ _DONE: dict[tuple, object] = {}  # once()'s results, for one preflight
 
 
 def once(check, *settings):
-    """``check(*settings)``, once per distinct value of ``settings`` (config sections) in a preflight: a sweep's jobs
-    share their model and data, and building the model on the meta device is most of a job's check."""
-    key = (check.__code__, *(s.model_dump_json() for s in settings))
+    """``check(*settings)``, once per distinct value of ``settings`` (config sections or plain values) in a
+    preflight: a sweep's jobs share their model and data, and building the model on the meta device is most of a
+    job's check."""
+    key = (check.__code__, *(s.model_dump_json() if hasattr(s, "model_dump_json") else s for s in settings))
     if key not in _DONE:
         _DONE[key] = check(*settings)
     return _DONE[key]
@@ -458,7 +460,7 @@ def check_job(cfg, job: list[str], run_dir: str | None, check_files: bool) -> No
     that is already finished exits 0 here, untouched."""
     cfg.resume = slurm.resume_mode(cfg.resume)
     plan = make_plan(cfg, train_size_of(cfg.data), env_world_size())
-    model_shapes = once(check_model, cfg.model, cfg.data)
+    model_shapes = once(check_model, cfg.model, *data_shape(cfg.data), cfg.data.name)
     if not check_files:
         return
     resolve_device(cfg.device)

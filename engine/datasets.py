@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from . import datasets_disk as disk
 from .data import TrainData, check_val_split, make_synthetic
 from .errors import ConfigError
 from .fashion_mnist import load_fashion_mnist
-from .models import build_model, check_library_name
 
 
 @dataclass(frozen=True)
@@ -92,30 +89,9 @@ def train_size_of(cfg_data) -> int:
     return size - (cfg_data.val_split or 0)
 
 
-def check_model(cfg_model, cfg_data) -> dict[str, tuple[int, ...]]:
-    """The model's own arguments against the data's shape (a ViT patch that does not divide the image), built on
-    the meta device: no memory, no data read. Returns the shape of each tensor of its state_dict."""
-    shape, classes = DATASETS[cfg_data.name].shape(cfg_data)
-    if cfg_model.library is not None:
-        check_library_name(cfg_model.library, cfg_model.name)
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg_model, shape, classes)
-            if cfg_model.library is not None or cfg_model.target is not None:  # does it take this image size?
-                outputs = model.eval()(torch.empty(2, *shape)).shape[-1]
-                if outputs != classes:
-                    raise ConfigError(f"model._target_={cfg_model.target} gives {outputs} outputs for the "
-                                      f"{classes} classes of data={cfg_data.name}: its constructor takes no "
-                                      f"num_classes (give the class count as one of its keywords in the file)")
-    except ConfigError:
-        raise
-    except Exception as e:
-        what = (f"model._target_={cfg_model.target}" if cfg_model.target else
-                f"model={cfg_model.library} model.name={cfg_model.name}" if cfg_model.library else f"model={cfg_model.name}")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise ConfigError(f"{what} cannot take {shape[0]}-channel {shape[1]}x{shape[2]} images from data="
-                          f"{cfg_data.name} ({reason}): choose another model or data.image_size") from None
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def data_shape(cfg_data) -> tuple[tuple[int, int, int], int]:
+    """((channels, height, width), classes) of the configured dataset, without loading it."""
+    return DATASETS[cfg_data.name].shape(cfg_data)
 
 
 def in_memory(cfg_data) -> bool:

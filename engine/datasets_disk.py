@@ -18,6 +18,7 @@ import torch
 from .data import DOWNLOAD_CACHE, TensorData, held_out
 from .errors import ConfigError, RunError
 from .sampling import epoch_order, global_batches
+from .seeds import image_seed
 from .transforms import normalize, resized_crops, to_device
 
 CIFAR = {
@@ -172,7 +173,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
 def _key_seed(key: tuple) -> int:
     index, epoch, seed, copy = key
-    return (((seed * 1_000_003 + epoch) * 1_000_003 + index) * 17 + copy) % 2 ** 63
+    return image_seed(seed, epoch, index, copy)
 
 
 def _undecodable(path: str, error: Exception) -> RunError:

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .distributed import unwrap
+
 
 def sq_norm(tensors) -> torch.Tensor:
     """Squared L2 norm of all tensors together, as a float64 tensor on their device (no host sync)."""
@@ -140,8 +142,7 @@ def trust_ratios_by_name(model, optimizer) -> dict[str, float]:
     """Each adapted tensor's last trust ratio under its parameter name (e.g. ``layer1.0.conv1.weight``), so a
     user sees which layer is throttled."""
     ratios = getattr(optimizer, "trust_ratios", None) or {}
-    return {name.removeprefix("module.").removeprefix("_orig_mod."): float(ratios[p])
-            for name, p in model.named_parameters() if p in ratios}
+    return {name: float(ratios[p]) for name, p in unwrap(model).named_parameters() if p in ratios}
 
 
 def trust_ratio_stats(optimizer) -> dict:

@@ -186,7 +186,7 @@ def measure(run: Run, data, split: str) -> dict:
     evaluation images, with the BatchNorm statistics averaged over the ranks first. Evaluation runs the model
     uncompiled: through torch.compile, eval mode and the last partial batch would each compile another graph."""
     average_batch_norm_statistics(run.model)
-    models = {"": getattr(run.model, "_orig_mod", run.model)} | ({"_ema": run.ema} if run.ema is not None else {})
+    models = {"": unwrap(run.model)} | ({"_ema": run.ema} if run.ema is not None else {})
     return {f"{split}_{k}{suffix}": v for suffix, model in models.items()
             for k, v in evaluate(model, data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last).items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -193,3 +194,28 @@ def build_model(cfg_model, image_shape: tuple[int, int, int], num_classes: int) 
     if cfg_model.zero_init_residual:
         _zero_init_last_bn(model)
     return model
+
+
+def check_model(cfg_model, shape: tuple[int, int, int], classes: int, data_name: str) -> dict[str, tuple[int, ...]]:
+    """The model's own arguments against the data's shape (a ViT patch that does not divide the image), built on
+    the meta device: no memory, no data read. Returns the shape of each tensor of its state_dict."""
+    if cfg_model.library is not None:
+        check_library_name(cfg_model.library, cfg_model.name)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg_model, shape, classes)
+            if cfg_model.library is not None or cfg_model.target is not None:  # does it take this image size?
+                outputs = model.eval()(torch.empty(2, *shape)).shape[-1]
+                if outputs != classes:
+                    raise ConfigError(f"model._target_={cfg_model.target} gives {outputs} outputs for the "
+                                      f"{classes} classes of data={data_name}: its constructor takes no "
+                                      f"num_classes (give the class count as one of its keywords in the file)")
+    except ConfigError:
+        raise
+    except Exception as e:
+        what = (f"model._target_={cfg_model.target}" if cfg_model.target else
+                f"model={cfg_model.library} model.name={cfg_model.name}" if cfg_model.library else f"model={cfg_model.name}")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise ConfigError(f"{what} cannot take {shape[0]}-channel {shape[1]}x{shape[2]} images from data="
+                          f"{data_name} ({reason}): choose another model or data.image_size") from None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -6,11 +6,13 @@ import functools
 
 import torch
 
+from .seeds import epoch_order_seed
+
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of the training set used in ``epoch`` (CPU, int64)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(epoch_order_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 

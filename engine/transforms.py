@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .seeds import augment_seed, mix_seed
+
 
 @dataclass
 class Augment:
@@ -17,7 +19,7 @@ class Augment:
 
     def draw(self, size: int, seed: int, step: int) -> torch.Tensor:
         """(size, 3) int64 rows of (dy, dx, flip) for global step ``step``: a pure function of (seed, step)."""
-        g = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+        g = torch.Generator().manual_seed(augment_seed(seed, step))
         shifts = torch.randint(0, 2 * self.padding + 1, (size, 2), generator=g)
         flips = torch.randint(0, 2, (size, 1), generator=g) if self.hflip else torch.zeros(size, 1, dtype=torch.long)
         return torch.cat([shifts, flips], dim=1)
@@ -55,18 +57,14 @@ class Mix:
             [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
         self.transform = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
 
-    @staticmethod
-    def _seed(seed: int, step: int) -> int:
-        return (seed * 7_919 + step * 104_729 + 2) % 2 ** 63
-
     def partners(self, size: int, seed: int, step: int) -> torch.Tensor:
-        return torch.randperm(size, generator=torch.Generator().manual_seed(self._seed(seed, step)))
+        return torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, step)))
 
     def apply(self, x, y, x_partner, y_partner, seed: int, step: int):
         pairs = torch.stack([x_partner, x], 1).flatten(0, 1)   # p0, x0, p1, x1, ...: x_i's neighbour is p_i
         labels = torch.stack([y_partner, y], 1).flatten(0, 1)
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed would also reseed CUDA's,
-            torch.default_generator.manual_seed(self._seed(seed, step) + 1)  # and every rank's dropout would repeat
+            torch.default_generator.manual_seed(mix_seed(seed, step) + 1)  # and every rank's dropout would repeat
             mixed, soft = self.transform(pairs, labels)
         return mixed[1::2].contiguous(), soft[1::2]
 

@@ -92,13 +92,14 @@ def target_model(**keys):
     ({"_target_": "torchvision.models.squeezenet1_1"}, (3, 64, 64)),   # num_classes through **kwargs
 ], ids=["timm class", "torchvision factory"])
 def test_a_model_by_target_takes_the_datas_shape_and_its_files_keywords(keys, shape):
-    from engine.datasets import check_model
+    from engine.datasets import data_shape
+    from engine.models import check_model
     cfg = target_model(**keys)
     assert cfg.name == keys["_target_"].rsplit(".", 1)[-1]
     assert build_model(cfg, shape, 7).eval()(torch.zeros(2, *shape)).shape == (2, 7)
     data = load_cfg(["data=synthetic", f"data.channels={shape[0]}", f"data.image_size={shape[1]}",
                      "data.num_classes=7"]).data
-    assert check_model(cfg, data)  # the preflight's meta-device build takes it too
+    assert check_model(cfg, *data_shape(data), data.name)  # the preflight's meta-device build takes it too
 
 
 @pytest.mark.parametrize("keys, said", [
@@ -107,10 +108,12 @@ def test_a_model_by_target_takes_the_datas_shape_and_its_files_keywords(keys, sh
     ({"_target_": "torch.nn.Flatten"}, "gives 784 outputs for the 10 classes"),
 ], ids=["import", "keyword", "no class count"])
 def test_a_model_by_target_that_cannot_work_is_one_line(keys, said):
-    from engine.datasets import check_model
+    from engine.datasets import data_shape
     from engine.errors import ConfigError
+    from engine.models import check_model
+    data = load_cfg([]).data
     with pytest.raises(ConfigError, match=re.escape(said)):
-        check_model(target_model(**keys), load_cfg([]).data)
+        check_model(target_model(**keys), *data_shape(data), data.name)
 
 
 def test_a_registry_model_takes_no_keywords_of_its_own():
