@@ -63,20 +63,12 @@ from engine.datasets import eval_split, load_data
 from engine.diagnostics import noise_scale_for
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
-from engine.loop import (
-    EvaluationStopped,
-    StopFlag,
-    check_headroom,
-    evaluate,
-    fit,
-    largest_fitting_micro_batch,
-    measure,
-    try_training_step,
-)
+from engine.loop import EvaluationStopped, StopFlag, evaluate, fit, measure
 from engine.metrics import FAILED_JOBS, ProgressBar, RunLogger, log, record_job_failure, say
+from engine.micro_batch import choose_micro_batch
 from engine.models import build_model
 from engine.optimizer_class import build_optimizer
-from engine.plan import Plan, make_plan
+from engine.plan import make_plan
 from engine.plan_text import plural
 from engine.run import Run, RunState
 from engine.warm_start import Match, warm_start
@@ -185,25 +177,6 @@ def requeue_warned_job(run: Run) -> None:
         handler(signal.SIGUSR2, None)  # requeues and exits, or raises when max_num_timeout is spent
     else:
         say(f"SIGUSR2: {slurm.requeue(run.cfg.checkpoint.max_requeues)}")
-
-
-def choose_micro_batch(plan: Plan, model, optimizer, data, cfg, device, dist) -> Plan:
-    """micro_batch=auto on CUDA: the largest divisor of the per-rank batch whose whole training step fits with 10 %
-    of the GPU to spare (the EMA copy is already allocated); all ranks try each size together and agree."""
-    say_main = say if dist.is_main else (lambda *_: None)
-
-    def fits(size: int) -> None:
-        torch.cuda.reset_peak_memory_stats(device)
-        try_training_step(model, optimizer, data.image_shape, data.num_classes, device, cfg.precision, size,
-                          cfg.channels_last)
-        check_headroom(device)
-
-    micro = largest_fitting_micro_batch(fits, plan.micro_common, say_main,
-                                        agree=lambda fitted: distributed.all_reduce_min(int(fitted), device) == 1,
-                                        largest=plan.micro_largest)
-    plan = make_plan(cfg.model_copy(update={"micro_batch": micro}), plan.train_size, plan.world_size)  # its checks
-    say_main(f"micro_batch=auto: {micro} images per micro-batch fit ({plan.accum_steps} per step per rank)")
-    return plan
 
 
 def build_model_on(cfg, data, device, sync_bn: bool = False) -> torch.nn.Module:

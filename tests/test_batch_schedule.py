@@ -280,7 +280,7 @@ def test_a_format_2_checkpoint_is_a_constant_batch_run():
 # --- micro_batch=auto (the OOM search runs on CUDA; its logic is tested here with an injected OOM) -------------------
 
 def test_micro_batch_auto_halves_on_out_of_memory_to_a_divisor():
-    from engine.loop import largest_fitting_micro_batch
+    from engine.micro_batch import largest_fitting_micro_batch
     tried = []
 
     def fits(size):
@@ -296,7 +296,7 @@ def test_micro_batch_auto_halves_on_out_of_memory_to_a_divisor():
 
 def test_micro_batch_auto_gives_up_with_one_line_at_one_image():
     from engine.errors import RunError
-    from engine.loop import largest_fitting_micro_batch
+    from engine.micro_batch import largest_fitting_micro_batch
 
     def never(size):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
@@ -310,7 +310,7 @@ def test_a_trial_training_step_leaves_no_trace(optim):
     statistics, optimizer state (here after one real step) and generators as they were."""
     import copy
 
-    from engine.loop import try_training_step
+    from engine.micro_batch import try_training_step
     from engine.models import build_model
     from engine.plan import make_plan
     from tests.helpers import load_cfg
@@ -341,7 +341,7 @@ def test_a_trial_training_step_leaves_no_trace(optim):
     (lambda: ValueError("not memory"), False),
 ])
 def test_both_kinds_of_allocation_failure_count_as_out_of_memory(error, caught):
-    from engine.loop import largest_fitting_micro_batch
+    from engine.micro_batch import largest_fitting_micro_batch
 
     def fits(size):
         if size > 16:
@@ -355,7 +355,7 @@ def test_both_kinds_of_allocation_failure_count_as_out_of_memory(error, caught):
 
 def test_every_rank_takes_the_size_all_of_them_fit():
     """Rank 1 (simulated) fits only 8: the all-reduce of each try makes rank 0, which fits 32, go on down with it."""
-    from engine.loop import largest_fitting_micro_batch
+    from engine.micro_batch import largest_fitting_micro_batch
     other_rank_fits = lambda size: size <= 8
     tried = []
 
@@ -378,7 +378,7 @@ def test_every_rank_takes_the_size_all_of_them_fit():
     (80, 80, 0, 72, True),
 ])
 def test_the_chosen_micro_batch_leaves_a_tenth_of_the_gpu_free(monkeypatch, total, free, reserved, peak, fits):
-    from engine.loop import check_headroom
+    from engine.micro_batch import check_headroom
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free * gib, total * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved * gib)
@@ -410,7 +410,7 @@ def test_micro_batch_auto_keeps_the_plans_rules(monkeypatch, overrides, oom_abov
     and the plan it returns is made again by make_plan, through the same checks."""
     from types import SimpleNamespace
 
-    import train
+    from engine import micro_batch
     from engine.distributed import DistContext
     from engine.plan import make_plan
     cfg = load_cfg(["data=synthetic", "data.train_size=2048", "logger=none", "batch=512", "micro_batch=auto",
@@ -420,9 +420,9 @@ def test_micro_batch_auto_keeps_the_plans_rules(monkeypatch, overrides, oom_abov
     def trial(model, optimizer, image_shape, num_classes, device, precision, size, channels_last):
         if oom_above and size > oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-    monkeypatch.setattr(train, "try_training_step", trial)
-    monkeypatch.setattr(train, "check_headroom", lambda device: None)
+    monkeypatch.setattr(micro_batch, "try_training_step", trial)
+    monkeypatch.setattr(micro_batch, "check_headroom", lambda device: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
-    chosen = train.choose_micro_batch(plan, None, None, SimpleNamespace(image_shape=(1, 28, 28), num_classes=10), cfg,
-                                      torch.device("cpu"), DistContext())
+    chosen = micro_batch.choose_micro_batch(plan, None, None, SimpleNamespace(image_shape=(1, 28, 28), num_classes=10),
+                                            cfg, torch.device("cpu"), DistContext())
     assert (chosen.micro_batch, chosen.accum_steps) == (micro, accum)
