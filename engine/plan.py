@@ -111,14 +111,14 @@ def _lr_schedule(cfg, peak_lr: float, horizon: int, unit_batch: int, unit_steps_
         raise ConfigError(f"warmup of {warmup_steps} steps (warmup.epochs={w.epochs}, warmup.steps={w.steps}) is as "
                           f"long as the run or longer ({horizon} steps = epochs {cfg.epochs} x "
                           f"{unit_steps_per_epoch} steps/epoch): shorten the warmup, or use warmup=none")
-    shape = {"warmup": w.name, "warmup_steps": warmup_steps, "decay": sc.name}
+    # a setting of the warmup or schedule group named as a field of LRSchedule is that field (a new warmup or decay
+    # with a new setting adds it to engine/config.py and LRSchedule, and nothing here); the others are mapped below
+    fields = set(LRSchedule.__dataclass_fields__) - {"peak_lr", "total_steps", "warmup", "decay", "milestones"}
+    shape = {k: v for group in (w, sc) for k, v in group.model_dump().items() if k in fields}
+    shape.update(warmup=w.name, warmup_steps=warmup_steps, decay=sc.name, constant_factor=w.factor,
+                 exp_ratio=w.ratio)
     if w.start_at_ref_lr:  # Goyal et al.: gradual warmup starts at, constant warmup stays at, the unscaled LR
         shape.update(start_factor=base_lr / peak_lr, constant_factor=base_lr / peak_lr)
-    else:
-        shape.update(start_factor=w.start_factor, constant_factor=w.factor)
-    shape.update(exp_ratio=w.ratio, min_factor=sc.min_factor, gamma=sc.gamma, power=sc.power,
-                 pct_start=sc.pct_start, div_factor=sc.div_factor, final_div_factor=sc.final_div_factor,
-                 cycle_momentum=sc.cycle_momentum, base_momentum=sc.base_momentum, max_momentum=sc.max_momentum)
     if sc.name == "step":
         if sc.milestone_epochs:
             shape["milestones"] = tuple(int(round(e * unit_steps_per_epoch)) for e in sc.milestone_epochs)

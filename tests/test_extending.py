@@ -65,19 +65,33 @@ def add_dataset(repo):
     return ["data=noise", "data.train_size=512", "data.test_size=128"]
 
 
+def add_decay_with_a_setting(repo):
+    """A decay with a setting of its own: its type and range in engine/config.py, a field of LRSchedule of the same
+    name (plan.py passes it on by that name)."""
+    schedules = repo / "optim" / "schedules.py"
+    _edit(schedules, 'DECAYS = (', 'DECAYS = ("exponential", ')
+    _edit(schedules, "    max_momentum: float = 0.95\n", "    max_momentum: float = 0.95\n    rate: float = 1.0\n")
+    _edit(schedules, '        if self.decay == "poly":\n',
+          '        if self.decay == "exponential":\n            return math.exp(-self.rate * p)\n'
+          '        if self.decay == "poly":\n')
+    _edit(repo / "engine" / "config.py", "    max_momentum: Optional[UnitOpen] = None\n",
+          "    max_momentum: Optional[UnitOpen] = None\n    rate: Optional[PosFloat] = None\n")
+    (repo / "conf" / "schedule" / "exponential.yaml").write_text("name: exponential\nrate: 3.0\n")
+    return ["schedule=exponential"]
+
+
 def add_batch_schedule(repo):
-    schedules = repo / "optim" / "batch_schedules.py"
-    _edit(schedules, 'BATCH_SCHEDULES = ("constant", ', 'BATCH_SCHEDULES = ("twophase", "constant", ')
-    _edit(schedules, '        if self.kind == "constant":\n            return [self.batch]\n',
-          '        if self.kind == "constant":\n            return [self.batch]\n'
-          '        if self.kind == "twophase":\n            return [self.start, self.batch]\n')
-    _edit(schedules, '        if self.kind == "step":\n            return self._step_batch(self._passed(images))\n',
-          '        if self.kind == "step":\n            return self._step_batch(self._passed(images))\n'
-          '        if self.kind == "twophase":\n            return self.start if images < self.ramp_images else '
-          'self.batch\n')
-    _edit(repo / "engine" / "plan.py", '    if b.name == "ramp":\n',
-          '    if b.name == "twophase":\n        kw["ramp_images"] = int(round((b.epochs or 0.0) * train_size))\n'
-          '    if b.name == "ramp":\n')
+    _edit(repo / "optim" / "batch_schedules.py", "# the config name of each kind",
+          "@dataclass(frozen=True)\nclass TwoPhaseBatch(BatchSchedule):\n    switch_images: int = 0\n\n"
+          "    @classmethod\n    def from_config(cls, group, batch, total_images, train_size):\n"
+          "        return cls(batch=batch, start=group.start, switch_images=int(group.epochs * train_size))\n\n"
+          "    def sizes(self):\n        return sorted({self.first, self.batch})\n\n"
+          "    def at(self, images):\n        return self.first if images < self.switch_images else self.batch\n\n"
+          "    def describe(self, lr_follows, probe_images):\n"
+          "        return f'two phases: {self.first} then {self.batch}'\n\n\n"
+          "# the config name of each kind")
+    _edit(repo / "optim" / "batch_schedules.py", 'BATCH_SCHEDULES = {"constant": ConstantBatch, ',
+          'BATCH_SCHEDULES = {"twophase": TwoPhaseBatch, "constant": ConstantBatch, ')
     (repo / "conf" / "batch_schedule" / "twophase.yaml").write_text("name: twophase\nstart: 32\nepochs: 0.5\n")
     return ["batch_schedule=twophase"]
 
@@ -94,8 +108,8 @@ def add_logger(repo):
 
 # kind -> (how to add one, the files it takes): docs/extending.md's table states the same numbers
 KINDS = {"optimizer": (add_optimizer, 1), "warmup": (add_warmup, 2), "decay": (add_decay, 2),
-         "model": (add_model, 2), "dataset": (add_dataset, 2), "batch schedule": (add_batch_schedule, 3),
-         "logger": (add_logger, 2)}
+         "decay with a new setting": (add_decay_with_a_setting, 3), "model": (add_model, 2),
+         "dataset": (add_dataset, 2), "batch schedule": (add_batch_schedule, 2), "logger": (add_logger, 2)}
 
 
 def snapshot(repo):
