@@ -64,13 +64,14 @@ from engine.diagnostics import noise_scale_for
 from engine.ema import make_ema
 from engine.errors import ConfigError, RunError
 from engine.loop import EvaluationStopped, StopFlag, evaluate, fit, measure
-from engine.metrics import FAILED_JOBS, ProgressBar, RunLogger, log, record_job_failure, say
+from engine.metrics import ProgressBar, RunLogger, log, say
 from engine.micro_batch import choose_micro_batch
 from engine.models import build_model
 from engine.optimizer_class import build_optimizer
 from engine.plan import make_plan
 from engine.plan_text import plural
 from engine.run import Run, RunState
+from engine.sweep import FAILED_JOBS, record_job_failure
 from engine.warm_start import Match, warm_start
 
 
@@ -341,7 +342,6 @@ if __name__ == "__main__":
         fail(str(e))
     sys.argv[1:] = preflight(sys.argv[1:], conf_dir=Path(__file__).resolve().parent / "conf")
     main()
-    if FAILED_JOBS:
-        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (their summary.json has the error): "
-              f"{', '.join(FAILED_JOBS)}", file=sys.stderr)
+    if failed := FAILED_JOBS.report():
+        print(f"error: {failed}", file=sys.stderr)
         sys.exit(1)

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from hydra.utils import get_class
 
-from .checkpoint import RUN_FILES
-from .distributed import env_rank
-from .records import read_metrics, read_summary
+from .records import read_metrics
 
 # The run's own lines (plan, progress, evaluations, warnings): Hydra's job logging sends them to the console and
 # to the run dir's train.log (conf/hydra/job_logging/run_log.yaml).
@@ -30,27 +28,6 @@ class BelowWarning(logging.Filter):
 
 def say(text: str) -> None:
     log.info(text)
-
-
-FAILED_JOBS: list[str] = []  # this sweep's jobs that ended in an error (divergence is a result, not a failure)
-
-
-def record_job_failure(run_dir: Path, error: str, refused: bool = False, **details) -> dict:
-    """A sweep job's error, in its own summary.json (keeping what the run wrote there) and in the list the launching
-    command reports before it exits 1. A refusal (``refused``: the job's input was turned down before it trained)
-    writes nothing into a folder that already holds a run: that record is another run's. In the job's process only
-    rank 0 writes; the Slurm launcher records the jobs that Slurm killed (they cannot write their own)."""
-    if env_rank() != 0:
-        return {"error": error}
-    log.error(f"error in job {run_dir}: {error}")
-    FAILED_JOBS.append(str(run_dir))
-    if refused and any((run_dir / f).exists() for f in RUN_FILES):
-        return {"error": error}
-    path = run_dir / "summary.json"
-    summary = {"diverged": False, **read_summary(run_dir), "error": error, **details}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def _jsonable(v):

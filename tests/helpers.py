@@ -60,7 +60,7 @@ def train_in_process(args: list[str], monkeypatch) -> None:
     train.py and the launchers hold it by name."""
     import runpy
 
-    from engine.metrics import FAILED_JOBS
+    from engine.sweep import FAILED_JOBS
     earlier = list(FAILED_JOBS)
     FAILED_JOBS.clear()
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])

@@ -15,7 +15,7 @@ import torch
 from engine import distributed, slurm
 from engine.distributed import Launch, cuda_index, launch
 from engine.errors import ConfigError
-from engine.metrics import FAILED_JOBS
+from engine.sweep import FAILED_JOBS
 from tests.helpers import ROOT
 
 

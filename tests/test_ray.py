@@ -58,7 +58,7 @@ def test_ray_runs_jobs_at_once_equal_to_the_basic_launcher_and_resumes(tmp_path,
 def test_a_failed_ray_job_is_recorded_and_named(tmp_path, monkeypatch, died):
     """A task that died (its worker killed: no summary of its own) is recorded in its summary.json; one whose run
     recorded its error there is named too: either way the command exits 1 (train.py reads FAILED_JOBS)."""
-    from engine.metrics import FAILED_JOBS
+    from engine.sweep import FAILED_JOBS
     from hydra_plugins.large_batch_ray import ray_launcher
     job = tmp_path / "0_seed=0"
     if died:

@@ -12,8 +12,9 @@ import time
 import pytest
 
 from engine.datasets import train_size_of
-from engine.metrics import ProgressBar, record_job_failure
+from engine.metrics import ProgressBar
 from engine.plan import make_plan
+from engine.sweep import record_job_failure
 from tests.helpers import ENV, ROOT, TINY, checks, load_cfg, python, run_train
 from tests.wandb_records import runs as wandb_runs
 

@@ -170,7 +170,7 @@ def test_an_old_checkpoint_format_is_refused(tmp_path):
     old = tmp_path / "old.pt"
     torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0}, old)  # what the previous version wrote
     r = checks([*TINY, f"resume={old}", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert r.returncode == 2 and "checkpoint format 1 is not this version's (4)" in r.stderr
+    assert r.returncode == 2 and "checkpoint format 1 is not this version's (5)" in r.stderr
     assert not (tmp_path / "run").exists()
 
 

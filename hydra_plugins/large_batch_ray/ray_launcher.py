@@ -18,8 +18,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
-from engine.metrics import FAILED_JOBS, log, record_job_failure, say
-from engine.records import read_summary
+from engine.metrics import say
+from engine.sweep import FAILED_JOBS, record_job_failure
 from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, start_ray
 from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher as PluginRayLauncher
 
@@ -57,8 +57,5 @@ def outcome(task, job_dir: Path, overrides: list[str]) -> JobReturn:
         record_job_failure(job_dir, f"{type(e).__name__}: {lines[-1] if lines else ''}")
         return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=float("nan"),
                          working_dir=str(job_dir))
-    summary = read_summary(job_dir)
-    if "error" in summary and str(job_dir) not in FAILED_JOBS:  # train.py recorded it, in the task's process
-        log.error(f"error in job {job_dir}: {summary['error']}")
-        FAILED_JOBS.append(str(job_dir))
+    FAILED_JOBS.note_job(job_dir)  # train.py recorded an error, in the task's process
     return result

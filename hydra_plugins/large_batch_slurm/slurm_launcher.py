@@ -21,8 +21,8 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 from submitit.core.utils import FailedJobError
 
-from engine.metrics import FAILED_JOBS, log, record_job_failure, say
-from engine.records import read_summary
+from engine.metrics import log, say
+from engine.sweep import FAILED_JOBS, record_job_failure
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 
@@ -112,10 +112,7 @@ def outcome(job, job_dir: Path, overrides, state: str) -> JobReturn:
             lines = str(e).strip().splitlines()
             error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         else:
-            summary = read_summary(job_dir)
-            if "error" in summary and str(job_dir) not in FAILED_JOBS:  # train.py recorded it in the job
-                log.error(f"error in job {job_dir}: {summary['error']}")
-                FAILED_JOBS.append(str(job_dir))
+            FAILED_JOBS.note_job(job_dir)  # train.py recorded an error in the job
             return result
     else:
         error = why_killed(state, _tail(job.paths.stderr))
