@@ -236,7 +236,7 @@ def already_done(run_dir: Path, ckpt: dict | None, plan) -> str | None:
     schedule = plan.schedule_class(plan)
     schedule.load_state_dict(ckpt["schedule"])
     if schedule.finished and written:
-        of = f" of {plan.run_steps}" if plan.fixed else f", {ckpt.get('images', 0):,} images"
+        of = f" of {plan.run_steps}" if schedule.fixed_batch else f", {ckpt.get('images', 0):,} images"
         return f"{run_dir} is finished (step {ckpt['step']}{of}); nothing to do"
     return None
 

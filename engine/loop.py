@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from optim import apply_lr
-
 from . import diagnostics as diag
 from .checkpoint import rng_state, save_checkpoint
 from .datasets import eval_split
@@ -136,15 +134,13 @@ def train_step(run: Run, step: Step, micro_batches, stop: bool = False, warned: 
         run.optimizer.zero_grad(set_to_none=True)
         diverge(run, loss, gnorm_value, step.lr)
         return None
-    lr, gain = step.lr, 1.0
     if track_noise:
         if per_micro is not None:
             noise_scale.update(plan.micro_batch, small, step.batch, gnorm_value ** 2,
                                samples=per_micro.count * run.dist.world_size)
         else:
             noise_scale.update(probe * plan.micro_batch, small, step.batch, gnorm_value ** 2)
-        lr, gain = run.schedule.lr_and_gain(step)
-    apply_lr(run.optimizer, lr, step.momentum)
+    lr, gain = run.schedule.set_lr(run.optimizer, step)  # AdaScale's gain: from the noise scale just updated
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)

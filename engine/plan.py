@@ -63,11 +63,6 @@ class Plan:
     measures_noise: bool = False  # the gradient-noise estimate drives the batch or the LR
 
     @property
-    def fixed(self) -> bool:
-        """Every step has the global batch and progress is counted in steps."""
-        return self.schedule_class.fixed_batch
-
-    @property
     def total_images(self) -> int:
         return self.total_steps * self.global_batch  # the budget at the target batch: "same epochs" = same images
 

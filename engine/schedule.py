@@ -1,8 +1,8 @@
 """What happens at each optimizer step, owned by one object per run: where the run is (steps, images, tau), the
 step's global batch and its split, its LR and momentum, AdaScale's gain, and whether an epoch or the run has ended.
 
-The loop asks ``next_step()`` once per step and gets a ``Step`` with all of it; after the step's gradients it asks
-``lr_and_gain(step)`` for the LR to apply (AdaScale's depends on them), and ``advance(step, gain)`` counts the step
+The loop asks ``next_step()`` once per step and gets a ``Step`` with all of it; after the step's gradients
+``set_lr(optimizer, step)`` sets the LR (AdaScale's depends on them), and ``advance(step, gain)`` counts the step
 done. A checkpoint saves ``state_dict()`` and a resume restores it, whole. One class per clock, chosen once by
 ``choose_schedule`` (the one place the batch schedule's and the scaling rule's names are told apart):
 - ``StepSchedule``: a constant batch; progress is the optimizer step, as in every paper's schedule;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from optim import MEASURES_GAIN, adascale_gain, lr_multiplier
+from optim import MEASURES_GAIN, adascale_gain, apply_lr, lr_multiplier
 
 from .diagnostics import NoiseScale
 
@@ -132,8 +132,15 @@ class StepSchedule:
         return 1.0
 
     def lr_and_gain(self, step: Step) -> tuple[float, float]:
-        """The LR to apply for ``step`` once its gradients are measured, and the gain in it (1 but for AdaScale)."""
+        """The LR of ``step`` once its gradients are measured, and the gain in it (1 but for AdaScale)."""
         return step.lr, 1.0
+
+    def set_lr(self, optimizer, step: Step) -> tuple[float, float]:
+        """Set ``step``'s LR (and momentum, where the LR schedule cycles it) on every param group of ``optimizer``;
+        returns the LR and its gain, for the log."""
+        lr, gain = self.lr_and_gain(step)
+        apply_lr(optimizer, lr, step.momentum)
+        return lr, gain
 
     def advance(self, step: Step, gain: float = 1.0) -> None:
         """Count ``step`` done (tau moves by its gain); an adaptive batch is decided every N steps."""

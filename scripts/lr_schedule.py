@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
             ax_batch.step(epochs, [b for _, b in rows], where="post", color=line.get_color(), linestyle="--",
                           linewidth=1)
         ramp = plan.lr_schedule.ramp_steps
-        if plan.fixed and 0 < ramp < len(lrs):
+        if plan.schedule_class.fixed_batch and 0 < ramp < len(lrs):
             ax.axvline(epochs[ramp], color=line.get_color(), linestyle=":", linewidth=1)
             ax.annotate(f"warmup ends (step {ramp})", (epochs[ramp], lrs[ramp]), textcoords="offset points",
                         xytext=(4, 4 + 10 * i), fontsize=8, color=line.get_color())
