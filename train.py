@@ -135,16 +135,22 @@ def train(cfg, run_dir: Path) -> dict:
             summary = write_summary(run, started)
             logger.finish(exit_code=0 if not state.diverged and state.stopped_by is None else 1)
     report(run, summary)
-    if state.stopped_by == "SIGUSR2":
-        requeue_warned_job(run)
-    if state.stopped_by is not None:
-        sys.exit(128 + signal.Signals[state.stopped_by].value)  # checkpoint is saved; resume=auto goes on
-    if late.signal_name is not None:
-        if dist.is_main:
-            say(f"{late.signal_name} came after the last step: the final evaluation and summary.json were "
-                f"finished first")
-        sys.exit(128 + signal.Signals[late.signal_name].value)
+    exit_if_signalled(run, late.signal_name)
     return summary
+
+
+def exit_if_signalled(run: Run, late: str | None) -> None:
+    """A run stopped by a signal exits 128 + its number, after its checkpoint and summary (resume=auto goes on); one
+    warned of its time limit requeues itself first. ``late``: a signal after the last step, which waited."""
+    stopped_by = run.state.stopped_by
+    if stopped_by == "SIGUSR2":
+        requeue_warned_job(run)
+    if stopped_by is not None:
+        sys.exit(128 + signal.Signals[stopped_by].value)
+    if late is not None:
+        if run.dist.is_main:
+            say(f"{late} came after the last step: the final evaluation and summary.json were finished first")
+        sys.exit(128 + signal.Signals[late].value)
 
 
 def finish_evaluation(run: Run) -> None:
