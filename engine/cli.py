@@ -167,6 +167,17 @@ def check_threads(threads: int | None) -> None:
 _LOCKS = []  # open lock files: held for the life of the process
 
 
+def _release_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file: it closes its copy, so a run killed with
+    SIGKILL frees its folder at once, not when its orphaned workers notice and exit."""
+    for handle in _LOCKS:
+        handle.close()
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)
+
+
 def check_writable(folder: Path, setting: str) -> Path:
     """The folder, or the nearest parent that exists (returned), is writable by this process."""
     existing = next(p for p in [folder, *folder.parents] if p.exists())

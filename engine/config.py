@@ -189,6 +189,7 @@ class DataConfig(Group):
     val_split: NonNeg                              # training images held out for val_*; 0 = evaluate on test_*
     repeated_aug: Optional[NonNeg] = None         # imagenet: DeiT's repeated augmentation, N copies per image; 0 = off
     auto_augment: Optional[Literal["ra", "ta_wide"]] = None  # imagenet: RandAugment / TrivialAugmentWide per image
+    format: Optional[Literal["folder", "shards"]] = None  # imagenet: ImageFolder tree or WebDataset shards (same order)
     decode: Optional[Literal["workers", "device"]] = None  # imagenet: JPEG decoding in the workers or batched on device
     device_crop: Optional[Literal["per_image", "batched"]] = None  # imagenet, decode=device: resize crops one by one
     #                                                            or together (roi_align, within a tolerance)

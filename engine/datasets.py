@@ -17,6 +17,7 @@ from . import datasets_disk as disk
 from .data import TrainData, check_val_split, make_synthetic
 from .errors import ConfigError
 from .fashion_mnist import load_fashion_mnist
+from .shards import MANIFEST, check_shards, read_manifest
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,21 @@ def _fashion_size_for_plan(root: str | None) -> int:
         return 60_000
 
 
-def _imagenet_classes(root: str | None) -> int:
-    """The class folders of train/ (the model's output size), or ImageNet-1k's 1000 where there is no data yet."""
+def _imagenet_classes(cfg_data) -> int:
+    """The class folders of train/ or the shards' classes (the model's output size), or ImageNet-1k's 1000 where
+    there is no data yet."""
+    root = cfg_data.root
+    if cfg_data.format == "shards":
+        return len(read_manifest(root)["classes"]) if root and (Path(root) / MANIFEST).is_file() else 1000
     train = Path(root or "") / "train"
     return sum(p.is_dir() for p in train.iterdir()) if root and train.is_dir() else 1000
+
+
+def _check_imagenet(cfg_data) -> None:
+    if cfg_data.format == "shards":
+        check_shards(cfg_data.root)
+    else:
+        disk.check_imagenet(cfg_data.root)
 
 
 DATASETS = {
@@ -55,8 +67,8 @@ DATASETS = {
                        lambda c: disk.check_cifar("cifar10", c), lambda c: ((3, 32, 32), 10)),
     "cifar100": Dataset(lambda c: disk.load_cifar("cifar100", c.root), lambda c: 50_000,
                         lambda c: disk.check_cifar("cifar100", c), lambda c: ((3, 32, 32), 100)),
-    "imagenet": Dataset(disk.load_imagenet, lambda c: 1_281_167, lambda c: disk.check_imagenet(c.root),
-                        lambda c: ((3, 224, 224), _imagenet_classes(c.root)), in_memory=False),
+    "imagenet": Dataset(disk.load_imagenet, lambda c: 1_281_167, _check_imagenet,
+                        lambda c: ((3, 224, 224), _imagenet_classes(c)), in_memory=False),
     "synthetic": Dataset(lambda c: make_synthetic(c.train_size, c.test_size, c.image_size, c.channels,
                                                   c.num_classes),
                          lambda c: c.train_size, lambda c: None,

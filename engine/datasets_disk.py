@@ -19,6 +19,7 @@ from .data import DOWNLOAD_CACHE, TensorData, held_out
 from .errors import ConfigError, RunError
 from .sampling import epoch_order, global_batches
 from .seeds import image_seed
+from .shards import ShardFiles, check_shards, read_manifest
 from .transforms import normalize, resized_crops, to_device
 
 CIFAR = {
@@ -94,6 +95,21 @@ def load_cifar(name: str, root: str | None) -> TensorData:
 
 # --- ImageNet (ImageFolder of JPEGs) --------------------------------------------------------------------------------
 
+class FolderFiles(list):
+    """ImageFolder's ``(path, label)`` samples, and ``read`` for a file's bytes (engine/shards.py's ShardFiles is the
+    same for shards)."""
+
+    def read(self, i: int) -> bytes:
+        return Path(self[i][0]).read_bytes()
+
+    def subset(self, positions: list[int]) -> "FolderFiles":
+        return FolderFiles(self[p] for p in positions)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self]
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """ImageFolder samples decoded with ``torchvision.io`` (libjpeg-turbo) and ``transforms.v2``.
 
@@ -106,7 +122,7 @@ class DecodedImages(torch.utils.data.Dataset):
     same crops and flips as decoding in the workers (bit for bit on CPU, where both use libjpeg-turbo; tested).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform, train: bool, on_device: bool = False,
+    def __init__(self, samples: "FolderFiles | ShardFiles", transform, train: bool, on_device: bool = False,
                  batched_crop: bool = False):
         self.samples, self.transform, self.train, self.on_device = samples, transform, train, on_device
         self.batched_crop = batched_crop and train and on_device
@@ -115,9 +131,10 @@ class DecodedImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        path, label = self.samples[self._index(key)]
+        index = self._index(key)
+        path, label = self.samples[index]
         try:  # not torchvision.io.read_file: its tensor, sent from a worker, never arrives (torch 2.14, tv 0.29)
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(self.samples.read(index)), dtype=torch.uint8)
         except Exception as e:  # removed, unreadable or empty since the run started
             raise _undecodable(path, e) from None
         if self.on_device:
@@ -225,29 +242,26 @@ class ImageFolderData:
     """
 
     def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None,
-                 repeated_aug: int = 0, decode: str | None = None, device_crop: str | None = None):
-        from torchvision import datasets
+                 repeated_aug: int = 0, decode: str | None = None, device_crop: str | None = None,
+                 format: str | None = None):
         from torchvision.transforms import v2
         policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
-        train, val = (_image_folder(datasets, Path(root) / split) for split in ("train", "val"))
-        if train.classes != val.classes:
-            raise ConfigError(f"data.root={root}: train/ and val/ have different class folders "
-                              f"({len(train.classes)} vs {len(val.classes)})")
-        self.train = DecodedImages(train.samples, v2.Compose([
+        train, val, classes = _shard_files(root) if format == "shards" else _folder_files(root)
+        self.train = DecodedImages(train, v2.Compose([
             v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *policy]),
             train=True, on_device=decode == "device", batched_crop=device_crop == "batched")
         # torchvision's reference order: crop, flip, policy
-        self.val = DecodedImages(val.samples, v2.Compose([
+        self.val = DecodedImages(val, v2.Compose([
             v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]),
             train=False, on_device=decode == "device")
         # images stay uint8 until they are on the training device (a quarter of float32's shared memory between the
         # workers and this process, and of the host-to-device copy); normalised there (_batches)
         self.num_workers, self.repeats = num_workers, max(repeated_aug or 0, 1)
-        self.num_classes = len(train.classes)
+        self.num_classes = len(classes)
         self.image_shape = (3, image_size, image_size)
         self.train_size = len(self.train)
-        self.source = root
-        self.test_y = val.targets
+        self.source = root + (f" ({Path(root) / 'manifest.json'})" if format == "shards" else "")
+        self.test_y = val.labels
         self.test_split = None  # with split_validation: this data as it was, val/ for the final test_*
         self._train_batches, self._train_loader, self._val_loader = _Batches(), None, None
 
@@ -260,9 +274,9 @@ class ImageFolderData:
         train, val = held_out(self.train_size, n)
         held = copy.copy(self)
         held.train, held.val = copy.copy(self.train), copy.copy(self.val)
-        held.train.samples = [self.train.samples[i] for i in train.tolist()]
-        held.val.samples = [self.train.samples[i] for i in val.tolist()]
-        held.train_size, held.test_y = len(held.train), [label for _, label in held.val.samples]
+        held.train.samples = self.train.samples.subset(train.tolist())
+        held.val.samples = self.train.samples.subset(val.tolist())
+        held.train_size, held.test_y = len(held.train), held.val.samples.labels
         held.source, held.test_split = f"{self.source}, {n} images of train/ held out", self
         held._train_batches, held._train_loader, held._val_loader = _Batches(), None, None
         return held
@@ -402,8 +416,23 @@ def unpacked_files(batch: tuple) -> list:
     return list(zip(keys, data.split(sizes), labels))
 
 
-def _image_folder(datasets, folder: Path):
-    """torchvision's ImageFolder for the file list and classes only (it decodes nothing here)."""
+def _folder_files(root: str) -> tuple[FolderFiles, FolderFiles, list[str]]:
+    train, val = (image_folder(Path(root) / split) for split in ("train", "val"))
+    if train.classes != val.classes:
+        raise ConfigError(f"data.root={root}: train/ and val/ have different class folders "
+                          f"({len(train.classes)} vs {len(val.classes)})")
+    return FolderFiles(train.samples), FolderFiles(val.samples), train.classes
+
+
+def _shard_files(root: str) -> tuple[ShardFiles, ShardFiles, list[str]]:
+    manifest = read_manifest(root)
+    return ShardFiles(root, "train", manifest), ShardFiles(root, "val", manifest), manifest["classes"]
+
+
+def image_folder(folder: Path):
+    """torchvision's ImageFolder for the file list and classes only (it decodes nothing here): the order of the
+    samples is the images' index, in folders and in shards (scripts/make_shards.py)."""
+    from torchvision import datasets
     try:
         return datasets.ImageFolder(str(folder), is_valid_file=lambda p: p.lower().endswith(IMAGE_SUFFIXES))
     except (FileNotFoundError, OSError) as e:
@@ -456,6 +485,10 @@ def check_cifar(name: str, cfg_data) -> None:
 
 
 def load_imagenet(cfg_data) -> ImageFolderData:
-    return ImageFolderData(str(check_imagenet(cfg_data.root)), cfg_data.num_workers,
-                           auto_augment=cfg_data.auto_augment, repeated_aug=cfg_data.repeated_aug,
-                           decode=cfg_data.decode, device_crop=cfg_data.device_crop)
+    shards = cfg_data.format == "shards"
+    root = cfg_data.root if shards else str(check_imagenet(cfg_data.root))
+    if shards and root is None:
+        check_shards(root)  # its one line
+    return ImageFolderData(root, cfg_data.num_workers, auto_augment=cfg_data.auto_augment,
+                           repeated_aug=cfg_data.repeated_aug, decode=cfg_data.decode,
+                           device_crop=cfg_data.device_crop, format=cfg_data.format)

@@ -2,6 +2,7 @@
 import csv
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -275,3 +276,16 @@ def test_every_job_is_checked_before_any_starts(tmp_path, size):
     r = checks(["-m", "data=synthetic", "logger=none", f"seed={seeds},-1", f"hydra.sweep.dir={tmp_path / 's'}"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "seed=-1 is invalid" in r.stderr and r.stderr.endswith(" seed=-1]\n") and not (tmp_path / "s").exists()
+
+
+def test_a_forked_child_does_not_keep_the_run_folder_locked(tmp_path):
+    """DataLoader workers are forked children: they shared the lock's open file, so a run killed with SIGKILL held
+    its folder until its orphaned workers exited, and resume=auto straight after was refused as "in use"."""
+    import fcntl
+    code = ("import os, sys, time\nfrom pathlib import Path\nfrom engine.cli import lock_run_dir\n"
+            "lock_run_dir(Path(sys.argv[1]))\nif os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+            "os._exit(0)\n")  # the parent dies at once, as after SIGKILL; its child lives on
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=ROOT, timeout=60)
+    assert r.returncode == 0
+    with open(tmp_path / "run" / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while a child holds it

@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from tests.helpers import ROOT
 
 RUNTIME = {"torch", "torchvision", "hydra-core", "omegaconf", "pydantic", "wandb", "matplotlib", "tqdm", "timm",
-           "safetensors", "tensorboard", "submitit"}
+           "safetensors", "tensorboard", "submitit", "wids"}
 
 
 def locked() -> dict[str, str]:

@@ -1,0 +1,173 @@
+"""ImageNet as WebDataset shards: the format scripts/make_shards.py writes, and the reader datasets_disk.py uses.
+
+A shard is a tar of samples in the WebDataset layout (``KEY.jpg`` with ``KEY.cls``, the file's own suffix kept:
+``.png``, ``.webp``), KEY the image's index in its split (the order torchvision's ImageFolder lists the folder
+tree in), so index i of the shards is index i of the folders: the same (seed, epoch) order, the same crop of the
+same bytes, and a resume lands where the folder reader's does. ``DST`` holds, per split, ``SPLIT-NNNNNN.tar`` and
+wids' shard index ``SPLIT.json`` (``wids-shard-index-v1``: each shard's name and sample count, what random access
+needs), and one ``manifest.json``: the class names, each split's labels, and each shard's sample count, size and
+SHA-256. Samples are read by index through ``wids.IndexedTarSamples`` (the tar's headers indexed once per process,
+the file memory-mapped).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from .errors import ConfigError
+
+MANIFEST = "manifest.json"
+FORMAT = "webdataset-imagenet-1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+OPEN_SHARDS = 64  # per process: each is a memory map and a file descriptor
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of ``(name, content)`` in this order whose bytes depend on nothing else (no times, owners or modes from
+    the machine), so a shard written again is the same file, and a resumed writer can tell its own shards."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(content), 0, 0o444, 0, 0
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"data.root={root} holds no {MANIFEST}: write the shards with scripts/make_shards.py "
+                          f"IMAGENET_FOLDER {root}")
+    try:
+        manifest = json.loads(path.read_text())
+        ok = manifest.get("format") == FORMAT and all(s in manifest["splits"] for s in ("train", "val"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{path} is not a manifest scripts/make_shards.py wrote (format {FORMAT}, splits train "
+                          f"and val): write the shards again")
+    return manifest
+
+
+def check_shards(root: str | None, checksums: bool = True) -> dict:
+    """Every refusal before a step, one line each: no manifest, a missing shard, one whose size, SHA-256 or sample
+    count disagrees with the manifest (a truncated or replaced tar), labels outside the classes. Returns the
+    manifest. The checksums read every shard once."""
+    if root is None:
+        raise ConfigError("data=imagenet data.format=shards needs data.root: the folder make_shards.py wrote")
+    manifest = read_manifest(root)
+    classes = len(manifest["classes"])
+    for split, entry in manifest["splits"].items():
+        counts = [s["count"] for s in entry["shards"]]
+        labels = entry["labels"]
+        if sum(counts) != entry["count"] or len(labels) != entry["count"]:
+            raise ConfigError(f"{Path(root) / MANIFEST}: {split} counts {entry['count']} images, its shards "
+                              f"{sum(counts)} and its labels {len(labels)}: write the shards again")
+        if labels and not 0 <= min(labels) <= max(labels) < classes:
+            raise ConfigError(f"{Path(root) / MANIFEST}: {split} labels lie outside 0..{classes - 1}")
+        for shard in entry["shards"]:
+            _check_shard(Path(root) / shard["name"], shard, checksums)
+    return manifest
+
+
+def _check_shard(path: Path, shard: dict, checksum: bool) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the manifest lists it ({shard['count']} images); restore it, or "
+                          f"write the shards again with scripts/make_shards.py (it resumes)")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise ConfigError(f"{path} is {size:,} bytes and the manifest says {shard['bytes']:,} (truncated or "
+                          f"replaced): restore it, or write it again with scripts/make_shards.py")
+    if checksum and sha256_of(path) != shard["sha256"]:
+        raise ConfigError(f"{path}: its SHA-256 is not the manifest's (damaged or replaced): restore it, or write it "
+                          f"again with scripts/make_shards.py")
+    try:
+        count = len(_open_tar(path))
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable tar ({type(e).__name__}): write it again") from None
+    if count != shard["count"]:
+        raise ConfigError(f"{path} holds {count} samples and the manifest says {shard['count']}: write the shards "
+                          f"again")
+
+
+def _open_tar(path: Path):
+    from wids.wids import IndexedTarSamples  # wids' random access to a WebDataset tar (not in its __all__)
+    return IndexedTarSamples(path=str(path))
+
+
+class ShardFiles:
+    """A split's images in shards as the folder reader's ``samples`` are: ``(name, label)`` by index, and ``read``
+    for an image's bytes. ``index`` maps its positions to the split's (``subset``: images held out of train)."""
+
+    def __init__(self, root: str | Path, split: str, manifest: dict, index: list[int] | None = None):
+        entry = manifest["splits"][split]
+        self.root, self.split, self.manifest = Path(root), split, manifest
+        self.names = [s["name"] for s in entry["shards"]]
+        self.starts, start = [], 0
+        for shard in entry["shards"]:
+            self.starts.append(start)
+            start += shard["count"]
+        self.all_labels = entry["labels"]
+        self.index = list(range(entry["count"])) if index is None else index
+        self._open: dict[str, object] = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        j = self.index[i]
+        return f"{self.root / self.names[self._shard_of(j)]}:{sample_key(j)}", self.all_labels[j]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+    @property
+    def labels(self) -> list[int]:
+        return [self.all_labels[j] for j in self.index]
+
+    def subset(self, positions: list[int]) -> "ShardFiles":
+        return ShardFiles(self.root, self.split, self.manifest, [self.index[p] for p in positions])
+
+    def read(self, i: int) -> bytes:
+        j = self.index[i]
+        s = self._shard_of(j)
+        sample = self._tar(self.names[s])[j - self.starts[s]]
+        data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+        return data.getvalue() if hasattr(data, "getvalue") else bytes(data)  # wids gives a stream over the map
+
+    def _shard_of(self, j: int) -> int:
+        import bisect
+        return bisect.bisect_right(self.starts, j) - 1
+
+    def _tar(self, name: str):
+        if name not in self._open:
+            if len(self._open) >= OPEN_SHARDS:
+                self._open.pop(next(iter(self._open))).close()
+            self._open[name] = _open_tar(self.root / name)
+        return self._open[name]
+
+    def __getstate__(self):  # to DataLoader workers: each opens its own
+        return {**self.__dict__, "_open": {}}

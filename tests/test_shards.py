@@ -1,0 +1,171 @@
+"""ImageNet from WebDataset shards (scripts/make_shards.py, engine/shards.py): the folder reader's images, labels and
+order at every (seed, epoch, index), refusals before any step, and a writer that resumes and refuses other content."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, TINY, checks, run_train
+
+SCRIPT = ROOT / "scripts" / "make_shards.py"
+
+
+def write_folder(root, per_class=6, val_per_class=3):
+    """Two classes of JPEGs of mixed sizes, with a greyscale one, a CMYK one and a PNG in each class."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in ("n01", "n02"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                arr = torch.randint(0, 256, (30 + 4 * i, 44 - 3 * i, 3), generator=g, dtype=torch.uint8).numpy()
+                image = Image.fromarray(arr).convert({1: "L", 2: "CMYK"}.get(i, "RGB"))
+                image.save(root / split / c / f"{c}_{i}{'.png' if i == 3 else '.JPEG'}")
+
+
+def make_shards(src, dst, *extra):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import make_shards as script
+    return script.main([str(src), str(dst), *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    base = tmp_path_factory.mktemp("imagenet")
+    write_folder(base / "folder")
+    assert make_shards(base / "folder", base / "shards", "--shard-size", 5) == 0
+    return base / "folder", base / "shards"
+
+
+def imagenet(root, fmt, **extra):
+    from engine.datasets_disk import ImageFolderData
+    return ImageFolderData(str(root), extra.pop("num_workers", 0), 32, format=fmt, **extra)
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_shards_give_the_folder_readers_images_and_labels_bit_for_bit(dataset, decode):
+    folders, shards = (imagenet(root, fmt, decode=decode) for root, fmt in zip(dataset, ("folder", "shards")))
+    assert shards.train_size == folders.train_size == 12 and shards.test_y == folders.test_y
+    assert [label for _, label in shards.train.samples] == [label for _, label in folders.train.samples]
+    for split in ("train", "val"):
+        a, b = getattr(folders, split), getattr(shards, split)
+        keys = [(i, 3, 7, 0) for i in range(len(a))] if split == "train" else list(range(len(a)))
+        if decode == "device":
+            (xa, ya), (xb, yb) = (d.decode_batch([d[k] for k in keys], "cpu") for d in (a, b))
+        else:
+            (xa, ya), (xb, yb) = (tuple(zip(*(d[k] for k in keys))) for d in (a, b))
+            xa, xb = torch.stack(xa), torch.stack(xb)
+        assert torch.equal(xa, xb) and list(ya) == list(yb)
+
+
+def test_two_ranks_with_two_workers_each_see_every_image_of_an_epoch_once(dataset):
+    folder, root = dataset
+    plan = SimpleNamespace(global_batch=6, micro_batch=3, accum_steps=1, world_size=2, steps_per_epoch=2)
+
+    def epoch(data, rank):
+        return [x for x, _ in data.train_micro_batches(1, 0, plan, rank, 5, None, "cpu")]
+    ranks = [epoch(imagenet(root, "shards", num_workers=2), r) for r in (0, 1)]
+    whole = imagenet(folder, "folder")
+    from engine.sampling import epoch_order
+    expected = torch.stack([whole.train[(i, 1, 5, 0)][0] for i in epoch_order(12, 5, 1).tolist()]).float()
+    seen = torch.cat([torch.cat([ranks[0][s], ranks[1][s]]) for s in range(2)])  # step 0's 6 images, then step 1's
+    from engine.datasets_disk import IMAGENET_MEAN, IMAGENET_STD
+    from engine.transforms import normalize
+    assert torch.equal(seen, normalize(expected, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_a_run_on_shards_trains_as_the_run_on_folders(dataset, tmp_path):
+    base = [o for o in TINY if not o.startswith("data")] + ["data=imagenet", "data.num_workers=1", "model=resnet18",
+                                                             "batch=6", "micro_batch=3", "epochs=1", "warmup=none"]
+    folders, a = run_train(tmp_path, [*base, f"data.root={dataset[0]}"], "folders")
+    shards, b = run_train(tmp_path, [*base, f"data.root={dataset[1]}", "data.format=shards"], "shards")
+    wa, wb = (torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"] for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and folders["test_acc"] == shards["test_acc"]
+
+
+@pytest.mark.slow  # the fast tests above: the same images at every key, and a reader with no state of its own
+def test_a_run_on_shards_killed_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path):
+    run = [o for o in TINY if not o.startswith("data")] + [
+        "data=imagenet", "data.format=shards", f"data.root={dataset[1]}", "data.num_workers=2", "model=resnet18",
+        "batch=6", "micro_batch=3", "epochs=3", "warmup=none", "checkpoint.every_steps=1", "logger.every_steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, ROOT / "train.py", *run, f"hydra.run.dir={straight}"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, ROOT / "train.py", *run, f"hydra.run.dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "last.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    stopped = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)["step"]
+    subprocess.run([sys.executable, ROOT / "train.py", *run, "resume=auto", f"hydra.run.dir={killed}"], env=env,
+                   check=True, capture_output=True, timeout=300)
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"] for d in (straight, killed))
+    assert stopped < 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _damage(root, how):
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = root / "train-000001.tar"
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-1024])
+    elif how == "checksum":
+        data = bytearray(shard.read_bytes())
+        data[700] ^= 0xFF  # inside the first image, the size unchanged
+        shard.write_bytes(bytes(data))
+    elif how == "manifest":
+        manifest["splits"]["train"]["shards"][1]["count"] += 1
+        manifest["splits"]["train"]["count"] += 1
+        manifest["splits"]["train"]["labels"].append(0)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how, said", [
+    ("missing", "train-000001.tar is missing: the manifest lists it"),
+    ("truncated", "bytes and the manifest says"),
+    ("checksum", "its SHA-256 is not the manifest's"),
+    ("manifest", "holds 5 samples and the manifest says 6"),
+])
+def test_damaged_shards_are_one_line_before_any_step(dataset, tmp_path, how, said):
+    root = tmp_path / "shards"
+    shutil.copytree(dataset[1], root)
+    _damage(root, how)
+    r = checks([*(o for o in TINY if not o.startswith("data")), "data=imagenet", "data.format=shards", f"data.root={root}",
+                f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and said in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_make_shards_resumes_refuses_other_content_and_names_what_it_cannot_read(dataset, tmp_path, capsys):
+    folder, whole = dataset
+    dst = tmp_path / "shards"
+    shutil.copytree(whole, dst)
+    (dst / "manifest.json").unlink()  # stopped halfway: the last shards and the manifest not yet written
+    (dst / "val-000001.tar").unlink()
+    (dst / ".tmp-val-000001.tar").write_bytes(b"half a shard")
+    assert make_shards(folder, dst, "--shard-size", 5) == 0
+    assert {p.name: p.read_bytes() for p in dst.iterdir() if not p.name.startswith(".")} == {
+        p.name: p.read_bytes() for p in whole.iterdir()}
+    assert make_shards(folder, dst, "--shard-size", 4) == 2  # other shards: refused, nothing written
+    assert "describes other shards" in capsys.readouterr().err
+    (dst / "notes.txt").write_text("mine")
+    assert make_shards(folder, dst, "--shard-size", 5) == 2 and "holds notes.txt" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    os.symlink(tmp_path / "nowhere.JPEG", broken / "train" / "n02" / "n02_9.JPEG")  # listed, unreadable
+    assert make_shards(broken, tmp_path / "out", "--shard-size", 5) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 1 file(s) could not be read") and "n02_9.JPEG" in err
+    assert not (tmp_path / "out" / "manifest.json").exists() and (tmp_path / "out" / "train-000000.tar").exists()
