@@ -20,11 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.datasets_disk import check_imagenet, image_folder  # noqa: E402
-from engine.errors import ConfigError  # noqa: E402
-from engine.shards import FORMAT, MANIFEST, sample_key, shard_name, sha256_of, tar_bytes  # noqa: E402
+from engine.datasets_disk import check_imagenet, image_folder
+from engine.errors import ConfigError
+from engine.shards import FORMAT, MANIFEST, sample_key, sha256_of, shard_name, tar_bytes
 
 
 def parse_args(argv=None):

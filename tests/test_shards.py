@@ -51,7 +51,7 @@ def imagenet(root, fmt, **extra):
 
 @pytest.mark.parametrize("decode", ["workers", "device"])
 def test_shards_give_the_folder_readers_images_and_labels_bit_for_bit(dataset, decode):
-    folders, shards = (imagenet(root, fmt, decode=decode) for root, fmt in zip(dataset, ("folder", "shards")))
+    folders, shards = (imagenet(root, fmt, decode=decode) for root, fmt in zip(dataset, ("folder", "shards"), strict=True))
     assert shards.train_size == folders.train_size == 12 and shards.test_y == folders.test_y
     assert [label for _, label in shards.train.samples] == [label for _, label in folders.train.samples]
     for split in ("train", "val"):
@@ -60,7 +60,7 @@ def test_shards_give_the_folder_readers_images_and_labels_bit_for_bit(dataset, d
         if decode == "device":
             (xa, ya), (xb, yb) = (d.decode_batch([d[k] for k in keys], "cpu") for d in (a, b))
         else:
-            (xa, ya), (xb, yb) = (tuple(zip(*(d[k] for k in keys))) for d in (a, b))
+            (xa, ya), (xb, yb) = (tuple(zip(*(d[k] for k in keys), strict=True)) for d in (a, b))
             xa, xb = torch.stack(xa), torch.stack(xb)
         assert torch.equal(xa, xb) and list(ya) == list(yb)
 
