@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -91,27 +92,48 @@ def test_a_run_on_shards_trains_as_the_run_on_folders(dataset, tmp_path):
 
 
 @pytest.mark.slow  # the fast tests above: the same images at every key, and a reader with no state of its own
-def test_a_run_on_shards_killed_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_run_on_shards_killed_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path, ranks):
     run = [o for o in TINY if not o.startswith("data")] + [
         "data=imagenet", "data.format=shards", f"data.root={dataset[1]}", "data.num_workers=2", "model=resnet18",
         "batch=6", "micro_batch=3", "epochs=3", "warmup=none", "checkpoint.every_steps=1", "logger.every_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                                 if ranks > 1 else []) + [str(ROOT / "train.py"), *run]
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, ROOT / "train.py", *run, f"hydra.run.dir={straight}"], env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([*launch, f"hydra.run.dir={straight}"], env=env, check=True, capture_output=True, timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, ROOT / "train.py", *run, f"hydra.run.dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*launch, f"hydra.run.dir={killed}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / "last.pt").exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # every process of the run at once, as a node's failure
+        os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     stopped = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)["step"]
-    subprocess.run([sys.executable, ROOT / "train.py", *run, "resume=auto", f"hydra.run.dir={killed}"], env=env,
-                   check=True, capture_output=True, timeout=300)
+    r = subprocess.run([*launch, "resume=auto", f"hydra.run.dir={killed}"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"] for d in (straight, killed))
     assert stopped < 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's ranks start their own process groups: a group kill misses them)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def _damage(root, how):
