@@ -154,9 +154,14 @@ class ShardFiles:
     def read(self, i: int) -> bytes:
         j = self.index[i]
         s = self._shard_of(j)
-        sample = self._tar(self.names[s])[j - self.starts[s]]
-        data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-        return data.getvalue() if hasattr(data, "getvalue") else bytes(data)  # wids gives a stream over the map
+        tar = self._tar(self.names[s])
+        # the image member alone, straight from the memory map (indexing the samples would build a dict of every
+        # member, each in a stream: 0.65x the folder's reads of small files, warm)
+        for member in tar.samples[j - self.starts[s]]:
+            name, data = tar.reader.get_at_index(member)
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                return bytes(data)
+        raise OSError(f"sample {sample_key(j)} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
 
     def _shard_of(self, j: int) -> int:
         import bisect
