@@ -154,25 +154,31 @@ class ShardFiles:
     def read(self, i: int) -> bytes:
         j = self.index[i]
         s = self._shard_of(j)
-        tar = self._tar(self.names[s])
-        # the image member alone, straight from the memory map (indexing the samples would build a dict of every
-        # member, each in a stream: 0.65x the folder's reads of small files, warm)
-        for member in tar.samples[j - self.starts[s]]:
-            name, data = tar.reader.get_at_index(member)
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                return bytes(data)
-        raise OSError(f"sample {sample_key(j)} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        data, spans = self._tar(self.names[s])
+        start, end = spans[j - self.starts[s]]
+        return data[start:end]
 
     def _shard_of(self, j: int) -> int:
         import bisect
         return bisect.bisect_right(self.starts, j) - 1
 
-    def _tar(self, name: str):
+    def _tar(self, name: str) -> tuple:
+        """A shard's memory map and each sample's image span in it, from wids' index of the tar's headers (built once
+        per process and shard): a read is then one slice of the map."""
         if name not in self._open:
             if len(self._open) >= OPEN_SHARDS:
-                self._open.pop(next(iter(self._open))).close()
-            self._open[name] = _open_tar(self.root / name)
-        return self._open[name]
+                self._open.pop(next(iter(self._open)))[2].close()
+            tar = _open_tar(self.root / name)
+            spans = []
+            for members in tar.samples:
+                entries = [tar.reader.by_index[m] for m in members]  # (name, header offset, size)
+                member, offset, size = next((e for e in entries if e[0].lower().endswith(IMAGE_EXTENSIONS)),
+                                            (None, 0, 0))
+                if member is None:
+                    raise OSError(f"{self.root / name}: a sample holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+                spans.append((offset + 512, offset + 512 + size))
+            self._open[name] = (tar.reader.mmapped_file, spans, tar)
+        return self._open[name][:2]
 
     def __getstate__(self):  # to DataLoader workers: each opens its own
         return {**self.__dict__, "_open": {}}
