@@ -31,7 +31,7 @@ FORMAT = 5  # 3: batch schedules (identity and state); 4: every rank's random ge
 IDENTITY = ("global_batch", "batch_schedule", "seed", "optimizer", "model", "dataset", "data")
 # which images are trained on and evaluated: a resume that changed one would train on another set, or validate on
 # images it trained on (data.root may change: paths differ between machines)
-DATA_IDENTITY = ("train_size", "test_size", "val_split", "image_size", "channels")  # num_classes: the model's shape
+DATA_IDENTITY = ("train_size", "test_size", "val_split", "image_size", "channels", "shard_group")  # num_classes: the model's shape
 MEASURED = ("micro_batch", "world_size")
 RUN_FILES = ("checkpoints/last.pt", "summary.json", "metrics.jsonl")  # a folder with any of these holds a run
 

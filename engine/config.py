@@ -190,11 +190,19 @@ class DataConfig(Group):
     repeated_aug: Optional[NonNeg] = None         # imagenet: DeiT's repeated augmentation, N copies per image; 0 = off
     auto_augment: Optional[Literal["ra", "ta_wide"]] = None  # imagenet: RandAugment / TrivialAugmentWide per image
     format: Optional[Literal["folder", "shards"]] = None  # imagenet: ImageFolder tree or WebDataset shards (same order)
+    shard_group: Optional[Pos] = None              # imagenet shards: read this many shards at a time (null: all)
     decode: Optional[Literal["workers", "device"]] = None  # imagenet: JPEG decoding in the workers or batched on device
     device_crop: Optional[Literal["per_image", "batched"]] = None  # imagenet, decode=device: resize crops one by one
     #                                                            or together (roi_align, within a tolerance)
     mixup_alpha: Optional[NonNegFloat] = None      # MixUp's Beta(alpha, alpha); 0 = off (torchvision.transforms.v2)
     cutmix_alpha: Optional[NonNegFloat] = None     # CutMix's Beta(alpha, alpha); 0 = off; both > 0: one per step
+
+    @model_validator(mode="after")
+    def _shard_group_of_shards(self):
+        if self.shard_group is not None and self.format != "shards":
+            raise ValueError(f"data.shard_group={self.shard_group} groups the order by shard: it needs "
+                             f"data.format=shards (got data.format={self.format})")
+        return self
 
     @model_validator(mode="after")
     def _batched_crop_on_the_device(self):

@@ -18,7 +18,7 @@ from typing import Iterator, Protocol
 import torch
 
 from .errors import ConfigError
-from .sampling import global_batches
+from .sampling import epoch_order, global_batches
 from .transforms import Augment, Mix, normalize, to_device
 
 DOWNLOAD_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "large-batch-recipes"
@@ -32,6 +32,8 @@ class TrainData(Protocol):
     image_shape: tuple[int, int, int]
 
     def to(self, device) -> TrainData: ...
+
+    def order(self, n: int, seed: int, epoch: int) -> torch.Tensor: ...  # the epoch's order (engine/sampling.py)
 
     def train_micro_batches(self, epoch: int, first_step: int, plan, rank: int, seed: int, augment, device,
                             mix=None) -> Iterator: ...
@@ -62,6 +64,8 @@ class TensorData:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
 
+    order = staticmethod(epoch_order)  # each epoch a permutation of (seed, epoch)
+
     def to(self, device) -> "TensorData":
         """Move everything to ``device`` once (uint8: 47 MB for Fashion-MNIST), so batches are index ops there."""
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
@@ -84,7 +88,8 @@ class TensorData:
 
         Generated lazily: nothing proportional to the global batch is held beyond one index tensor.
         """
-        for i, index in enumerate(global_batches(self.train_size, plan.global_batch, seed, epoch)[first_step:]):
+        for i, index in enumerate(global_batches(self.train_size, plan.global_batch, seed, epoch, self.order)
+                                  [first_step:]):
             step = epoch * plan.steps_per_epoch + first_step + i
             yield from self.one_step_micro_batches(index, step, plan.micro_batch, plan.world_size, rank, seed, augment,
                                                device, mix)

@@ -17,7 +17,7 @@ import torch
 
 from .data import DOWNLOAD_CACHE, TensorData, held_out
 from .errors import ConfigError, RunError
-from .sampling import epoch_order, global_batches
+from .sampling import epoch_order, global_batches, grouped_order
 from .seeds import image_seed
 from .shards import ShardFiles, check_shards, read_manifest
 from .transforms import normalize, resized_crops, to_device
@@ -243,7 +243,7 @@ class ImageFolderData:
 
     def __init__(self, root: str, num_workers: int, image_size: int = 224, auto_augment: str | None = None,
                  repeated_aug: int = 0, decode: str | None = None, device_crop: str | None = None,
-                 format: str | None = None):
+                 format: str | None = None, shard_group: int | None = None):
         from torchvision.transforms import v2
         policy = {None: [], "ra": [v2.RandAugment()], "ta_wide": [v2.TrivialAugmentWide()]}[auto_augment]
         train, val, classes = _shard_files(root) if format == "shards" else _folder_files(root)
@@ -263,6 +263,8 @@ class ImageFolderData:
         self.source = root + (f" ({Path(root) / 'manifest.json'})" if format == "shards" else "")
         self.test_y = val.labels
         self.test_split = None  # with split_validation: this data as it was, val/ for the final test_*
+        self.shard_group = shard_group  # shards: the epoch's order reads this many shards at a time (null: all)
+        self._orders: dict = {}
         self._train_batches, self._train_loader, self._val_loader = _Batches(), None, None
 
     def to(self, device):
@@ -278,7 +280,7 @@ class ImageFolderData:
         held.val.samples = self.train.samples.subset(val.tolist())
         held.train_size, held.test_y = len(held.train), held.val.samples.labels
         held.source, held.test_split = f"{self.source}, {n} images of train/ held out", self
-        held._train_batches, held._train_loader, held._val_loader = _Batches(), None, None
+        held._train_batches, held._train_loader, held._val_loader, held._orders = _Batches(), None, None, {}
         return held
 
     def _loader(self, dataset, batches: "_Batches") -> torch.utils.data.DataLoader:
@@ -340,12 +342,24 @@ class ImageFolderData:
         """(image index, copy number) of every global batch of the epoch. With repeated augmentation (DeiT's
         RASampler), the first N/r images of the epoch's permutation, each r times in a row, copies 0..r-1."""
         if self.repeats == 1:
-            return [(b, torch.zeros_like(b)) for b in global_batches(self.train_size, global_batch, seed, epoch)]
+            return [(b, torch.zeros_like(b))
+                    for b in global_batches(self.train_size, global_batch, seed, epoch, self.order)]
         n, r = self.train_size, self.repeats
-        order = epoch_order(n, seed, epoch)[:-(-n // r)].repeat_interleave(r)[:n]
+        order = self.order(n, seed, epoch)[:-(-n // r)].repeat_interleave(r)[:n]
         copies = torch.arange(r).repeat(-(-n // r))[:n]
         usable = (n // global_batch) * global_batch
         return list(zip(order[:usable].split(global_batch), copies[:usable].split(global_batch)))
+
+    def order(self, n: int, seed: int, epoch: int) -> torch.Tensor:
+        """The epoch's order: a permutation of (seed, epoch), or with ``shard_group`` grouped by shard (the last
+        epoch's kept: each step of a batch schedule asks again)."""
+        if not self.shard_group:
+            return epoch_order(n, seed, epoch)
+        if (seed, epoch) not in self._orders:
+            files = self.train.samples
+            self._orders = {(seed, epoch): grouped_order(files.shard_of_positions(), len(files.names),
+                                                         self.shard_group, seed, epoch)}
+        return self._orders[(seed, epoch)]
 
     def _rank_positions(self, rank: int, world_size: int, per_rank: int) -> torch.Tensor:
         """Positions of this rank's images in each global batch: a contiguous slice, or with repeated augmentation
@@ -491,4 +505,5 @@ def load_imagenet(cfg_data) -> ImageFolderData:
         check_shards(root)  # its one line
     return ImageFolderData(root, cfg_data.num_workers, auto_augment=cfg_data.auto_augment,
                            repeated_aug=cfg_data.repeated_aug, decode=cfg_data.decode,
-                           device_crop=cfg_data.device_crop, format=cfg_data.format)
+                           device_crop=cfg_data.device_crop, format=cfg_data.format,
+                           shard_group=cfg_data.shard_group)

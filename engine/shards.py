@@ -17,6 +17,8 @@ import json
 import tarfile
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -143,6 +145,11 @@ class ShardFiles:
 
     def __eq__(self, other):
         return list(self) == list(other)
+
+    def shard_of_positions(self) -> torch.Tensor:
+        """The shard of each position (int64)."""
+        starts = torch.tensor(self.starts[1:], dtype=torch.long)
+        return torch.bucketize(torch.tensor(self.index, dtype=torch.long), starts, right=True)
 
     @property
     def labels(self) -> list[int]:

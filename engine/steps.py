@@ -35,7 +35,8 @@ def training_steps(data, schedule, cfg, rank: int, device):
             stream = data.train_micro_batches(epoch, first, plan, rank, cfg.seed, augment, device, mix)
         else:
             stream = data.stream_micro_batches(
-                [(s.index, stream_indices(data.train_size, cfg.seed, s.images, s.batch)) for s in ahead],
+                [(s.index, stream_indices(data.train_size, cfg.seed, s.images, s.batch, data.order))
+                 for s in ahead],
                 plan.micro_batch, plan.world_size, rank, cfg.seed, augment, device, mix)
         for step in ahead:
             yield step, ready(stream, step.accum_steps)

@@ -191,3 +191,44 @@ def test_make_shards_resumes_refuses_other_content_and_names_what_it_cannot_read
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: 1 file(s) could not be read") and "n02_9.JPEG" in err
     assert not (tmp_path / "out" / "manifest.json").exists() and (tmp_path / "out" / "train-000000.tar").exists()
+
+
+def _components(order, shard_of):
+    """The shards an order reads together: shards whose first-to-last positions overlap, in order of reading."""
+    seen = {}
+    for place, i in enumerate(order.tolist()):
+        first, _ = seen.get(int(shard_of[i]), (place, place))
+        seen[int(shard_of[i])] = (first, place)
+    components, end = [], -1
+    for shard, (first, last) in sorted(seen.items(), key=lambda kv: kv[1]):
+        if first > end:
+            components.append([])
+        components[-1].append(shard)
+        end = max(end, last)
+    return components
+
+
+@pytest.mark.parametrize("group, expected_groups", [(1, 7), (2, 4), (3, 3), (7, 1), (50, 1)])
+def test_a_grouped_order_reads_that_many_shards_at_a_time(group, expected_groups):
+    from engine.sampling import epoch_order, grouped_order
+    shard_of = torch.arange(7).repeat_interleave(torch.tensor([5, 5, 5, 5, 5, 5, 2]))  # 7 shards, the last short
+    order = grouped_order(shard_of, 7, group, seed=3, epoch=2)
+    assert sorted(order.tolist()) == list(range(32))  # every image once
+    components = _components(order, shard_of)
+    assert len(components) == expected_groups and all(len(c) <= group for c in components)
+    assert torch.equal(order, grouped_order(shard_of, 7, group, seed=3, epoch=2))  # a pure function of (seed, epoch)
+    assert not torch.equal(order, grouped_order(shard_of, 7, group, seed=3, epoch=3))
+    if group >= 7:
+        assert torch.equal(order, epoch_order(32, 3, 2))  # one group: the folder reader's order
+
+
+def test_shard_group_orders_the_run_and_needs_shards(dataset, tmp_path):
+    from engine.sampling import grouped_order
+    data = imagenet(dataset[1], "shards", shard_group=1)
+    plan = SimpleNamespace(global_batch=6, micro_batch=6, accum_steps=1, world_size=1, steps_per_epoch=2)
+    batches = data._epoch(plan.global_batch, 5, 0)
+    expected = grouped_order(data.train.samples.shard_of_positions(), 3, 1, 5, 0)
+    assert torch.equal(torch.cat([b for b, _ in batches]), expected[:12])
+    r = checks([*(o for o in TINY if not o.startswith("data")), "data=imagenet", f"data.root={dataset[0]}",
+                "data.shard_group=2", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and "data.shard_group=2 groups the order by shard: it needs data.format=shards" in r.stderr
