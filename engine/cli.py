@@ -415,7 +415,8 @@ def _absolute_paths(overrides: list[str], chdir: bool) -> list[str]:
     out = []
     for o in overrides:
         key, eq, value = o.partition("=")
-        if eq and key in ("resume", "data.root") and value not in ("auto", "null", "") and not value.startswith("/"):
+        if (eq and key in ("resume", "data.root") and value not in ("auto", "null", "") and not value.startswith("/")
+                and "://" not in value):  # a URL (data.format=shards) stays one
             o = f"{key}={hydra_quoted(str(Path(value).resolve()))}"
         out.append(o)
     return out

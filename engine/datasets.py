@@ -17,7 +17,7 @@ from . import datasets_disk as disk
 from .data import TrainData, check_val_split, make_synthetic
 from .errors import ConfigError
 from .fashion_mnist import load_fashion_mnist
-from .shards import MANIFEST, check_shards, read_manifest
+from .shards import MANIFEST, check_shards, is_url, read_manifest
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def _imagenet_classes(cfg_data) -> int:
     there is no data yet."""
     root = cfg_data.root
     if cfg_data.format == "shards":
-        return len(read_manifest(root)["classes"]) if root and (Path(root) / MANIFEST).is_file() else 1000
+        known = root and (is_url(root) or (Path(root) / MANIFEST).is_file())
+        return len(read_manifest(root)["classes"]) if known else 1000
     train = Path(root or "") / "train"
     return sum(p.is_dir() for p in train.iterdir()) if root and train.is_dir() else 1000
 

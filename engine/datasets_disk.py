@@ -260,7 +260,7 @@ class ImageFolderData:
         self.num_classes = len(classes)
         self.image_shape = (3, image_size, image_size)
         self.train_size = len(self.train)
-        self.source = root + (f" ({Path(root) / 'manifest.json'})" if format == "shards" else "")
+        self.source = root + (f" ({str(root).rstrip('/')}/manifest.json)" if format == "shards" else "")
         self.test_y = val.labels
         self.test_split = None  # with split_validation: this data as it was, val/ for the final test_*
         self.shard_group = shard_group  # shards: the epoch's order reads this many shards at a time (null: all)

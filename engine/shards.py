@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -55,8 +56,35 @@ def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def is_url(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+def local_file(root: str | Path, name: str) -> Path:
+    """``root/name`` on this machine: the path itself, or for a URL root (``https://``, ``gs://``, ``file://``, any
+    scheme wids' downloader takes) a copy in the cache ``$WIDS_CACHE`` (default /tmp/_wids_cache), fetched once by
+    wids and renamed into place whole, under a lock that the loader workers share."""
+    if not is_url(root):
+        return Path(root) / name
+    from wids.wids_dl import ULockFile, download_file
+    cache = Path(os.environ.get("WIDS_CACHE", "/tmp/_wids_cache")) / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    local = cache / name
+    with ULockFile(str(local) + ".lock"):
+        if not local.exists():
+            tmp = local.with_name(f".{name}.tmp-{os.getpid()}")
+            try:
+                download_file(f"{str(root).rstrip('/')}/{name}", str(tmp))
+                os.replace(tmp, local)
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                raise ConfigError(f"{str(root).rstrip('/')}/{name} cannot be fetched ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    return local
+
+
 def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / MANIFEST
+    path = local_file(root, MANIFEST)
     if not path.is_file():
         raise ConfigError(f"data.root={root} holds no {MANIFEST}: write the shards with scripts/make_shards.py "
                           f"IMAGENET_FOLDER {root}")
@@ -83,12 +111,12 @@ def check_shards(root: str | None, checksums: bool = True) -> dict:
         counts = [s["count"] for s in entry["shards"]]
         labels = entry["labels"]
         if sum(counts) != entry["count"] or len(labels) != entry["count"]:
-            raise ConfigError(f"{Path(root) / MANIFEST}: {split} counts {entry['count']} images, its shards "
+            raise ConfigError(f"{root}/{MANIFEST}: {split} counts {entry['count']} images, its shards "
                               f"{sum(counts)} and its labels {len(labels)}: write the shards again")
         if labels and not 0 <= min(labels) <= max(labels) < classes:
-            raise ConfigError(f"{Path(root) / MANIFEST}: {split} labels lie outside 0..{classes - 1}")
+            raise ConfigError(f"{root}/{MANIFEST}: {split} labels lie outside 0..{classes - 1}")
         for shard in entry["shards"]:
-            _check_shard(Path(root) / shard["name"], shard, checksums)
+            _check_shard(local_file(root, shard["name"]), shard, checksums)
     return manifest
 
 
@@ -123,7 +151,7 @@ class ShardFiles:
 
     def __init__(self, root: str | Path, split: str, manifest: dict, index: list[int] | None = None):
         entry = manifest["splits"][split]
-        self.root, self.split, self.manifest = Path(root), split, manifest
+        self.root, self.split, self.manifest = root if is_url(root) else Path(root), split, manifest
         self.names = [s["name"] for s in entry["shards"]]
         self.starts, start = [], 0
         for shard in entry["shards"]:
@@ -138,7 +166,7 @@ class ShardFiles:
 
     def __getitem__(self, i):
         j = self.index[i]
-        return f"{self.root / self.names[self._shard_of(j)]}:{sample_key(j)}", self.all_labels[j]
+        return f"{self.root}/{self.names[self._shard_of(j)]}:{sample_key(j)}", self.all_labels[j]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -175,14 +203,14 @@ class ShardFiles:
         if name not in self._open:
             if len(self._open) >= OPEN_SHARDS:
                 self._open.pop(next(iter(self._open)))[2].close()
-            tar = _open_tar(self.root / name)
+            tar = _open_tar(local_file(self.root, name))
             spans = []
             for members in tar.samples:
                 entries = [tar.reader.by_index[m] for m in members]  # (name, header offset, size)
                 member, offset, size = next((e for e in entries if e[0].lower().endswith(IMAGE_EXTENSIONS)),
                                             (None, 0, 0))
                 if member is None:
-                    raise OSError(f"{self.root / name}: a sample holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+                    raise OSError(f"{self.root}/{name}: a sample holds no image ({', '.join(IMAGE_EXTENSIONS)})")
                 spans.append((offset + 512, offset + 512 + size))
             self._open[name] = (tar.reader.mmapped_file, spans, tar)
         return self._open[name][:2]

@@ -232,3 +232,20 @@ def test_shard_group_orders_the_run_and_needs_shards(dataset, tmp_path):
     r = checks([*(o for o in TINY if not o.startswith("data")), "data=imagenet", f"data.root={dataset[0]}",
                 "data.shard_group=2", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and "data.shard_group=2 groups the order by shard: it needs data.format=shards" in r.stderr
+
+
+def test_shards_at_a_url_are_fetched_into_the_cache_and_read_alike(dataset, tmp_path, monkeypatch):
+    """data.root as a URL: wids' downloader fetches the manifest and each shard into $WIDS_CACHE once (file:// here;
+    https:// and gs:// take the same path through wids, not tested here)."""
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+    from engine.shards import check_shards
+    url = f"file://{dataset[1]}"
+    check_shards(url)
+    local, remote = imagenet(dataset[1], "shards"), imagenet(url, "shards")
+    keys = [(i, 1, 2, 0) for i in range(12)]
+    assert all(torch.equal(local.train[k][0], remote.train[k][0]) for k in keys) and local.test_y == remote.test_y
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.tar"))
+    assert cached == sorted(p.name for p in dataset[1].glob("*.tar"))
+    r = checks([*(o for o in TINY if not o.startswith("data")), "data=imagenet", "data.format=shards",
+                f"data.root=file://{tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and "manifest.json cannot be fetched" in r.stderr and r.stderr.count("\n") == 1, r.stderr
