@@ -249,3 +249,14 @@ def test_shards_at_a_url_are_fetched_into_the_cache_and_read_alike(dataset, tmp_
     r = checks([*(o for o in TINY if not o.startswith("data")), "data=imagenet", "data.format=shards",
                 f"data.root=file://{tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and "manifest.json cannot be fetched" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_val_split_holds_out_the_same_images_of_the_shards_as_of_the_folders(dataset):
+    folders, shards = (imagenet(root, fmt).split_validation(5) for root, fmt in zip(dataset, ("folder", "shards"),
+                                                                                    strict=True))
+    assert shards.train_size == folders.train_size == 7 and shards.test_y == folders.test_y
+    for split in ("train", "val"):
+        a, b = getattr(folders, split), getattr(shards, split)
+        keys = [(i, 0, 1, 0) for i in range(len(a))] if split == "train" else list(range(len(a)))
+        assert all(torch.equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] for k in keys)
+    assert shards.test_split.test_y == folders.test_split.test_y  # val/ stays aside as the test split
