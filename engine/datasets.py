@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import datasets_disk as disk
 from .data import TrainData, check_val_split, make_synthetic
+from .distributed import env_local_rank
 from .errors import ConfigError
 from .fashion_mnist import load_fashion_mnist
 from .shards import MANIFEST, check_shards, is_url, read_manifest
@@ -55,8 +56,8 @@ def _imagenet_classes(cfg_data) -> int:
 
 
 def _check_imagenet(cfg_data) -> None:
-    if cfg_data.format == "shards":
-        check_shards(cfg_data.root)
+    if cfg_data.format == "shards":  # one process per machine reads the shards for their checksums
+        check_shards(cfg_data.root, checksums=env_local_rank() == 0)
     else:
         disk.check_imagenet(cfg_data.root)
 

@@ -145,6 +145,14 @@ def env_world_size() -> int:
     return launch().world_size
 
 
+def env_local_rank() -> int:
+    """This process's rank on its machine (0 when alone, or when the launcher's variables are not a rank's)."""
+    try:
+        return launch().local_rank
+    except ConfigError:
+        return 0
+
+
 def init(device: torch.device) -> DistContext:
     """Join the run's process group (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
     where = launch()

@@ -260,3 +260,24 @@ def test_val_split_holds_out_the_same_images_of_the_shards_as_of_the_folders(dat
         keys = [(i, 0, 1, 0) for i in range(len(a))] if split == "train" else list(range(len(a)))
         assert all(torch.equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] for k in keys)
     assert shards.test_split.test_y == folders.test_split.test_y  # val/ stays aside as the test split
+
+
+@pytest.mark.parametrize("local_rank, refused", [("0", True), ("1", False)])
+def test_one_process_per_machine_reads_the_shards_for_their_checksums(dataset, tmp_path, monkeypatch, local_rank,
+                                                                      refused):
+    """Under torchrun every rank runs the checks; hashing every shard once per machine is enough (local rank 0),
+    the others check sizes and sample counts."""
+    from engine.datasets import DATASETS
+    from engine.errors import ConfigError
+    root = tmp_path / "shards"
+    shutil.copytree(dataset[1], root)
+    _damage(root, "checksum")
+    for key, value in {"RANK": local_rank, "WORLD_SIZE": "2", "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = SimpleNamespace(name="imagenet", format="shards", root=str(root))
+    if refused:
+        with pytest.raises(ConfigError, match="SHA-256"):
+            DATASETS["imagenet"].check(cfg)
+    else:
+        DATASETS["imagenet"].check(cfg)
