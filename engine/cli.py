@@ -328,9 +328,9 @@ def hydra_folders(cmd: Command, first_job: list[str]) -> tuple[Folders, DictConf
 def check_launcher(cfg: DictConfig) -> None:
     """What the launcher's settings allow (they live in the hydra node this preflight composes once)."""
     gpus = OmegaConf.select(cfg, "hydra.launcher.ray.remote.num_gpus", default=None)
-    if gpus is not None and float(gpus) > 1:
-        raise ConfigError(f"hydra.launcher.ray.remote.num_gpus={gpus}: a Ray job trains on one GPU (or none) here; "
-                          f"DDP over several GPUs in one job is not built: use torchrun or Slurm for a multi-GPU run")
+    if gpus is not None and float(gpus) > 1 and float(gpus) != int(float(gpus)):
+        raise ConfigError(f"hydra.launcher.ray.remote.num_gpus={gpus}: a job over several GPUs runs one rank per "
+                          f"GPU: give it a whole number of them (a fraction below 1 shares one GPU between jobs)")
 
 
 _UNSET = object()

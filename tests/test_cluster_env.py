@@ -215,3 +215,26 @@ def test_process_rank_is_read_without_raising():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.mark.parametrize("ranks, visible, devices", [(2, "3,5", [0, 1]), (3, "3,5", None)])
+def test_a_ray_job_given_two_gpus_is_one_ddp_run_with_a_rank_on_each(monkeypatch, tmp_path, ranks, visible, devices):
+    """hydra.launcher.ray.remote.num_gpus=2: the job's task runs torchrun with one rank per GPU Ray gave it
+    (CUDA_VISIBLE_DEVICES=3,5 here), and rank r takes cuda:r of what it sees; more ranks than GPUs are refused. On
+    paper: the command the task runs, and the device each rank of it would take."""
+    from hydra_plugins.large_batch_ray.ray_launcher import ddp_command
+    command = ddp_command(["optim=lars", "batch=4k"], tmp_path / "0_optim=lars", 2, threads=4)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[5].endswith("train.py") and command[6:] == ["optim=lars", "batch=4k", "threads=4",
+                                                               f"hydra.run.dir='{tmp_path / '0_optim=lars'}'"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible.split(",")))
+    env = {"CUDA_VISIBLE_DEVICES": visible, "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}  # as torchrun sets them in the task
+    rank_envs = [{**env, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(ranks)]
+    if devices is None:
+        with pytest.raises(ConfigError, match="they would share a GPU"):
+            distributed.resolve_device("auto", launch(rank_envs[-1]))
+    else:
+        assert [distributed.resolve_device("auto", launch(e)) for e in rank_envs] == [torch.device("cuda", d)
+                                                                                      for d in devices]

@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 import torch
 
-from tests.helpers import python, run_train, sweep_in_process
+from tests.helpers import TINY, python, run_train, sweep_in_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
@@ -80,3 +80,14 @@ def test_a_failed_ray_job_is_recorded_and_named(tmp_path, monkeypatch, died):
     summary = json.loads((job / "summary.json").read_text())
     assert summary["error"] == ("RuntimeError: A worker died or was killed" if died
                                 else "RunError: a file cannot be decoded")
+
+
+@pytest.mark.slow  # tests/test_cluster_env.py: the command and each rank's device, on paper (no GPU here)
+def test_the_command_of_a_job_over_two_gpus_trains_one_ddp_run(tmp_path):
+    """What the task of a num_gpus=2 job runs, run here on the CPU (device=cpu, gloo): one run of 2 ranks."""
+    from hydra_plugins.large_batch_ray.ray_launcher import ddp_command, run_ranks
+    job_dir = tmp_path / "0_seed=0"
+    command = ddp_command([*TINY, "batch=64", "max_steps=3", "device=cpu", "seed=0"], job_dir, 2, threads=1)
+    assert run_ranks(command) == 0
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["steps"]) == (2, 3)
