@@ -11,6 +11,7 @@ the file memory-mapped).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -84,12 +85,20 @@ def local_file(root: str | Path, name: str) -> Path:
 
 
 def read_manifest(root: str | Path) -> dict:
+    """The manifest of the shards at ``root``, parsed once per process while the file is unchanged (a run asks for
+    it for the class count, the checks and the reader; ImageNet's holds 1.3 M labels)."""
     path = local_file(root, MANIFEST)
     if not path.is_file():
         raise ConfigError(f"data.root={root} holds no {MANIFEST}: write the shards with scripts/make_shards.py "
                           f"IMAGENET_FOLDER {root}")
+    stat = path.stat()
+    return _parsed_manifest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_manifest(path: str, mtime_ns: int, size: int) -> dict:
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(Path(path).read_text())
         ok = manifest.get("format") == FORMAT and all(s in manifest["splits"] for s in ("train", "val"))
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
