@@ -2,6 +2,9 @@
 behaviour torch's own optimizers have (complex params, maximize, tensor lr, duplicate params)."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 from torch import nn
 
@@ -73,6 +76,39 @@ def as_real(t: torch.Tensor) -> torch.Tensor:
 def lr_value(lr) -> float:
     """A group's lr as a float (a tensor lr, as torch's optimizers accept, is read once per group)."""
     return float(lr)
+
+
+def compiled(kernel):
+    """``kernel`` (one tensor's step) compiled once per process by torch.compile: inductor fuses its norms into one
+    pass over memory and its update into another. Sizes are symbolic (one graph for every tensor) and every
+    hyperparameter is a value in a tensor, so a new LR or a new tensor shape does not compile again."""
+    if kernel not in _COMPILED:
+        _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+    return _COMPILED[kernel]
+
+
+_COMPILED: dict = {}
+
+
+def check_fused(name: str, fused: bool | None) -> None:
+    """``fused=True`` compiles C++ on a CPU (inductor): say so before the first step if no compiler is there."""
+    cxx = os.environ.get("CXX", "g++")
+    if fused and shutil.which(cxx) is None:
+        raise RuntimeError(f"{name}(fused=True) compiles its step with torch.compile, which needs a C++ compiler on "
+                           f"the CPU: {cxx!r} is not on PATH (install g++, or set CXX, or use fused=False)")
+
+
+def flat(*tensors: torch.Tensor) -> list[torch.Tensor] | None:
+    """Each tensor as a 1-D view in memory order (contiguous or channels_last alike), or None unless all of them
+    are dense with the same strides (the fused kernels walk them side by side)."""
+    first = tensors[0]
+    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors):
+        return None
+    order = sorted(range(first.ndim), key=lambda d: -first.stride(d))
+    views = [t.permute(order) for t in tensors]
+    if not views[0].is_contiguous():
+        return None
+    return [v.reshape(-1).detach() for v in views]  # not a view: one compiled graph whatever the base's ndim
 
 
 def use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:

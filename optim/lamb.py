@@ -18,6 +18,11 @@ given only in the param groups. Per param-group switches: ``adapt=False`` turns 
 decay ``lr * wd * w`` (exactly torch.optim.AdamW; torch.optim.Adam when the group's weight_decay is 0).
 ``param_groups()`` sets it, with weight_decay=0, for tensors with ndim <= 1.
 The last trust ratio of every adapted tensor is in ``optimizer.trust_ratios`` (keyed by parameter, no host sync).
+
+Three kernels, the same math: a per-tensor loop (the default on CPU), ``foreach=True`` (torch._foreach_*, the
+default on CUDA) and ``fused=True``: each tensor's step compiled by torch.compile into two passes over memory (the
+moments and the norms of w and r, then the update), near the least traffic LAMB can have
+(scripts/bench_optim.py). The first fused step compiles (seconds; cached on disk by inductor).
 """
 from __future__ import annotations
 
@@ -25,14 +30,26 @@ import math
 
 import torch
 
-from ._helpers import LayerwiseOptimizer, as_real, lr_value, norm, norm_dtype, stacked_norms, trust_ratio, use_foreach
+from ._helpers import (
+    LayerwiseOptimizer,
+    as_real,
+    check_fused,
+    compiled,
+    flat,
+    lr_value,
+    norm,
+    norm_dtype,
+    stacked_norms,
+    trust_ratio,
+    use_foreach,
+)
 
 
 class LAMB(LayerwiseOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
                  trust_bounds: tuple[float, float] | None = None, *, maximize: bool = False,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"LAMB: lr must be >= 0, got {lr}")
         if not (len(betas) == 2 and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -46,13 +63,15 @@ class LAMB(LayerwiseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction,
                         trust_bounds=tuple(trust_bounds) if trust_bounds is not None else None, adapt=True,
-                        maximize=maximize, foreach=foreach, differentiable=False)
+                        maximize=maximize, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
+        check_fused("LAMB", fused)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # state dicts from before the key existed
+        for group in self.param_groups:  # state dicts from before the keys existed
             group.setdefault("maximize", False)
+            group.setdefault("fused", None)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,7 +85,12 @@ class LAMB(LayerwiseOptimizer):
                 continue
             for state in states:
                 state["step"] += 1
-            kernel = _lamb_foreach if use_foreach(group["foreach"], params) else _lamb_single
+            if group["fused"]:
+                kernel = _lamb_fused
+            elif use_foreach(group["foreach"], params):
+                kernel = _lamb_foreach
+            else:
+                kernel = _lamb_single
             b1, b2 = group["betas"]
             trusts = kernel([as_real(p) for p in params], grads, [as_real(s["exp_avg"]) for s in states],
                             [as_real(s["exp_avg_sq"]) for s in states], [s["step"] for s in states],
@@ -142,3 +166,43 @@ def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, bet
         torch._foreach_mul_(r, list(trust.to(params[0].dtype).unbind(0)))
     torch._foreach_add_(params, r, alpha=-lr)
     return list(trust.unbind(0))
+
+
+def _lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                bias_correction, trust_bounds, adapt):
+    """One compiled kernel per tensor (``_lamb_tensor``); the hyperparameters, the bias corrections of the tensor's
+    step and the switches travel as values in one small tensor, so every group, LR and step shares one compiled
+    graph. A tensor whose gradient or moments are laid out differently from it takes the loop."""
+    bc1s, sqrt_bc2s = _bias_corrections(steps, beta1, beta2, bias_correction)
+    lo, hi = trust_bounds if trust_bounds is not None else (0.0, math.inf)
+    trusts, hypers = [], {}
+    for w, g, m, v, step, bc1, sqrt_bc2 in zip(params, grads, exp_avgs, exp_avg_sqs, steps, bc1s, sqrt_bc2s):
+        views = flat(w, g, m, v)
+        if views is None:
+            trusts += _lamb_single([w], [g], [m], [v], [step], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                   weight_decay=weight_decay, bias_correction=bias_correction,
+                                   trust_bounds=trust_bounds, adapt=adapt)
+            continue
+        key = (w.dtype, w.device, bc1, sqrt_bc2)
+        if key not in hypers:
+            hypers[key] = torch.tensor([lr, beta1, beta2, eps, weight_decay, bc1, sqrt_bc2, adapt, lo, hi],
+                                       dtype=norm_dtype(w.dtype), device=w.device)
+        trusts.append(compiled(_lamb_tensor)(*views, hypers[key]))
+    return trusts
+
+
+def _lamb_tensor(w, g, m, v, hyper):
+    """One tensor's step (1-D views), the loop's formulas: m and v, then r = m / (sqrt(v) * bc1 / sqrt_bc2 +
+    eps * bc1) + wd * w with the norms of w and r (one pass), then w -= lr * trust * r (a second)."""
+    lr, beta1, beta2, eps, wd, bc1, sqrt_bc2, adapt, lo, hi = hyper.unbind(0)
+    new_m = m + (1 - beta1) * (g - m)
+    new_v = beta2 * v + (1 - beta2) * g * g
+    r = new_m / (torch.sqrt(new_v) * (bc1 / sqrt_bc2) + eps * bc1) + wd * w
+    w_norm = torch.linalg.vector_norm(w, dtype=hyper.dtype)
+    r_norm = torch.linalg.vector_norm(r, dtype=hyper.dtype)
+    trust = torch.clamp(w_norm / r_norm, lo, hi)
+    trust = torch.where((w_norm > 0) & (r_norm > 0) & (adapt > 0), trust, torch.ones_like(trust))
+    m.copy_(new_m)
+    v.copy_(new_v)
+    w.sub_((lr * trust) * r)
+    return trust

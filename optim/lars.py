@@ -34,6 +34,11 @@ first, then ``buf = momentum*buf + g``, ``trust = eta*||w||/(||buf|| + eps)`` ta
 
 Like torch's optimizers: ``maximize``, complex tensors (treated as their ``view_as_real``), a tensor ``lr``, ``lr``
 given only in the param groups. The last trust ratio of every adapted tensor is in ``optimizer.trust_ratios``.
+
+Three kernels, the same math: a per-tensor loop (the default on CPU), ``foreach=True`` (torch._foreach_*, the
+default on CUDA) and ``fused=True``: each tensor's step compiled by torch.compile into two passes over memory (its
+norms, then the update), the least traffic LARS can have (scripts/bench_optim.py). The first fused step compiles
+(seconds; cached on disk by inductor); ``variant="seed"`` and ``momentum=0`` take the loop.
 """
 from __future__ import annotations
 
@@ -41,7 +46,19 @@ import math
 
 import torch
 
-from ._helpers import LayerwiseOptimizer, as_real, lr_value, norm, norm_dtype, stacked_norms, trust_ratio, use_foreach
+from ._helpers import (
+    LayerwiseOptimizer,
+    as_real,
+    check_fused,
+    compiled,
+    flat,
+    lr_value,
+    norm,
+    norm_dtype,
+    stacked_norms,
+    trust_ratio,
+    use_foreach,
+)
 
 VARIANTS = ("paper", "seed")
 
@@ -50,7 +67,7 @@ class LARS(LayerwiseOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001, eps: float = 1e-8, nesterov: bool = False, trust_clip: bool = False,
                  lr_in_momentum: bool = True, variant: str = "paper", *, maximize: bool = False,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -67,14 +84,16 @@ class LARS(LayerwiseOptimizer):
             raise ValueError(f"LARS: variant must be one of {VARIANTS}, got {variant!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, nesterov=nesterov,
                         trust_clip=trust_clip, lr_in_momentum=lr_in_momentum, variant=variant, adapt=True,
-                        maximize=maximize, foreach=foreach, differentiable=False)
+                        maximize=maximize, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
+        check_fused("LARS", fused)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:  # state dicts from before these keys existed: their behaviour then
             group.setdefault("maximize", False)
             group.setdefault("lr_in_momentum", False)
+            group.setdefault("fused", None)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,7 +107,12 @@ class LARS(LayerwiseOptimizer):
             if not params:
                 continue
             bufs = [as_real(s["momentum_buffer"]) if has_buffer else None for s in states]
-            kernel = _lars_foreach if use_foreach(group["foreach"], params) else _lars_single
+            if group["fused"] and group["momentum"] and group["variant"] == "paper":
+                kernel = _lars_fused
+            elif use_foreach(group["foreach"], params):
+                kernel = _lars_foreach
+            else:
+                kernel = _lars_single
             hyper = {k: group[k] for k in ("momentum", "weight_decay", "eta", "eps", "nesterov", "trust_clip",
                                            "lr_in_momentum", "variant", "adapt")}
             trusts = kernel([as_real(p) for p in params], grads, bufs, lr=lr_value(group["lr"]), **hyper)
@@ -193,3 +217,46 @@ def _lars_foreach(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, 
         step = d
     torch._foreach_add_(params, step, alpha=-1.0 if inside else -lr)
     return list(trust.unbind(0))
+
+
+def _lars_fused(params, grads, bufs, *, lr, momentum, weight_decay, eta, eps, nesterov, trust_clip,
+                lr_in_momentum, variant, adapt) -> list[torch.Tensor]:
+    """The paper variant with momentum, one compiled kernel per tensor (``_lars_tensor``). The switches travel as
+    values (0/1) in one small tensor, so every group and every LR shares one compiled graph. A tensor whose
+    gradient or buffer is laid out differently from it takes the loop. The trust ratios stay tensors."""
+    trusts = []
+    hypers = {}
+    for w, g, buf in zip(params, grads, bufs):
+        views = flat(w, g, buf)
+        if views is None:
+            trusts += _lars_single([w], [g], [buf], lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                   eps=eps, nesterov=nesterov, trust_clip=trust_clip, lr_in_momentum=lr_in_momentum,
+                                   variant=variant, adapt=adapt)
+            continue
+        key = (w.dtype, w.device)
+        if key not in hypers:  # c = trust * c_scale enters the buffer; w -= out * (the buffer, or Nesterov's step)
+            c_scale, out = (lr, 1.0) if lr_in_momentum else (1.0, lr)
+            hypers[key] = torch.tensor([lr, momentum, weight_decay, eta, eps, c_scale, out, nesterov, trust_clip,
+                                        adapt], dtype=norm_dtype(w.dtype), device=w.device)
+        trusts.append(compiled(_lars_tensor)(*views, hypers[key]))
+    return trusts
+
+
+def _lars_tensor(w, g, buf, hyper):
+    """One tensor's step (1-D views), the loop's formulas: trust from |w| and |g| (one pass), then
+    buf = m*buf + c*(g + wd*w) and w -= out*buf, or w -= out*(c*(g + wd*w) + m*buf) with Nesterov (a second)."""
+    lr, momentum, wd, eta, eps, c_scale, out, nesterov, trust_clip, adapt = hyper.unbind(0)
+    w_norm = torch.linalg.vector_norm(w, dtype=hyper.dtype)
+    g_norm = torch.linalg.vector_norm(g, dtype=hyper.dtype)
+    one = torch.ones_like(w_norm)
+    trust = eta * w_norm / (g_norm + wd * w_norm + eps)
+    clipped = torch.where(lr > 0, torch.clamp(trust / lr, max=1.0), one)
+    trust = torch.where(trust_clip > 0, clipped, trust)
+    trust = torch.where((w_norm > 0) & (g_norm > 0) & (adapt > 0), trust, one)
+    c = trust * c_scale
+    d = c * (g + wd * w)
+    new_buf = momentum * buf + d
+    step = torch.where(nesterov > 0, d + momentum * new_buf, new_buf)
+    buf.copy_(new_buf)
+    w.sub_(out * step)
+    return trust

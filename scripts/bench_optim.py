@@ -2,8 +2,10 @@
 
     python scripts/bench_optim.py [--threads 2] [--repeats 20] [--alone] [--runs 3]
 
-torch's SGD and AdamW are each timed with foreach=True and False and the faster counts; ours are timed with both
-kernels, and the ratio line uses the one `foreach=None` picks on the device (foreach on CUDA, the loop on CPU). All timings come from this
+torch's SGD and AdamW are each timed with foreach=True and False and the faster counts; ours are timed with the
+three kernels: the first ratio line uses the one `foreach=None` picks on the device (foreach on CUDA, the loop on
+CPU), the second ours with fused=True (compiled by torch.compile, before the timing). torch's own fused=True steps
+are timed too, and shown beside. All timings come from this
 one process, interleaved round-robin (nine models' parameters, gradients and state, about 2 GB: mostly a
 measure of memory traffic), and the median is reported; ratios are what to compare across machines. ``--alone``
 steps one model at a time instead (its tensors stay warmer in the caches).
@@ -11,8 +13,8 @@ Runs on CUDA too when a GPU is present (--device cuda).
 
 Each ratio is given over ``--runs`` whole measurements (min, median, max: the spread to compare with a goal's
 margin), beside its floor: the bytes an optimizer must read and write per step (``TRAFFIC``, in fp32 copies of the
-parameters) at this machine's memory bandwidth, measured here by a large copy. No kernel beats the floor; a ratio
-near its floor is bound by memory, not by the code.
+parameters) at this machine's memory bandwidth, measured here by an in-place add (reads and writes as an update
+does). No kernel beats the floor; a ratio near its floor is bound by memory, not by the code.
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def make(name, model):
         "ours LARS (for-loop)": lambda: LARS(groups, lr=1.0, momentum=0.9, nesterov=True, foreach=False),
         "ours LAMB (foreach)": lambda: LAMB(groups, lr=1e-3, foreach=True),
         "ours LAMB (for-loop)": lambda: LAMB(groups, lr=1e-3, foreach=False),
+        "ours LARS (fused)": lambda: LARS(groups, lr=1.0, momentum=0.9, nesterov=True, fused=True),
+        "ours LAMB (fused)": lambda: LAMB(groups, lr=1e-3, fused=True),
+        "torch SGD (fused)": lambda: torch.optim.SGD(plain, lr=0.1, momentum=0.9, nesterov=True, fused=True),
+        "torch AdamW (fused)": lambda: torch.optim.AdamW(plain, lr=1e-3, fused=True),
         "plain LARS (seed)": lambda: SeedLARS([p for g in groups for p in g["params"]], lr=1.0),
     }[name]()
 
@@ -76,24 +82,25 @@ TRAFFIC = {"SGD": 5, "AdamW": 7, "LARS": 7, "LAMB": 9}
 
 
 def bandwidth(device, mb: int = 256, repeats: int = 7) -> float:
-    """Memory bandwidth in GB/s from copying a large tensor (read + write), median of ``repeats``."""
+    """Memory bandwidth in GB/s from an in-place add of two large tensors (read a and b, write a: the access
+    pattern of an optimizer's in-place update, with no write-allocate reads), median of ``repeats``."""
     a = torch.ones(mb * 2**20 // 4, device=device)
-    b = torch.empty_like(a)
+    b = torch.ones_like(a)
     seconds = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        b.copy_(a)
+        a.add_(b)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / statistics.median(seconds) / 1e9
+    return 3 * a.numel() * 4 / statistics.median(seconds) / 1e9
 
 
 NAMES = ["torch SGD (foreach)", "torch SGD (for-loop)", "torch AdamW (foreach)", "torch AdamW (for-loop)",
          "ours LARS (foreach)", "ours LARS (for-loop)", "ours LAMB (foreach)", "ours LAMB (for-loop)",
-         "plain LARS (seed)"]
+         "ours LARS (fused)", "ours LAMB (fused)", "torch SGD (fused)", "torch AdamW (fused)", "plain LARS (seed)"]
 
 
 def model_with_grads(device) -> torch.nn.Module:
@@ -154,12 +161,12 @@ def main() -> None:
     med = {n: statistics.median(r[n] for r in runs) for n in NAMES}
     best = {"SGD": [min(r["torch SGD (foreach)"], r["torch SGD (for-loop)"]) for r in runs],
             "AdamW": [min(r["torch AdamW (foreach)"], r["torch AdamW (for-loop)"]) for r in runs],
-            "LARS": [r[f"ours LARS ({kernel})"] for r in runs], "LAMB": [r[f"ours LAMB ({kernel})"] for r in runs]}
+            "LARS": [r["ours LARS (fused)"] for r in runs], "LAMB": [r["ours LAMB (fused)"] for r in runs]}
     sgd, adamw = statistics.median(best["SGD"]), statistics.median(best["AdamW"])
     print(f"ResNet-50 ({n_params / 1e6:.1f}M params, {n_tensors} tensors), "
           f"{device}{f', {args.threads} threads' if device.type == 'cpu' else ''}, median of {args.repeats} steps"
           f"{', each optimizer alone' if args.alone else ', interleaved'}, {args.runs} runs; memory bandwidth "
-          f"{gbps:.1f} GB/s (a {256} MB copy)")
+          f"{gbps:.1f} GB/s (an in-place add of two {256} MB tensors)")
     print("| optimizer | ms/step (median of runs) | vs torch SGD | vs torch AdamW |\n|---|---|---|---|")
     for n in NAMES:
         print(f"| {n} | {med[n]:.1f} | {med[n] / sgd:.2f}x | {med[n] / adamw:.2f}x |")
@@ -168,11 +175,17 @@ def main() -> None:
     for k, passes in TRAFFIC.items():
         print(f"| {k} | {passes} x {n_params * 4 / 1e6:.0f} MB | {floor[k]:.1f} | "
               f"{statistics.median(best[k]) / floor[k]:.2f}x |")
-    lars = [a / b for a, b in zip(best["LARS"], best["SGD"], strict=True)]
-    lamb = [a / b for a, b in zip(best["LAMB"], best["AdamW"], strict=True)]
-    print(f"\ndefault kernels on {device.type} ({kernel}): LARS / SGD {spread(lars)}, LAMB / AdamW {spread(lamb)} "
-          f"(where both were at their floors: {TRAFFIC['LARS'] / TRAFFIC['SGD']:.2f}x and "
-          f"{TRAFFIC['LAMB'] / TRAFFIC['AdamW']:.2f}x); plain LARS / SGD {med['plain LARS (seed)'] / sgd:.2f}x")
+    def ratios(ours: str, torch_name: str) -> list[float]:
+        return [r[ours] / b for r, b in zip(runs, best[torch_name], strict=True)]
+
+    print(f"\ndefault kernels on {device.type} ({kernel}): LARS / SGD "
+          f"{spread(ratios(f'ours LARS ({kernel})', 'SGD'))}, LAMB / AdamW {spread(ratios(f'ours LAMB ({kernel})', 'AdamW'))}")
+    print(f"fused=True: LARS / SGD {spread(ratios('ours LARS (fused)', 'SGD'))}, LAMB / AdamW "
+          f"{spread(ratios('ours LAMB (fused)', 'AdamW'))} (where both were at their floors: "
+          f"{TRAFFIC['LARS'] / TRAFFIC['SGD']:.2f}x and {TRAFFIC['LAMB'] / TRAFFIC['AdamW']:.2f}x); against torch's "
+          f"fused steps: LARS / SGD {med['ours LARS (fused)'] / med['torch SGD (fused)']:.2f}x, LAMB / AdamW "
+          f"{med['ours LAMB (fused)'] / med['torch AdamW (fused)']:.2f}x; plain LARS / SGD "
+          f"{med['plain LARS (seed)'] / sgd:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The generic invariants torch checks for every one of its own optimizers (torch's test_optim.py /
-common_optimizers.py) and the bodies of timm's tests/test_optim.py, run against LARS and LAMB with both kernels.
+common_optimizers.py) and the bodies of timm's tests/test_optim.py, run against LARS and LAMB with each kernel.
 torch.optim.SGD / AdamW pass every one of these; each case is written so that it compares against an independent
 run (uninterrupted, float64, view_as_real, negated gradient, ...), never against a stored number."""
 import copy
@@ -20,8 +20,11 @@ FACTORIES = {
     "lars-clip-foreach": lambda ps, **kw: LARS(ps, **{"lr": 0.5, "trust_clip": True, "foreach": True, **kw}),
     "lars-torchform-loop": lambda ps, **kw: LARS(ps, **{"lr": 0.5, "lr_in_momentum": False, "foreach": False,
                                                           **kw}),
+    "lars-fused": lambda ps, **kw: LARS(ps, **{"lr": 0.5, "weight_decay": 1e-2, "nesterov": True, "trust_clip": True,
+                                                 "fused": True, **kw}),
     "lamb-loop": lambda ps, **kw: LAMB(ps, **{"lr": 0.01, "weight_decay": 1e-2, "foreach": False, **kw}),
     "lamb-foreach": lambda ps, **kw: LAMB(ps, **{"lr": 0.01, "weight_decay": 1e-2, "foreach": True, **kw}),
+    "lamb-fused": lambda ps, **kw: LAMB(ps, **{"lr": 0.01, "weight_decay": 1e-2, "fused": True, **kw}),
 }
 KINDS = list(FACTORIES)
 SHAPES = [(6, 5), (5,), (2, 3, 3, 3)]

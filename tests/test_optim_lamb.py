@@ -36,7 +36,8 @@ def make_problem(seed=0, steps=5):
 
 def run_ours(params, grads_per_step, foreach, adapt=True, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = LAMB([{"params": ps, "adapt": adapt}], foreach=foreach, **kw)
+    opt = LAMB([{"params": ps, "adapt": adapt}], **({"fused": True} if foreach == "fused" else {"foreach": foreach}),
+                **kw)
     for grads in grads_per_step:
         for p, gr in zip(ps, grads, strict=True):
             p.grad = gr.clone()
@@ -44,7 +45,7 @@ def run_ours(params, grads_per_step, foreach, adapt=True, **kw):
     return [p.detach() for p in ps], opt
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "fused"])
 @pytest.mark.parametrize("wd,bounds,bias_correction", [(0.0, None, True), (0.01, None, True), (0.1, (0.5, 2.0), True),
                                                        (0.01, None, False)])
 def test_lamb_matches_paper_algorithm(foreach, wd, bounds, bias_correction):
@@ -56,7 +57,7 @@ def test_lamb_matches_paper_algorithm(foreach, wd, bounds, bias_correction):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "fused"])
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 def test_lamb_without_adaptation_is_torch_adamw(foreach, wd):
     params, grads = make_problem(1)

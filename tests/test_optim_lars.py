@@ -35,10 +35,15 @@ def make_problem(seed=0, steps=4):
     return params, grads
 
 
+def kernel(foreach) -> dict:
+    """The kernel a test case runs: the loop (False), foreach (True) or the compiled one ("fused")."""
+    return {"fused": True} if foreach == "fused" else {"foreach": foreach}
+
+
 def run_ours(params, grads_per_step, foreach, **kw):
     adapt = kw.pop("adapt")
     ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = LARS([{"params": ps, "adapt": adapt}], foreach=foreach, **kw)
+    opt = LARS([{"params": ps, "adapt": adapt}], **kernel(foreach), **kw)
     for grads in grads_per_step:
         for p, gr in zip(ps, grads, strict=True):
             p.grad = gr.clone()
@@ -46,7 +51,7 @@ def run_ours(params, grads_per_step, foreach, **kw):
     return [p.detach() for p in ps], opt
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "fused"])
 @pytest.mark.parametrize("nesterov,wd,trust_clip,adapt", [
     (False, 0.0, False, True), (True, 0.0, False, True), (False, 5e-4, False, True), (True, 1e-2, False, True),
     (False, 1e-2, True, True), (True, 1e-2, False, False)])
@@ -217,7 +222,7 @@ def reference_timm_lars(params, grads_per_step, lrs, momentum, wd, eta, eps, nes
 
 def run_with_lrs(params, grads_per_step, lrs, foreach, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = LARS(ps, foreach=foreach, **kw)
+    opt = LARS(ps, **kernel(foreach), **kw)
     for lr, grads in zip(lrs, grads_per_step, strict=True):
         opt.param_groups[0]["lr"] = lr
         for p, g in zip(ps, grads, strict=True):
@@ -230,7 +235,7 @@ CASES = [(False, 0.0, False), (True, 0.0, False), (False, 5e-3, False), (True, 1
          (True, 1e-2, True)]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "fused"])
 @pytest.mark.parametrize("nesterov,wd,trust_clip", CASES)
 def test_paper_form_under_a_changing_lr(foreach, nesterov, wd, trust_clip):
     params, grads = make_problem(7, steps=len(LRS))
@@ -241,7 +246,7 @@ def test_paper_form_under_a_changing_lr(foreach, nesterov, wd, trust_clip):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "fused"])
 @pytest.mark.parametrize("nesterov,wd,trust_clip", CASES)
 def test_torch_form_under_a_changing_lr_is_timm_lars(foreach, nesterov, wd, trust_clip):
     params, grads = make_problem(8, steps=len(LRS))
