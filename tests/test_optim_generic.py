@@ -26,7 +26,9 @@ FACTORIES = {
     "lamb-foreach": lambda ps, **kw: LAMB(ps, **{"lr": 0.01, "weight_decay": 1e-2, "foreach": True, **kw}),
     "lamb-fused": lambda ps, **kw: LAMB(ps, **{"lr": 0.01, "weight_decay": 1e-2, "fused": True, **kw}),
 }
-KINDS = list(FACTORIES)
+# the compiled kernel's cases share one worker, which compiles once
+KINDS = [pytest.param(k, marks=pytest.mark.xdist_group("compiled")) if k.endswith("fused") else k
+         for k in FACTORIES]
 SHAPES = [(6, 5), (5,), (2, 3, 3, 3)]
 
 

@@ -26,6 +26,10 @@ def reference_lamb(params, grads_per_step, lr, b1, b2, eps, wd, adapt, bounds=No
     return w
 
 
+# the loop, foreach and the compiled kernel; the compiled cases share one worker, which compiles once
+KERNELS = [False, True, pytest.param("fused", marks=pytest.mark.xdist_group("compiled"))]
+
+
 def make_problem(seed=0, steps=5):
     g = torch.Generator().manual_seed(seed)
     shapes = [(6, 5), (5,), (2, 3, 3, 3), (4,)]
@@ -45,7 +49,7 @@ def run_ours(params, grads_per_step, foreach, adapt=True, **kw):
     return [p.detach() for p in ps], opt
 
 
-@pytest.mark.parametrize("foreach", [False, True, "fused"])
+@pytest.mark.parametrize("foreach", KERNELS)
 @pytest.mark.parametrize("wd,bounds,bias_correction", [(0.0, None, True), (0.01, None, True), (0.1, (0.5, 2.0), True),
                                                        (0.01, None, False)])
 def test_lamb_matches_paper_algorithm(foreach, wd, bounds, bias_correction):
@@ -57,7 +61,7 @@ def test_lamb_matches_paper_algorithm(foreach, wd, bounds, bias_correction):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True, "fused"])
+@pytest.mark.parametrize("foreach", KERNELS)
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 def test_lamb_without_adaptation_is_torch_adamw(foreach, wd):
     params, grads = make_problem(1)

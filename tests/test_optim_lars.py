@@ -27,6 +27,10 @@ def reference_lars(params, grads_per_step, lr, momentum, wd, eta, eps, nesterov,
     return w
 
 
+# the loop, foreach and the compiled kernel; the compiled cases share one worker, which compiles once
+KERNELS = [False, True, pytest.param("fused", marks=pytest.mark.xdist_group("compiled"))]
+
+
 def make_problem(seed=0, steps=4):
     g = torch.Generator().manual_seed(seed)
     shapes = [(8, 5), (5,), (3, 4, 2, 2), (7,)]
@@ -51,7 +55,7 @@ def run_ours(params, grads_per_step, foreach, **kw):
     return [p.detach() for p in ps], opt
 
 
-@pytest.mark.parametrize("foreach", [False, True, "fused"])
+@pytest.mark.parametrize("foreach", KERNELS)
 @pytest.mark.parametrize("nesterov,wd,trust_clip,adapt", [
     (False, 0.0, False, True), (True, 0.0, False, True), (False, 5e-4, False, True), (True, 1e-2, False, True),
     (False, 1e-2, True, True), (True, 1e-2, False, False)])
@@ -235,7 +239,7 @@ CASES = [(False, 0.0, False), (True, 0.0, False), (False, 5e-3, False), (True, 1
          (True, 1e-2, True)]
 
 
-@pytest.mark.parametrize("foreach", [False, True, "fused"])
+@pytest.mark.parametrize("foreach", KERNELS)
 @pytest.mark.parametrize("nesterov,wd,trust_clip", CASES)
 def test_paper_form_under_a_changing_lr(foreach, nesterov, wd, trust_clip):
     params, grads = make_problem(7, steps=len(LRS))
@@ -246,7 +250,7 @@ def test_paper_form_under_a_changing_lr(foreach, nesterov, wd, trust_clip):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True, "fused"])
+@pytest.mark.parametrize("foreach", KERNELS)
 @pytest.mark.parametrize("nesterov,wd,trust_clip", CASES)
 def test_torch_form_under_a_changing_lr_is_timm_lars(foreach, nesterov, wd, trust_clip):
     params, grads = make_problem(8, steps=len(LRS))
