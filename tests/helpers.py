@@ -11,7 +11,7 @@ from engine.compose import CONF_DIR as CONF
 from engine.compose import TINY, compose_cfg, load_cfg
 
 __all__ = ["CONF", "ENV", "ROOT", "TINY", "checks", "compose_cfg", "load_cfg", "python", "run_train",
-           "sweep_in_process", "train_in_process"]
+           "sweep_in_process", "train_in_process", "train_command"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -70,6 +70,20 @@ def train_in_process(args: list[str], monkeypatch) -> None:
         FAILED_JOBS[:] = earlier
         while cli._LOCKS:  # a job's folder stays locked for the life of its process: not this one's
             cli._LOCKS.pop().close()
+
+
+def train_command(args, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in this process (its imports done once): its exit code and what it printed, for the
+    tests of what a command does to a run's files. What only a real process shows (signals, launchers, exit codes
+    of several ranks) stays with ``python``."""
+    capsys.readouterr()
+    code = 0
+    try:
+        train_in_process([str(a) for a in args], monkeypatch)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def build_plan_optimizer(plan, model):

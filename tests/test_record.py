@@ -15,7 +15,7 @@ from engine.datasets import train_size_of
 from engine.metrics import ProgressBar
 from engine.plan import make_plan
 from engine.sweep import record_job_failure
-from tests.helpers import ENV, ROOT, TINY, checks, load_cfg, python, run_train
+from tests.helpers import ENV, ROOT, TINY, checks, load_cfg, python, run_train, train_command
 from tests.wandb_records import runs as wandb_runs
 
 RUN = [*TINY, "threads=1", "batch=32", "epochs=1", "logger.every_steps=1", "checkpoint.every_steps=2"]
@@ -29,8 +29,8 @@ def rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_csv_logger_keeps_every_row(tmp_path):
-    r = train([*RUN, "logger=csv", "max_steps=9", f"hydra.run.dir={tmp_path}"])
+def test_csv_logger_keeps_every_row(tmp_path, monkeypatch, capsys):
+    r = train_command([*RUN, "logger=csv", "max_steps=9", f"hydra.run.dir={tmp_path}"], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr[-2000:]
     jsonl = rows(tmp_path)
     table = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -72,27 +72,28 @@ def test_resume_is_one_record(tmp_path):
     assert max(first["history_steps"]) <= stopped_at < min(second["history_steps"])
 
 
-def test_resume_of_a_finished_run_changes_nothing(tmp_path):
-    r = train([*RUN, "max_steps=3", f"hydra.run.dir={tmp_path}"])
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, monkeypatch, capsys):
+    r = train_command([*RUN, "max_steps=3", f"hydra.run.dir={tmp_path}"], monkeypatch, capsys)
     assert r.returncode == 0
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
     r = checks([*RUN, "max_steps=3", "resume=auto", f"hydra.run.dir={tmp_path}"])  # said before Hydra starts
     assert r.returncode == 0 and "is finished (step 3 of 3); nothing to do" in r.stdout
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    r = train([*RUN, "max_steps=5", "resume=auto", f"hydra.run.dir={tmp_path}"])  # a longer max_steps continues
+    r = train_command([*RUN, "max_steps=5", "resume=auto", f"hydra.run.dir={tmp_path}"], monkeypatch,
+                      capsys)  # a longer max_steps continues
     assert r.returncode == 0 and "resuming from step 3 of 5" in r.stdout
 
 
-def test_an_interrupted_sweep_resumes_in_place(tmp_path):
+def test_an_interrupted_sweep_resumes_in_place(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     args = ["-m", *RUN, "batch=32,64", "max_steps=4", f"hydra.sweep.dir={sweep}"]
-    r = train(args)
+    r = train_command(args, monkeypatch, capsys)
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     interrupted = sweep / jobs[1]  # as if the sweep had been killed during job 1, before its first checkpoint
     for f in ("summary.json", "checkpoints/last.pt"):
         (interrupted / f).unlink()
-    r = train([*args, "resume=auto"])
+    r = train_command([*args, "resume=auto"], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == jobs  # same folders, no new ones
     assert "is finished (step 4 of 4)" in r.stdout  # job 0 skipped
@@ -143,9 +144,10 @@ def test_a_sweep_launched_again_into_its_folder_is_refused_before_any_job(tmp_pa
     assert sorted(p.name for p in sweep.iterdir()) == ["0_batch=32", "optuna.db"]
 
 
-def test_sweep_job_folders_are_safe_for_any_value(tmp_path):
+def test_sweep_job_folders_are_safe_for_any_value(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
-    r = train(["-m", *RUN, "max_steps=1", "model.init_skip=[a/b],[c]", f"hydra.sweep.dir={sweep}"])
+    r = train_command(["-m", *RUN, "max_steps=1", "model.init_skip=[a/b],[c]", f"hydra.sweep.dir={sweep}"],
+                      monkeypatch, capsys)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len([p for p in sweep.iterdir() if (p / "summary.json").exists()]) == 2
 
@@ -249,12 +251,12 @@ def test_wandb_groups_a_sweep_and_names_every_run(tmp_path):
     assert run["config"]["optim"]["lr"] == 4.0 and isinstance(run["config"]["seed"], int)
 
 
-def test_resume_without_a_checkpoint_never_rewrites_a_finished_record(tmp_path):
+def test_resume_without_a_checkpoint_never_rewrites_a_finished_record(tmp_path, monkeypatch, capsys):
     """checkpoint.enabled=false: resume=auto on a run that ended on its own changes nothing (it used to train again
     from step 0 over the finished record); one killed before it ended starts again, its metrics.jsonl once."""
     run_dir = tmp_path / "run"
     args = [*RUN, "checkpoint.enabled=false", "max_steps=4", f"hydra.run.dir={run_dir}"]
-    assert train(args).returncode == 0
+    assert train_command(args, monkeypatch, capsys).returncode == 0
     before = {f: (run_dir / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "train.log")}
     r = checks([*args, "resume=auto"])  # said before Hydra starts
     assert r.returncode == 0 and "ended at step 4 and has no checkpoint to continue from; nothing to do" in r.stdout
@@ -262,7 +264,7 @@ def test_resume_without_a_checkpoint_never_rewrites_a_finished_record(tmp_path):
     assert not (run_dir / ".hydra" / "resume-1").exists()
 
     (run_dir / "summary.json").unlink()  # as if killed before the end: no summary, no checkpoint
-    r = train([*args, "resume=auto"])
+    r = train_command([*args, "resume=auto"], monkeypatch, capsys)
     assert r.returncode == 0 and "it starts again from step 0" in r.stdout, r.stdout[-2000:]
     assert [x["step"] for x in rows(run_dir) if "loss" in x] == [1, 2, 3, 4]
 
@@ -276,15 +278,16 @@ def test_a_resume_says_what_it_changed(tmp_path, caplog):
                           "-> 0.3") for m in caplog.messages), caplog.messages
 
 
-def test_tensorboard_and_a_resumed_tensorboard_run_hold_every_step_once(tmp_path):
+def test_tensorboard_and_a_resumed_tensorboard_run_hold_every_step_once(tmp_path, monkeypatch, capsys):
     """Read back by tensorboard's own reader: a run stopped at step 6 with its checkpoint at 4, resumed to 8, holds
     each step once, and the resumed writer asked for the purge of steps >= 5 (purge_step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     tb = [*RUN, "logger=[tensorboard,csv]", "checkpoint.keep_steps=[4]"]
     run_dir = tmp_path / "run"
-    assert train([*tb, "max_steps=6", f"hydra.run.dir={run_dir}"]).returncode == 0
-    r = train([*tb, "max_steps=8", f"resume={run_dir}/checkpoints/step-4.pt", f"hydra.run.dir={run_dir}"])
+    assert train_command([*tb, "max_steps=6", f"hydra.run.dir={run_dir}"], monkeypatch, capsys).returncode == 0
+    r = train_command([*tb, "max_steps=8", f"resume={run_dir}/checkpoints/step-4.pt", f"hydra.run.dir={run_dir}"],
+                      monkeypatch, capsys)
     assert r.returncode == 0, r.stderr[-2000:]
     reader = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     reader.Reload()

@@ -1,5 +1,6 @@
-"""Interruptions: SIGTERM and SIGKILL mid-run, then resume=auto, end bit-for-bit where an uninterrupted run ends;
-a checkpoint write that dies half-way leaves the previous file loadable."""
+"""Interruptions: SIGTERM and SIGKILL mid-run (a real process), then resume=auto (train.py's main, in this process),
+end bit-for-bit where an uninterrupted run ends; a checkpoint write that dies half-way leaves the previous file
+loadable."""
 import json
 import os
 import signal
@@ -16,14 +17,6 @@ RUN = ["data=synthetic", "data.train_size=1024", "data.test_size=128", "batch=32
        "logger=none", "logger.every_steps=1", "threads=1", "checkpoint.every_steps=3", "data.augment=true",
        "data.crop_padding=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def train(run_dir, *extra, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, *extra, f"hydra.run.dir={run_dir}"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def start_and_interrupt(run_dir, sig, after_step):
@@ -47,13 +40,12 @@ def final_weights(run_dir):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    train(run_dir)
+    _, run_dir = run_train(tmp_path_factory.mktemp("straight"), RUN)
     return final_weights(run_dir)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, straight, sig):
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, straight, sig, monkeypatch):
     run_dir = tmp_path / "run"
     proc = start_and_interrupt(run_dir, sig, after_step=10)
     if sig == signal.SIGTERM:
@@ -65,7 +57,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, straight, sig):
         assert proc.returncode == -signal.SIGKILL
     stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"]
     assert 0 < stopped_at < 128
-    train(run_dir, "resume=auto")
+    train_in_process([*RUN, "resume=auto", f"hydra.run.dir={run_dir}"], monkeypatch)
     resumed = final_weights(run_dir)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
