@@ -1,4 +1,5 @@
-"""Time one optimizer step on ResNet-50's parameters: ours against torch's SGD/AdamW and a plain per-tensor LARS.
+"""Time one optimizer step on ResNet-50's parameters: ours against torch's SGD/AdamW, timm's Lars/Lamb and a plain
+per-tensor LARS.
 
     python scripts/bench_optim.py [--threads 2] [--repeats 20] [--alone] [--runs 3]
 
@@ -22,6 +23,7 @@ import argparse
 import statistics
 import time
 
+import timm.optim
 import torch
 from torchvision.models import resnet50
 
@@ -69,6 +71,9 @@ def make(name, model):
         "ours LAMB (fused)": lambda: LAMB(groups, lr=1e-3, fused=True),
         "torch SGD (fused)": lambda: torch.optim.SGD(plain, lr=0.1, momentum=0.9, nesterov=True, fused=True),
         "torch AdamW (fused)": lambda: torch.optim.AdamW(plain, lr=1e-3, fused=True),
+        # timm's own, with the same switches: trust ratios where weight decay is set, no gradient clipping in Lamb
+        "timm Lars": lambda: timm.optim.Lars(plain, lr=1.0, momentum=0.9, nesterov=True),
+        "timm Lamb": lambda: timm.optim.Lamb(plain, lr=1e-3, max_grad_norm=None),
         "plain LARS (seed)": lambda: SeedLARS([p for g in groups for p in g["params"]], lr=1.0),
     }[name]()
 
@@ -100,7 +105,8 @@ def bandwidth(device, mb: int = 256, repeats: int = 7) -> float:
 
 NAMES = ["torch SGD (foreach)", "torch SGD (for-loop)", "torch AdamW (foreach)", "torch AdamW (for-loop)",
          "ours LARS (foreach)", "ours LARS (for-loop)", "ours LAMB (foreach)", "ours LAMB (for-loop)",
-         "ours LARS (fused)", "ours LAMB (fused)", "torch SGD (fused)", "torch AdamW (fused)", "plain LARS (seed)"]
+         "ours LARS (fused)", "ours LAMB (fused)", "torch SGD (fused)", "torch AdamW (fused)", "timm Lars", "timm Lamb",
+         "plain LARS (seed)"]
 
 
 def model_with_grads(device) -> torch.nn.Module:
@@ -184,8 +190,9 @@ def main() -> None:
           f"{spread(ratios('ours LAMB (fused)', 'AdamW'))} (where both were at their floors: "
           f"{TRAFFIC['LARS'] / TRAFFIC['SGD']:.2f}x and {TRAFFIC['LAMB'] / TRAFFIC['AdamW']:.2f}x); against torch's "
           f"fused steps: LARS / SGD {med['ours LARS (fused)'] / med['torch SGD (fused)']:.2f}x, LAMB / AdamW "
-          f"{med['ours LAMB (fused)'] / med['torch AdamW (fused)']:.2f}x; plain LARS / SGD "
-          f"{med['plain LARS (seed)'] / sgd:.2f}x")
+          f"{med['ours LAMB (fused)'] / med['torch AdamW (fused)']:.2f}x")
+    print(f"timm: Lars / SGD {spread(ratios('timm Lars', 'SGD'))}, Lamb / AdamW {spread(ratios('timm Lamb', 'AdamW'))}; "
+          f"plain LARS / SGD {med['plain LARS (seed)'] / sgd:.2f}x")
 
 
 if __name__ == "__main__":
