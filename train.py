@@ -98,6 +98,27 @@ def train(cfg, run_dir: Path) -> dict:
         say(f"{run_dir} has no checkpoint (stopped before its first one, or checkpoint.enabled=false): it starts "
             f"again from step 0 and its metrics.jsonl starts over")
 
+    run, warm = build_run(cfg, data, plan, resume, device, dist, run_dir)
+    announce(run, resume, warm)
+    with StopFlag() as late:  # a signal after the last step waits until the result is written
+        try:
+            fit(run, warned=bool(EARLY_WARNING))
+            finish_evaluation(run)
+        except EvaluationStopped as e:  # the final evaluation: its checkpoint is written; resume=auto evaluates
+            run.state.stopped_by = e.signal_name
+        finally:
+            run.progress.close()
+            summary = write_summary(run, started)
+            run.logger.finish(exit_code=0 if not run.state.diverged and run.state.stopped_by is None else 1)
+    report(run, summary)
+    exit_if_signalled(run, late.signal_name)
+    return summary
+
+
+def build_run(cfg, data, plan, resume, device, dist, run_dir: Path) -> tuple[Run, Match | None]:
+    """Everything one run holds, built in the order the seeds need: the model (and its warm start), optimizer,
+    scaler, EMA and schedule, the checkpoint's state restored into them, the DDP/compiled wrapper, the logger
+    (continuing the checkpoint's wandb run) and the progress bar. Also the warm start's match, for announce()."""
     torch.manual_seed(cfg.seed)
     model = build_model_on(cfg, data, device, sync_bn=dist.enabled and bool(cfg.model.sync_bn))
     warm = warm_start(model, cfg.model) if cfg.model.init is not None and resume is None else None
@@ -123,20 +144,7 @@ def train(cfg, run_dir: Path) -> dict:
     progress = ProgressBar(plan.run_steps, initial=schedule.step, enabled=dist.is_main)
     run = Run(train_model, optimizer, scaler, data.to(device), plan, schedule, cfg, device, dist, logger, progress,
               state, run_dir, ema)
-    announce(run, resume, warm)
-    with StopFlag() as late:  # a signal after the last step waits until the result is written
-        try:
-            fit(run, warned=bool(EARLY_WARNING))
-            finish_evaluation(run)
-        except EvaluationStopped as e:  # the final evaluation: its checkpoint is written; resume=auto evaluates
-            state.stopped_by = e.signal_name
-        finally:
-            progress.close()
-            summary = write_summary(run, started)
-            logger.finish(exit_code=0 if not state.diverged and state.stopped_by is None else 1)
-    report(run, summary)
-    exit_if_signalled(run, late.signal_name)
-    return summary
+    return run, warm
 
 
 def exit_if_signalled(run: Run, late: str | None) -> None:
