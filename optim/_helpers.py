@@ -90,12 +90,14 @@ def compiled(kernel):
 _COMPILED: dict = {}
 
 
-def check_fused(name: str, fused: bool | None) -> None:
-    """``fused=True`` compiles C++ on a CPU (inductor): say so before the first step if no compiler is there."""
+def check_fused(optimizer: torch.optim.Optimizer) -> None:
+    """``fused=True`` compiles C++ for CPU tensors (inductor): say so at construction if no compiler is there."""
     cxx = os.environ.get("CXX", "g++")
-    if fused and shutil.which(cxx) is None:
-        raise RuntimeError(f"{name}(fused=True) compiles its step with torch.compile, which needs a C++ compiler on "
-                           f"the CPU: {cxx!r} is not on PATH (install g++, or set CXX, or use fused=False)")
+    on_cpu = any(not p.is_cuda for g in optimizer.param_groups if g["fused"] for p in g["params"])
+    if on_cpu and shutil.which(cxx) is None:
+        raise RuntimeError(f"{type(optimizer).__name__}(fused=True) compiles its step with torch.compile, which needs "
+                           f"a C++ compiler for CPU tensors: {cxx!r} is not on PATH (install g++, set CXX, or use "
+                           f"fused=False)")
 
 
 def flat(*tensors: torch.Tensor) -> list[torch.Tensor] | None:

@@ -86,7 +86,7 @@ class LARS(LayerwiseOptimizer):
                         trust_clip=trust_clip, lr_in_momentum=lr_in_momentum, variant=variant, adapt=True,
                         maximize=maximize, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
-        check_fused("LARS", fused)
+        check_fused(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)

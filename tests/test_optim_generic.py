@@ -267,3 +267,11 @@ def test_pickle_round_trip_keeps_hyperparameters_and_state(kind):
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.param_groups[0].keys() == opt.param_groups[0].keys()
     assert clone.defaults == opt.defaults
+
+
+@pytest.mark.parametrize("cls", [LARS, LAMB])
+def test_fused_without_a_cpp_compiler_is_refused_at_construction(cls, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="'no-such-compiler' is not on PATH"):
+        cls([torch.nn.Parameter(torch.ones(3))], lr=0.1, fused=True)
+    cls([torch.nn.Parameter(torch.ones(3))], lr=0.1)  # the loop needs none
