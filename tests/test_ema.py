@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from engine.ema import make_ema, update_ema
-from tests.helpers import TINY, checks, run_train
+from tests.helpers import TINY, checks, run_train, train_command
 
 
 def test_ema_is_torchvisions_average_with_its_batch_adjustment_and_warmup_reset():
@@ -63,17 +63,12 @@ def test_ema_resumes_bit_for_bit_and_is_recorded(tmp_path):
     assert best["step"] == best_eval["step"] and best["best_val_acc"] == best_eval["val_acc"]
 
 
-def test_eval_only_evaluates_a_checkpoint_with_its_own_settings(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
+def test_eval_only_evaluates_a_checkpoint_with_its_own_settings(tmp_path, monkeypatch, capsys):
     summary, run_dir = run_train(tmp_path, [*EMA_RUN, "max_steps=4", "model.width=8"], "trained")
     out = tmp_path / "eval"
     # the command line's model and batch are ignored: the checkpoint's own settings rebuild the model
-    r = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "eval_only=true", "batch=128",
-                        f"resume={run_dir / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={out}"],
-                       capture_output=True, text=True, timeout=300)
+    r = train_command([*TINY, "eval_only=true", "batch=128", f"resume={run_dir / 'checkpoints' / 'last.pt'}",
+                       f"hydra.run.dir={out}"], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr[-2000:]
     evaluated = json.loads((out / "summary.json").read_text())
     assert evaluated["test_acc"] == summary["test_acc"] and evaluated["test_acc_ema"] == summary["test_acc_ema"]
