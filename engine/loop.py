@@ -95,16 +95,9 @@ def train_step(run: Run, step: Step, micro_batches, stop: bool = False, warned: 
     """Forward/backward over the step's micro-batches, then the optimizer step. Returns the step's host-side
     numbers (and whether any rank was asked to stop, and whether any was warned of its time limit), or None when
     the loss or gradient is not finite (the optimizer does not step then)."""
-    plan, model, params, noise_scale = run.plan, run.model, run.params, run.schedule.noise_scale
-    accum = step.accum_steps
-    probe = plan.probe_micro  # micro-batches in the noise scale's small-batch gradient
-    measure = run.cfg.diagnostics.noise_scale or plan.measures_noise
-    track_noise = measure and accum > probe and not run.scaler.is_enabled()
-    # the diagnostic alone measures every micro-batch's own gradient; AdaScale and the adaptive batch keep their
-    # probe (the rank's first micro-batches), the estimator recipes/ section 5 was measured with
-    per_micro = diag.MicroBatchNorms(run.device) if track_noise and not plan.measures_noise else None
+    model, params, accum = run.model, run.params, step.accum_steps
+    small_batch = SmallBatchGradient(run, accum)
     loss_sum = torch.zeros((), device=run.device)
-    small_sq = torch.zeros((), device=run.device, dtype=torch.float64)
     for k, (x, y) in enumerate(micro_batches):
         last = k == accum - 1
         with contextlib.nullcontext() if (last or not run.dist.enabled) else model.no_sync():
@@ -113,12 +106,7 @@ def train_step(run: Run, step: Step, micro_batches, stop: bool = False, warned: 
             scaled = loss / accum
             run.scaler.scale(scaled).backward()
         loss_sum += scaled.detach().float()
-        if per_micro is not None and not (last and run.dist.enabled):  # DDP's last backward averages the ranks
-            per_micro.add([p.grad for p in params])
-        elif track_noise and per_micro is None and k == probe - 1:  # the rank's first micro-batches: the probe
-            small_sq = diag.sq_norm(p.grad for p in params) * (accum / probe) ** 2
-    if per_micro is not None:
-        small_sq = per_micro.total * accum ** 2 / per_micro.count
+        small_batch.after_backward(k, params)
     run.scaler.unscale_(run.optimizer)  # norms (clipping, LARS/LAMB trust ratios) on true gradients
     if run.cfg.grad_clip is not None:  # it returns the norm before clipping: computed once
         gnorm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip, foreach=True)
@@ -126,7 +114,7 @@ def train_step(run: Run, step: Step, micro_batches, stop: bool = False, warned: 
         gnorm = grad_norm(params)
     # the loss, every rank's stop request and small-batch norm in one all-reduce; the host reads once
     flags = torch.stack([torch.full((), float(f), device=run.device, dtype=torch.float64) for f in (stop, warned)])
-    reduced = all_reduce_sum(torch.cat([loss_sum.double().view(1), small_sq.view(1), flags]))
+    reduced = all_reduce_sum(torch.cat([loss_sum.double().view(1), small_batch.sq_norm().view(1), flags]))
     loss, small, stops, warnings, gnorm_value = torch.cat([reduced, gnorm.double().view(1)]).tolist()
     loss, small = loss / run.dist.world_size, small / run.dist.world_size
     # fp16: an inf gradient is the GradScaler's business (it skips the step); a NaN/inf loss is divergence
@@ -134,17 +122,50 @@ def train_step(run: Run, step: Step, micro_batches, stop: bool = False, warned: 
         run.optimizer.zero_grad(set_to_none=True)
         diverge(run, loss, gnorm_value, step.lr)
         return None
-    if track_noise:
-        if per_micro is not None:
-            noise_scale.update(plan.micro_batch, small, step.batch, gnorm_value ** 2,
-                               samples=per_micro.count * run.dist.world_size)
-        else:
-            noise_scale.update(probe * plan.micro_batch, small, step.batch, gnorm_value ** 2)
+    small_batch.update(run.schedule.noise_scale, small, step.batch, gnorm_value ** 2)
     lr, gain = run.schedule.set_lr(run.optimizer, step)  # AdaScale's gain: from the noise scale just updated
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=loss, grad_norm=gnorm_value, lr=lr, gain=gain, stop=stops > 0, warned=warnings > 0)
+
+
+class SmallBatchGradient:
+    """The small-batch gradient norm the noise scale sets against the step's (McCandlish et al. 2018), gathered
+    during one step's backward passes. The diagnostic measures every micro-batch's own gradient; AdaScale and the
+    adaptive batch keep their probe, the rank's first ``plan.probe_micro`` micro-batches (the estimator recipes/
+    section 5 was measured with). Off with too few micro-batches, and under fp16 (scaled gradients)."""
+
+    def __init__(self, run: Run, accum: int):
+        plan = run.plan
+        self.accum, self.probe, self.micro_batch = accum, plan.probe_micro, plan.micro_batch
+        self.ddp, self.ranks = run.dist.enabled, run.dist.world_size
+        measure = run.cfg.diagnostics.noise_scale or plan.measures_noise
+        self.on = measure and accum > self.probe and not run.scaler.is_enabled()
+        self.per_micro = diag.MicroBatchNorms(run.device) if self.on and not plan.measures_noise else None
+        self.probe_sq = torch.zeros((), device=run.device, dtype=torch.float64)
+
+    def after_backward(self, k: int, params) -> None:
+        """After micro-batch ``k``'s backward: its own gradient (the sum so far less the last), or the probe's."""
+        if self.per_micro is not None and not (k == self.accum - 1 and self.ddp):  # DDP's last backward averages
+            self.per_micro.add([p.grad for p in params])
+        elif self.on and self.per_micro is None and k == self.probe - 1:  # the rank's first micro-batches
+            self.probe_sq = diag.sq_norm(p.grad for p in params) * (self.accum / self.probe) ** 2
+
+    def sq_norm(self) -> torch.Tensor:
+        """This rank's estimate of |G_small|^2, scaled to the step's accumulation (0 when off), on the device."""
+        if self.per_micro is not None:
+            return self.per_micro.total * self.accum ** 2 / self.per_micro.count
+        return self.probe_sq
+
+    def update(self, noise_scale, small: float, batch: int, big_sq: float) -> None:
+        """The estimator's update from the ranks' mean ``small`` and the step's |G|^2 (host numbers)."""
+        if not self.on:
+            return
+        if self.per_micro is not None:
+            noise_scale.update(self.micro_batch, small, batch, big_sq, samples=self.per_micro.count * self.ranks)
+        else:
+            noise_scale.update(self.probe * self.micro_batch, small, batch, big_sq)
 
 
 # --- the per-step duties ---------------------------------------------------------------------------------------
