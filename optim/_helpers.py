@@ -2,6 +2,7 @@
 behaviour torch's own optimizers have (complex params, maximize, tensor lr, duplicate params)."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -78,26 +79,27 @@ def lr_value(lr) -> float:
     return float(lr)
 
 
+@functools.cache
 def compiled(kernel):
     """``kernel`` (one tensor's step) compiled once per process by torch.compile: inductor fuses its norms into one
     pass over memory and its update into another. Sizes are symbolic (one graph for every tensor) and every
     hyperparameter is a value in a tensor, so a new LR or a new tensor shape does not compile again."""
-    if kernel not in _COMPILED:
-        _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
-    return _COMPILED[kernel]
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
-_COMPILED: dict = {}
-
-
-def check_fused(optimizer: torch.optim.Optimizer) -> None:
-    """``fused=True`` compiles C++ for CPU tensors (inductor): say so at construction if no compiler is there."""
+def check_kernels(optimizer: torch.optim.Optimizer) -> None:
+    """Each group's ``foreach`` and ``fused`` are true, false or None; ``fused=True`` compiles C++ for CPU tensors
+    (inductor): say so at construction if no compiler is there."""
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        for key in ("foreach", "fused"):
+            if group[key] not in (None, True, False):
+                raise ValueError(f"{name}: {key} must be true, false or null, got {group[key]!r}")
     cxx = os.environ.get("CXX", "g++")
     on_cpu = any(not p.is_cuda for g in optimizer.param_groups if g["fused"] for p in g["params"])
     if on_cpu and shutil.which(cxx) is None:
-        raise RuntimeError(f"{type(optimizer).__name__}(fused=True) compiles its step with torch.compile, which needs "
-                           f"a C++ compiler for CPU tensors: {cxx!r} is not on PATH (install g++, set CXX, or use "
-                           f"fused=False)")
+        raise RuntimeError(f"{name}(fused=True) compiles its step with torch.compile, which needs a C++ compiler for "
+                           f"CPU tensors: {cxx!r} is not on PATH (install g++, set CXX, or use fused=False)")
 
 
 def flat(*tensors: torch.Tensor) -> list[torch.Tensor] | None:

@@ -33,7 +33,7 @@ import torch
 from ._helpers import (
     LayerwiseOptimizer,
     as_real,
-    check_fused,
+    check_kernels,
     compiled,
     flat,
     lr_value,
@@ -65,7 +65,7 @@ class LAMB(LayerwiseOptimizer):
                         trust_bounds=tuple(trust_bounds) if trust_bounds is not None else None, adapt=True,
                         maximize=maximize, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
-        check_fused(self)
+        check_kernels(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -49,7 +49,7 @@ import torch
 from ._helpers import (
     LayerwiseOptimizer,
     as_real,
-    check_fused,
+    check_kernels,
     compiled,
     flat,
     lr_value,
@@ -86,7 +86,7 @@ class LARS(LayerwiseOptimizer):
                         trust_clip=trust_clip, lr_in_momentum=lr_in_momentum, variant=variant, adapt=True,
                         maximize=maximize, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
-        check_fused(self)
+        check_kernels(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -275,3 +275,10 @@ def test_fused_without_a_cpp_compiler_is_refused_at_construction(cls, monkeypatc
     with pytest.raises(RuntimeError, match="'no-such-compiler' is not on PATH"):
         cls([torch.nn.Parameter(torch.ones(3))], lr=0.1, fused=True)
     cls([torch.nn.Parameter(torch.ones(3))], lr=0.1)  # the loop needs none
+
+
+@pytest.mark.parametrize("cls", [LARS, LAMB])
+@pytest.mark.parametrize("key", ["foreach", "fused"])
+def test_a_kernel_switch_that_is_not_a_bool_is_refused(cls, key):
+    with pytest.raises(ValueError, match=f"{key} must be true, false or null, got 'maybe'"):
+        cls([torch.nn.Parameter(torch.ones(3))], lr=0.1, **{key: "maybe"})
