@@ -83,6 +83,10 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(device)
+    if cfg.precision == "auto":
+        cfg.precision = distributed.resolve_precision(cfg.precision, device)
+        if dist.is_main:
+            say(f"precision=auto: {cfg.precision} on this {device.type} (bf16 where it has bf16 units)")
     distributed.set_numerics(device, cfg.tf32, cfg.deterministic)
     cfg.resume = slurm.resume_mode(cfg.resume)
     if cfg.eval_only:
@@ -274,7 +278,8 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
         models["_ema"] = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
         models["_ema"].load_state_dict(ckpt["ema"])
     summary = {f"test_{k}{suffix}": v for suffix, m in models.items()
-               for k, v in evaluate(m, data, device, cfg.precision, dist, cfg.channels_last).items()}
+               for k, v in evaluate(m, data, device, cfg.precision, dist, cfg.channels_last,
+                                          bool(stored.data.eval_hflip)).items()}
     summary |= {"checkpoint": str(path), "steps": ckpt["step"], "global_batch": ckpt["identity"]["global_batch"]}
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

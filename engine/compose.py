@@ -11,9 +11,10 @@ from .config import Config, load_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# A run of a few seconds on any machine: 512 synthetic images, no logger. Tests and scripts/ start from this.
+# A run of a few seconds on any machine: 512 synthetic images, no logger, fp32 (the same numbers on every CPU, where
+# precision=auto would be bf16 on some). Tests and scripts/ start from this.
 TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=none", "epochs=2", "warmup.steps=2",
-        "threads=1"]
+        "threads=1", "precision=fp32"]
 
 
 def compose_cfg(overrides=(), conf_dir: Path = CONF_DIR):

@@ -144,6 +144,7 @@ class ModelConfig(Group):
     target: Optional[str] = Field(None, alias="_target_", min_length=1)  # a class (or function) by import path
     library: Optional[Literal["timm", "torchvision"]] = None  # model=timm|torchvision: any model of theirs
     width: Optional[Pos] = None                    # resnet_small: channels of the first stage
+    blocks: Optional[Annotated[list[NonNeg], Field(min_length=3, max_length=3)]] = None  # resnet_small: per stage
     zero_init_residual: Optional[StrictBool] = None
     sync_bn: Optional[StrictBool] = None
     patch_size: Optional[Pos] = None               # ViT: null = 4 for images <= 64 px, else 16
@@ -180,6 +181,7 @@ class DataConfig(Group):
     augment: Optional[StrictBool] = None           # random crop with padding + flip, per batch on the device
     crop_padding: Optional[NonNeg] = None
     hflip: Optional[StrictBool] = None
+    eval_hflip: Optional[StrictBool] = None        # evaluation averages each image's logits with its mirror's
     num_workers: Optional[NonNeg] = None           # imagenet: DataLoader workers
     train_size: Optional[Pos] = None               # synthetic only
     test_size: Optional[Pos] = None
@@ -291,7 +293,7 @@ class Config(Group):
     max_steps: Optional[Pos] = None
     label_smoothing: UnitOpen
     device: Literal["auto", "cpu", "cuda"]
-    precision: Literal["fp32", "bf16", "fp16"]
+    precision: Literal["fp32", "bf16", "fp16", "auto"]
     tf32: StrictBool = True                        # the defaults also read configs saved before these settings
     deterministic: StrictBool = False
     compile: StrictBool

@@ -8,7 +8,6 @@ On disk (ImageNet folders): decoded per image in DataLoader workers or on the de
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ from . import datasets_disk as disk
 from .data import TrainData, check_val_split, make_synthetic
 from .distributed import env_local_rank
 from .errors import ConfigError
-from .fashion_mnist import load_fashion_mnist
+from .fashion_mnist import load_fashion_mnist_once
 from .shards import MANIFEST, check_shards, is_url, read_manifest
 
 
@@ -30,11 +29,10 @@ class Dataset:
     in_memory: bool = True                 # False: per-image decoding, auto_augment, repeated_aug, decode
 
 
-@functools.lru_cache(maxsize=2)
 def _fashion_train_size(root: str | None) -> int:
-    """Read once (about 0.5 s) by the preflight: a corrupt file is refused before any run dir, and the plan is made
-    for the images the files hold (an IDX set of 100 images is not 60,000)."""
-    return load_fashion_mnist(root).train_size
+    """Read by the preflight (once per process, as the run's own load): a corrupt file is refused before any run
+    dir, and the plan is made for the images the files hold (an IDX set of 100 images is not 60,000)."""
+    return load_fashion_mnist_once(root).train_size
 
 
 def _fashion_size_for_plan(root: str | None) -> int:
@@ -63,7 +61,7 @@ def _check_imagenet(cfg_data) -> None:
 
 
 DATASETS = {
-    "fashion_mnist": Dataset(lambda c: load_fashion_mnist(c.root), lambda c: _fashion_size_for_plan(c.root),
+    "fashion_mnist": Dataset(lambda c: load_fashion_mnist_once(c.root), lambda c: _fashion_size_for_plan(c.root),
                              lambda c: _fashion_train_size(c.root), lambda c: ((1, 28, 28), 10)),
     "cifar10": Dataset(lambda c: disk.load_cifar("cifar10", c.root), lambda c: 50_000,
                        lambda c: disk.check_cifar("cifar10", c), lambda c: ((3, 32, 32), 10)),

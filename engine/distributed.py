@@ -121,6 +121,20 @@ def resolve_device(name: str, where: Launch | None = None) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto = bf16 autocast where the device computes in bf16 natively (a GPU with bf16 support; a CPU with AMX or
+    AVX512-BF16, where oneDNN's bf16 convolutions are about 1.4x fp32's), else fp32: without those units bf16 is
+    emulated, slower than fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
 def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
     """On CUDA, TF32 for fp32 matmuls and convolutions together (cuDNN's default runs convolutions in TF32 and
     matmuls in full fp32: neither comparable nor fast). deterministic: cudnn.benchmark off and torch's deterministic

@@ -203,7 +203,8 @@ def measure(run: Run, data, split: str) -> dict:
     average_batch_norm_statistics(run.model)
     models = {"": unwrap(run.model)} | ({"_ema": run.ema} if run.ema is not None else {})
     return {f"{split}_{k}{suffix}": v for suffix, model in models.items()
-            for k, v in evaluate(model, data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last).items()}
+            for k, v in evaluate(model, data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last,
+                                      bool(run.cfg.data.eval_hflip)).items()}
 
 
 def run_eval(run: Run) -> None:
@@ -360,9 +361,11 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model, data, device, precision: str, dist: DistContext, channels_last: bool = False) -> dict:
+def evaluate(model, data, device, precision: str, dist: DistContext, channels_last: bool = False,
+             hflip: bool = False) -> dict:
     """Loss, top-1 and (above 5 classes) top-5 accuracy over the whole evaluation split (each rank a strided share,
-    summed across ranks), as the ImageNet papers and torchvision's references report them."""
+    summed across ranks), as the ImageNet papers and torchvision's references report them. ``hflip``: each image's
+    logits averaged with its mirror image's (test-time augmentation, as airbench evaluates)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 correct, count, top-5 correct
     top5 = data.num_classes > 5
@@ -373,6 +376,8 @@ def evaluate(model, data, device, precision: str, dist: DistContext, channels_la
             raise EvaluationStopped(name)
         with autocast(device, precision):
             logits = model(x.contiguous(memory_format=memory_format))
+            if hflip:
+                logits = (logits + model(x.flip(-1).contiguous(memory_format=memory_format))) / 2
         totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)

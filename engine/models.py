@@ -19,24 +19,27 @@ from .errors import ConfigError
 
 
 class SmallResNet(nn.Module):
-    """Three stages of one BasicBlock each (widths w, 2w, 4w) after a stride-2 stem: 28x28 -> 14 -> 7 -> 4.
+    """A stride-2 stem, then three stages of BasicBlocks (widths w, 2w, 4w; strides 1, 2, 2): 28x28 -> 14 -> 14
+    -> 7 -> 4. ``blocks`` gives each stage's block count; a 0 leaves the stage out.
 
-    The stride-2 stem costs little accuracy on 28x28 grey images and makes an epoch about 4x cheaper, which is
-    what lets the default run reach 90% on two CPU cores in under three minutes.
+    The default run's blocks (0, 1, 2) spend the convolutions at 7x7 and 4x4, where they are cheap: on 28x28 grey
+    images as accurate per epoch as one block per stage, in 0.83x its time on a CPU (docs/benchmarks.md).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
+                 blocks: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True))
         stages, cin = [], width
-        for i, cout in enumerate((width, 2 * width, 4 * width)):
-            stride = 1 if i == 0 else 2
-            down = None
-            if stride != 1 or cin != cout:
-                down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            stages.append(BasicBlock(cin, cout, stride, down))
-            cin = cout
+        for i, (cout, count) in enumerate(zip((width, 2 * width, 4 * width), blocks, strict=True)):
+            for k in range(count):
+                stride = 2 if i > 0 and k == 0 else 1
+                down = None
+                if stride != 1 or cin != cout:
+                    down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                stages.append(BasicBlock(cin, cout, stride, down))
+                cin = cout
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
         for m in self.modules():
@@ -147,7 +150,8 @@ def _torchvision_model(cfg_model, channels: int, size: int, num_classes: int) ->
 MODELS = {
     "timm": _timm_model,
     "torchvision": _torchvision_model,
-    "resnet_small": lambda cfg, channels, size, num_classes: SmallResNet(channels, num_classes, cfg.width),
+    "resnet_small": lambda cfg, channels, size, num_classes: SmallResNet(channels, num_classes, cfg.width,
+                                                                         tuple(cfg.blocks or (1, 1, 1))),
     "resnet18": lambda cfg, channels, size, num_classes: _torchvision_resnet(resnet18, channels, size, num_classes),
     "resnet50": lambda cfg, channels, size, num_classes: _torchvision_resnet(resnet50, channels, size, num_classes),
     **{name: _vit(name) for name in VIT_SIZES},

@@ -134,6 +134,22 @@ def test_a_ray_job_given_gpu_k_trains_on_cuda_0_of_what_it_sees(monkeypatch):
     assert distributed.resolve_device("auto", launch({"CUDA_VISIBLE_DEVICES": "3"})) == torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("device,amx,avx512_bf16,cuda_bf16,expected", [
+    ("cpu", True, True, False, "bf16"),     # AMX (Sapphire Rapids and later): oneDNN's bf16 convolutions
+    ("cpu", False, True, False, "bf16"),    # AVX512-BF16 alone (Cooper Lake, Zen 4)
+    ("cpu", False, False, False, "fp32"),   # no bf16 units: bf16 would be emulated, slower than fp32
+    ("cuda", False, False, True, "bf16"),   # Ampere and later
+    ("cuda", True, True, False, "fp32"),    # an older GPU: the host's units do not count
+])
+def test_precision_auto_is_bf16_where_the_device_has_bf16_units(monkeypatch, device, amx, avx512_bf16, cuda_bf16,
+                                                                 expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    assert distributed.resolve_precision("auto", torch.device(device)) == expected
+    assert distributed.resolve_precision("fp16", torch.device(device)) == "fp16"  # a named precision stays
+
+
 # --- a killed job, described by the launching command -------------------------------------------------------------
 
 @pytest.mark.parametrize("state, words", [

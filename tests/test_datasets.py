@@ -130,6 +130,20 @@ def test_fashion_mnist_idx_from_data_root(tmp_path):
         read_idx(tmp_path / "bad-idx.gz")
 
 
+def test_fashion_mnist_is_read_once_while_its_files_stay_the_same(tmp_path):
+    """The preflight's read and the run's are one (the same tensors); a file rewritten since is read again."""
+    from engine.fashion_mnist import load_fashion_mnist_once
+    x, y = torch.zeros(5, 28, 28, dtype=torch.uint8), torch.arange(5, dtype=torch.uint8)
+    for split in ("train", "t10k"):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y)
+    first = load_fashion_mnist_once(str(tmp_path))
+    assert load_fashion_mnist_once(str(tmp_path)) is first
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y.flip(0))
+    again = load_fashion_mnist_once(str(tmp_path))
+    assert again is not first and torch.equal(again.train_y, y.flip(0).long())
+
+
 def test_augmentation_keeps_labels_aligned_and_is_exact():
     """Each image is cropped/flipped by its own drawn parameters; image i stays image i."""
     x = torch.arange(4 * 1 * 5 * 5, dtype=torch.uint8).view(4, 1, 5, 5)

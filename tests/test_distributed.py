@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import ROOT, run_train
 
-COMMON = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=wandb", "logger.mode=offline",
+COMMON = ["data=synthetic", "precision=fp32", "data.train_size=512", "data.test_size=128", "logger=wandb", "logger.mode=offline",
           "epochs=2", "warmup.steps=2", "model=vit_tiny", "data.image_size=14", "model.patch_size=7", "batch=64",
           "max_steps=3", "threads=1", "optim=lars"]  # a ViT of 4 tokens: no batch statistics, little compute
 

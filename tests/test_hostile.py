@@ -509,7 +509,7 @@ def _unfinished_run(run_dir: Path) -> None:
     (run_dir / "summary.json").unlink()
 
 
-SMALL = ["data=synthetic", "batch=64", "threads=1", "logger=none", "data.train_size=512", "data.test_size=128"]
+SMALL = ["data=synthetic", "precision=fp32", "batch=64", "threads=1", "logger=none", "data.train_size=512", "data.test_size=128"]
 UNREADABLE = [  # (how checkpoints/ is damaged, what the one line says); the first three are issue 41's
     ("last.pt a link to itself", "which is not a file"),
     ("checkpoints a dangling link", "which is not a folder"),

@@ -12,7 +12,7 @@ from tests.helpers import TINY, python, run_train, sweep_in_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
-JOBS = ["data=synthetic", "data.train_size=1024", "data.test_size=128", "logger=none", "batch=64", "warmup.steps=2",
+JOBS = ["data=synthetic", "precision=fp32", "data.train_size=1024", "data.test_size=128", "logger=none", "batch=64", "warmup.steps=2",
         "seed=0,1"]
 
 

@@ -102,8 +102,8 @@ def test_vit_lamb_32k_scales_the_4k_recipe_by_the_square_root():
 
 
 @pytest.mark.parametrize("optim,batch,peak_lr,warmup_steps,total_steps,accum", [
-    ("sgd", "256", 0.2, 117, 936, 2),      # 234 steps/epoch; warmup half an epoch; linear rule
-    ("sgd", "16k", 12.8, 2, 12, 128),      # 3 steps/epoch (the partial 4th batch is dropped)
+    ("sgd", "256", 0.6, 117, 936, 2),      # 234 steps/epoch; warmup half an epoch; linear rule from sgd.yaml's 0.6
+    ("sgd", "16k", 38.4, 2, 12, 128),      # 3 steps/epoch (the partial 4th batch is dropped)
     ("lars", "4k", 16.0, 7, 56, 32),       # sqrt rule: 4 x sqrt(16)
     ("adamw", "1k", 4e-3, 29, 232, 8),     # sqrt rule: 2e-3 x sqrt(4)
 ])

@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers import ROOT, TINY, run_train, train_in_process
 
-RUN = ["data=synthetic", "data.train_size=1024", "data.test_size=128", "batch=32", "epochs=4", "warmup.steps=6",
+RUN = ["data=synthetic", "precision=fp32", "data.train_size=1024", "data.test_size=128", "batch=32", "epochs=4", "warmup.steps=6",
        "logger=none", "logger.every_steps=1", "threads=1", "checkpoint.every_steps=3", "data.augment=true",
        "data.crop_padding=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker
 
 # 60 steps of ~0.1 s: interrupted at step 7 (past the first checkpoint) with 5 s to go; short enough for CI
 STEPS = 60
-RUN = ["data=synthetic", "data.train_size=4096", "data.test_size=128", "logger=none", "batch=256", f"max_steps={STEPS}",
+RUN = ["data=synthetic", "precision=fp32", "data.train_size=4096", "data.test_size=128", "logger=none", "batch=256", f"max_steps={STEPS}",
        "epochs=7", "warmup.steps=5", "threads=1", "checkpoint.every_steps=5", "diagnostics.every=0",
        "logger.every_steps=1"]
-TINY = ["data=synthetic", "data.train_size=512", "data.test_size=128", "logger=none", "batch=64", "micro_batch=16",
+TINY = ["data=synthetic", "precision=fp32", "data.train_size=512", "data.test_size=128", "logger=none", "batch=64", "micro_batch=16",
         "max_steps=3", "epochs=2", "warmup.steps=2", "threads=1", "model=vit_tiny", "data.image_size=14",
         "model.patch_size=7", "optim=lars"]  # 4 tokens
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

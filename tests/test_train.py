@@ -206,3 +206,27 @@ def test_top5_is_reported_beside_top1_against_a_hand_count(tmp_path):
     assert summary["test_acc"] <= summary["test_top5"] and 0 <= summary["val_top5"] <= 1
     two, _ = run_train(tmp_path, [*TINY, "batch=64", "max_steps=1", "data.num_classes=5"], name="five")
     assert "test_top5" not in two  # 5 classes or fewer: top-5 is always 1
+
+
+def test_eval_hflip_averages_each_images_logits_with_its_mirrors(tmp_path):
+    """data.eval_hflip: val_* and test_* of the logits averaged over each image and its mirror image, against that
+    average computed here by hand from the saved model on the held-out split; the plain logits give other figures."""
+    from engine.compose import load_cfg
+    from engine.datasets import load_data
+    run = [*TINY, "batch=64", "max_steps=3", "data.val_split=128", "data.eval_hflip=true", "data.hflip=false"]
+    summary, run_dir = run_train(tmp_path, run)
+    cfg = load_cfg(run)
+    data = load_data(cfg.data)
+    model = build_model(cfg.model, data.image_shape, data.num_classes)
+    model.load_state_dict(weights(run_dir))
+    model.eval()
+    mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
+    x = (data.test_x.float() / 255 - mean) / std
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+    for logits, same in ((plain + mirrored) / 2, True), (plain, False):
+        loss = torch.nn.functional.cross_entropy(logits, data.test_y).item()
+        acc = (logits.argmax(1) == data.test_y).float().mean().item()
+        assert (summary["val_loss"] == pytest.approx(loss, abs=1e-5)) is same
+        if same:
+            assert summary["val_acc"] == pytest.approx(acc, abs=1e-9)
