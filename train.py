@@ -86,7 +86,8 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.precision == "auto":
         cfg.precision = distributed.resolve_precision(cfg.precision, device)
         if dist.is_main:
-            say(f"precision=auto: {cfg.precision} on this {device.type} (bf16 where it has bf16 units)")
+            say(f"precision=auto: {cfg.precision}, as this {device.type} " + (
+                "has bf16 units (precision=fp32 for full precision)" if cfg.precision == "bf16" else "has no bf16 units"))
     distributed.set_numerics(device, cfg.tf32, cfg.deterministic)
     cfg.resume = slurm.resume_mode(cfg.resume)
     if cfg.eval_only:

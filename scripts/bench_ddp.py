@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--model", default="resnet_small")
     args, extra = ap.parse_known_args()
-    overrides = ["data=synthetic", f"data.train_size={args.batch * args.steps}", "data.test_size=256",
+    overrides = ["data=synthetic", "precision=fp32", f"data.train_size={args.batch * args.steps}", "data.test_size=256",
                  f"model={args.model}", f"batch={args.batch}", "epochs=1", "warmup=none", "schedule=constant",
                  "logger=none", "checkpoint.enabled=false", "threads=1", *extra]
     one = images_per_s(1, overrides)

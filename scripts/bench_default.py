@@ -4,8 +4,8 @@
 
 Each pair runs ``python train.py seed=K`` (K = 0, 1, 2, ...) of the old commit (a git worktree of it) and of this
 working tree, one after the other, alone on the machine, alternating which goes first. Prints each run, then the
-median wall time of each side, the median of the pairs' ratios (new / old) and each side's test accuracies.
-Extra arguments go to both commands (e.g. ``logger=none``).
+median wall time of each side, the median of the pairs' ratios (new / old) and each side's test accuracies; the
+runs' folders stay in --out. Extra arguments go to both commands (e.g. ``logger=none``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old", default="e823e11", help="the commit whose default run is the reference")
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--out", default=f"outputs/bench_default/{time.strftime('%Y-%m-%d_%H-%M-%S')}",
+                    help="the runs' folders (old-K, new-K), kept")
     args, extra = ap.parse_known_args()
+    out = Path(args.out).resolve()
+    if out.exists():
+        sys.exit(f"error: --out {out} exists: give a new folder")
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "old"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old_tree), args.old], cwd=ROOT, check=True)
@@ -45,7 +50,7 @@ def main() -> None:
                 pair = {}
                 for side in order:
                     tree = old_tree if side == "old" else ROOT
-                    pair[side] = timed_run(tree, seed, Path(tmp) / f"{side}-{seed}", extra)
+                    pair[side] = timed_run(tree, seed, out / f"{side}-{seed}", extra)
                     walls[side].append(pair[side][0])
                     accs[side].append(pair[side][1])
                     print(f"seed {seed} {side}: {pair[side][0]:.1f} s, test accuracy {100 * pair[side][1]:.2f} %",

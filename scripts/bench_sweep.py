@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-JOBS = ["data=synthetic", "data.train_size=4096", "batch=128", "epochs=30", "seed=0,1,2,3", "logger=none"]
+JOBS = ["data=synthetic", "data.train_size=4096", "batch=128", "epochs=30", "seed=0,1,2,3", "logger=none",
+        "precision=fp32"]
 
 
 def sweep(extra: list[str], folder: Path) -> tuple[float, dict[str, float]]:

@@ -32,7 +32,8 @@ def overrides(args):
     return ["data=synthetic", f"data.train_size={args.batch * args.steps}", "data.test_size=256",
             f"data.image_size={args.image_size}", "data.channels=3", "data.augment=true", "data.crop_padding=4",
             f"model={args.model}", f"batch={args.batch}", "epochs=1", "warmup=none", "schedule=constant", "device=cpu",
-            "logger=none", "checkpoint.enabled=false", "label_smoothing=0", f"threads={args.threads}"]
+            "logger=none", "checkpoint.enabled=false", "label_smoothing=0", f"threads={args.threads}",
+            "precision=fp32"]  # the bare loop's
 
 
 def ours(args, extra=()) -> float:

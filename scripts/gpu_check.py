@@ -204,6 +204,7 @@ def bare(overrides: list[str], device: torch.device, read_before_step: bool = Fa
     step, where train.py reads its one number per step (its finiteness check), to show what that read costs."""
     from engine.compose import load_cfg
     from engine.datasets import load_data
+    from engine.distributed import resolve_precision
     from engine.models import build_model
     cfg = load_cfg(["data=synthetic", *overrides])
     data = load_data(cfg.data).to(device)
@@ -216,7 +217,7 @@ def bare(overrides: list[str], device: torch.device, read_before_step: bool = Fa
     steps = cfg.max_steps or 10
     order = torch.randperm(data.train_size, device=device)
     mean = torch.tensor([0.5] * data.image_shape[0], device=device).view(1, -1, 1, 1) * 255
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    dtype = torch.bfloat16 if resolve_precision(cfg.precision, device) == "bf16" else None  # auto as train.py
     t0 = 0.0
     for step in range(steps):
         if step == 1:

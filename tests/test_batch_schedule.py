@@ -19,6 +19,7 @@ SMALL = [*TINY, "data.train_size=256", "batch=128", "epochs=3", "warmup.steps=1"
 BASE = [*SMALL[:-1], "model=vit_tiny", "data.image_size=14", "model.patch_size=7"]  # 4 tokens: the property, cheaply
 RAMP_KEYS = ["batch_schedule=ramp", "batch_schedule.start=32", "batch_schedule.epochs=1"]
 RAMP = BASE + RAMP_KEYS
+SGD_LR = load_cfg(TINY).optim.lr  # conf/optim/sgd.yaml's base LR, at batch 256
 ADAPTIVE_KEYS = ["batch_schedule=adaptive", "batch_schedule.start=64", "batch_schedule.multiple=32",
                  "batch_schedule.probe=32", "batch_schedule.every=2"]
 
@@ -72,13 +73,13 @@ def test_lr_follows_the_current_batch_under_ramp_and_not_under_step():
     rows = ramp.preview()
     assert sorted({b for _, b in rows}) == [32, 64, 96, 128]
     for lr, batch in rows:
-        assert math.isclose(lr, 0.2 * lr_multiplier("linear", batch, 256))  # optim.lr 0.2 at 256, linear rule
+        assert math.isclose(lr, SGD_LR * lr_multiplier("linear", batch, 256))  # optim.lr at 256, linear rule
     step = make_plan(load_cfg([*TINY, "batch=256", "epochs=6", "batch_schedule=step", "batch_schedule.start=64",
                                "batch_schedule.factor=2", "batch_schedule.milestones=[0.3,0.6]", "warmup=none",
                                "schedule=constant"]), 512)
     rows = step.preview()
     assert [b for _, b in rows][0] == 64 and rows[-1][1] == 256
-    assert {lr for lr, _ in rows} == {0.2 * 64 / 256}  # the LR of the start batch, never rescaled
+    assert {lr for lr, _ in rows} == {SGD_LR * 64 / 256}  # the LR of the start batch, never rescaled
     seen = sum(b for _, b in rows)  # the budget of the constant run at 256; the last step is a whole batch
     assert step.total_images == 6 * 2 * 256 and seen - rows[-1][1] < step.total_images <= seen
 
@@ -188,8 +189,8 @@ def test_adascale_gain_shortens_a_large_batch_run(tmp_path):
     assert all(1.0 <= g <= 8.0 for g in gains) and max(gains) > 1.0
     assert math.isclose(rows[-1]["adascale_tau"], sum(gains)) and sum(gains) >= 2 * 512 // 32 - 1e-9
     assert sum(gains[:-1]) < 2 * 512 // 32  # it stopped as soon as tau reached the reference length
-    for r, g in zip(rows, gains, strict=True):  # lr = gain x the reference schedule (constant 0.2 at batch 32)
-        assert math.isclose(r["lr"], 0.2 * g, rel_tol=1e-9)
+    for r, g in zip(rows, gains, strict=True):  # lr = gain x the reference schedule (constant optim.lr at batch 32)
+        assert math.isclose(r["lr"], SGD_LR * g, rel_tol=1e-9)
 
 
 def test_two_ranks_ramp_in_lock_step(tmp_path):
@@ -246,8 +247,8 @@ def test_adaptive_batch_follows_the_logged_noise_scale_and_plots(tmp_path, monke
     B_simple logged at that step; the plot script draws the realised batch and LR from metrics.jsonl."""
     keys = [x for x in ADAPTIVE_KEYS if not x.startswith(("batch_schedule.start", "batch_schedule.probe"))] + [
         "batch_schedule.start=32", "batch_schedule.probe=16", "batch_schedule.k=4"]
-    summary, run_dir = run_train(tmp_path, SMALL + keys + ["micro_batch=16", "logger=csv",
-                                                         "logger.every_steps=1"])
+    summary, run_dir = run_train(tmp_path, SMALL + keys + ["micro_batch=16", "logger=csv", "logger.every_steps=1",
+                                                         "optim.lr=0.2", "model.blocks=[1,1,1]"])  # B_simple 20..60
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r and "batch" in r]
     assert train[0]["batch"] == train[1]["batch"] == 32  # before the first decision: start

@@ -36,7 +36,7 @@ BAD_INPUT = [
     (["micro_batch=3x"], "micro_batch='3x' is invalid: input should be a valid integer or input should be 'auto'"),
     (["micro_batch=100"], "micro_batch must divide 256"),
     (["warmup.epochs=15"], "as long as the run or longer"),
-    (["precision=fp64"], "input should be 'fp32', 'bf16' or 'fp16'"),
+    (["precision=fp64"], "input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
     (["device=cuda"], "no CUDA GPU"),
     (["data.root=/nonexistent"], "holds no Fashion-MNIST"),
     (["resume=/nonexistent/last.pt"], "no such checkpoint"),

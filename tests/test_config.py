@@ -130,7 +130,7 @@ def test_default_plan_numbers():
 def test_lars_32k_plan_numbers():
     p = plan_for(["optim=lars", "batch=32k"])
     assert (p.global_batch, p.micro_batch, p.accum_steps) == (32768, 256, 128)
-    assert p.steps_per_epoch == 1 and p.total_steps == 15  # 15 epochs of one step
+    assert p.steps_per_epoch == 1 and p.total_steps == 8  # 8 epochs of one step
     assert p.peak_lr == pytest.approx(4.0 * math.sqrt(128))  # sqrt rule chosen by optim/lars.yaml
 
 

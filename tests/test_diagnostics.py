@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.diagnostics import NoiseScale, update_ratios
-from tests.helpers import ROOT, TINY, run_train
+from tests.helpers import ROOT, TINY, load_cfg, run_train
 
 
 def test_noise_scale_matches_closed_form_on_a_linear_model():
@@ -152,7 +152,9 @@ def test_trust_ratios_are_the_adapted_tensors_only_and_named(tmp_path):
     from engine.diagnostics import trust_ratios, trust_ratios_by_name
     from engine.models import build_model
     from optim import LARS, param_groups
-    model = build_model(ModelConfig(name="resnet_small", width=8, zero_init_residual=True), (1, 28, 28), 10)
+    blocks = load_cfg(TINY).model.blocks  # the run's below
+    model = build_model(ModelConfig(name="resnet_small", width=8, blocks=blocks, zero_init_residual=True), (1, 28, 28),
+                        10)
     opt = LARS(param_groups(model, 1e-4), lr=1.0)
     model(torch.randn(4, 1, 28, 28)).sum().backward()
     opt.step()

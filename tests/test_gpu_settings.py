@@ -186,7 +186,7 @@ def test_evaluation_runs_the_uncompiled_model(monkeypatch):
     monkeypatch.setattr(loop, "evaluate", lambda model, *a, **k: seen.append(model) or {"acc": 0.5, "loss": 1.0})
     plain = torch.nn.Linear(2, 2)
     run = SimpleNamespace(model=torch.compile(plain), data=None, device=torch.device("cpu"), ema=None,
-                          cfg=SimpleNamespace(precision="fp32", channels_last=False, data=SimpleNamespace(val_split=0)), dist=SimpleNamespace(is_main=False),
+                          cfg=SimpleNamespace(precision="fp32", channels_last=False, data=SimpleNamespace(val_split=0, eval_hflip=False)), dist=SimpleNamespace(is_main=False),
                           state=RunState(), schedule=SimpleNamespace(epoch=0.0, step=0),
                           progress=SimpleNamespace(write=lambda text: None))
     loop.run_eval(run)
