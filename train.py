@@ -280,7 +280,7 @@ def evaluate_checkpoint(cfg, run_dir: Path, device, dist) -> dict:
         models["_ema"].load_state_dict(ckpt["ema"])
     summary = {f"test_{k}{suffix}": v for suffix, m in models.items()
                for k, v in evaluate(m, data, device, cfg.precision, dist, cfg.channels_last,
-                                          bool(stored.data.eval_hflip)).items()}
+                                    bool(stored.data.eval_hflip)).items()}
     summary |= {"checkpoint": str(path), "steps": ckpt["step"], "global_batch": ckpt["identity"]["global_batch"]}
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -204,7 +204,7 @@ def measure(run: Run, data, split: str) -> dict:
     models = {"": unwrap(run.model)} | ({"_ema": run.ema} if run.ema is not None else {})
     return {f"{split}_{k}{suffix}": v for suffix, model in models.items()
             for k, v in evaluate(model, data, run.device, run.cfg.precision, run.dist, run.cfg.channels_last,
-                                      bool(run.cfg.data.eval_hflip)).items()}
+                                 bool(run.cfg.data.eval_hflip)).items()}
 
 
 def run_eval(run: Run) -> None:

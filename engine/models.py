@@ -19,8 +19,8 @@ from .errors import ConfigError
 
 
 class SmallResNet(nn.Module):
-    """A stride-2 stem, then three stages of BasicBlocks (widths w, 2w, 4w; strides 1, 2, 2): 28x28 -> 14 -> 14
-    -> 7 -> 4. ``blocks`` gives each stage's block count; a 0 leaves the stage out.
+    """A stride-2 stem (28x28 -> 14), then three stages of BasicBlocks: widths w, 2w, 4w at 14, 7 and 4 px.
+    ``blocks`` gives each stage's block count; a 0 leaves the stage out.
 
     The default run's blocks (0, 1, 2) spend the convolutions at 7x7 and 4x4, where they are cheap: on 28x28 grey
     images as accurate per epoch as one block per stage, in 0.83x its time on a CPU (docs/benchmarks.md).
