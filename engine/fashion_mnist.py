@@ -66,14 +66,24 @@ def _fashion_from(files: dict[str, Path], source: str) -> TensorData:
                       num_classes=10, mean=(0.2860,), std=(0.3530,), source=source)
 
 
+def _local_files(root: str | None) -> tuple[dict[str, Path], str] | None:
+    """The IDX files on this machine and where they are, in load_fashion_mnist's order (no download)."""
+    if root is not None:
+        files = _find_idx(Path(root))
+        return (files, root) if files is not None else None
+    for folder in (Path(FASHION_MNIST_DEBIAN), DOWNLOAD_CACHE):
+        if (files := _find_idx(folder)) is not None:
+            return files, str(folder)
+    return None
+
+
 def load_fashion_mnist_once(root: str | None) -> TensorData:
     """load_fashion_mnist, read once per process while its files stay the same (size and mtime): the preflight's
     check and the run then share one read (about 0.3 s of decompression)."""
-    folder = Path(root) if root is not None else Path(FASHION_MNIST_DEBIAN)
-    files = _find_idx(folder) or (None if root is not None else _find_idx(DOWNLOAD_CACHE))
-    if files is None:
+    found = _local_files(root)
+    if found is None:
         return load_fashion_mnist(root)  # its error, or the download
-    stamp = tuple((k, str(p), p.stat().st_size, p.stat().st_mtime_ns) for k, p in sorted(files.items()))
+    stamp = tuple((k, str(p), p.stat().st_size, p.stat().st_mtime_ns) for k, p in sorted(found[0].items()))
     return _load_stamped(root, stamp)
 
 
@@ -84,24 +94,18 @@ def _load_stamped(root: str | None, stamp: tuple) -> TensorData:
 
 def load_fashion_mnist(root: str | None) -> TensorData:
     """Found in this order: ``data.root``; the Debian package; torchvision's download (cached)."""
+    if (found := _local_files(root)) is not None:
+        return _fashion_from(*found)
     if root is not None:
-        files = _find_idx(Path(root))
-        if files is None:
-            raise ConfigError(f"data.root={root} holds no Fashion-MNIST IDX files "
-                              f"(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)")
-        return _fashion_from(files, root)
-    files = _find_idx(Path(FASHION_MNIST_DEBIAN))
-    if files is not None:
-        return _fashion_from(files, FASHION_MNIST_DEBIAN)
-    files = _find_idx(DOWNLOAD_CACHE)
-    if files is None:
-        try:
-            import torchvision
-            torchvision.datasets.FashionMNIST(str(DOWNLOAD_CACHE), train=True, download=True)
-            torchvision.datasets.FashionMNIST(str(DOWNLOAD_CACHE), train=False, download=True)
-            files = _find_idx(DOWNLOAD_CACHE)
-        except Exception as e:  # offline, blocked, partial download
-            raise ConfigError(f"Fashion-MNIST not found: data.root is not set, {FASHION_MNIST_DEBIAN} is missing "
-                              f"(apt-get install dataset-fashion-mnist), and torchvision's download failed "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ConfigError(f"data.root={root} holds no Fashion-MNIST IDX files "
+                          f"(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)")
+    try:
+        import torchvision
+        torchvision.datasets.FashionMNIST(str(DOWNLOAD_CACHE), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(DOWNLOAD_CACHE), train=False, download=True)
+        files = _find_idx(DOWNLOAD_CACHE)
+    except Exception as e:  # offline, blocked, partial download
+        raise ConfigError(f"Fashion-MNIST not found: data.root is not set, {FASHION_MNIST_DEBIAN} is missing "
+                          f"(apt-get install dataset-fashion-mnist), and torchvision's download failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return _fashion_from(files, str(DOWNLOAD_CACHE))
