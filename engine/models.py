@@ -23,7 +23,7 @@ class SmallResNet(nn.Module):
     ``blocks`` gives each stage's block count; a 0 leaves the stage out.
 
     The default run's blocks (0, 1, 2) spend the convolutions at 7x7 and 4x4, where they are cheap: on 28x28 grey
-    images as accurate per epoch as one block per stage, in 0.83x its time on a CPU (docs/benchmarks.md).
+    images as accurate per epoch as one block per stage, in 0.85-0.90x its time a step on a CPU (docs/benchmarks.md).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
